@@ -1,0 +1,1 @@
+"""Host agent: heartbeats, VM inventory, and VM start/stop on command."""

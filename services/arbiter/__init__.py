@@ -1,0 +1,1 @@
+"""Arbiter: the only service that decides to fence."""

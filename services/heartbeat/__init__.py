@@ -1,0 +1,1 @@
+"""Heartbeat monitor: turns heartbeats into liveness events (suspect, alive)."""

@@ -1,0 +1,89 @@
+"""Liveness of hosts: the whole rule set of the heartbeat monitor.
+
+A host is *suspect* once it has missed ``missed`` heartbeat intervals, and
+*alive* again when a heartbeat arrives. Time is an argument (a monotonic clock
+in the service, a virtual one in tests); nothing here does I/O.
+
+Start-up grace: a host never heard from counts as last seen when the monitor
+started, so a freshly started monitor observes one full detection window
+before it suspects anybody.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+State = Literal["alive", "suspect", "unknown"]
+
+
+@dataclass(frozen=True, slots=True)
+class Suspect:
+    host: str
+    incident: str
+    last_seen: float
+    silent_for: float
+
+
+@dataclass(frozen=True, slots=True)
+class Alive:
+    host: str
+    was_suspect: bool
+
+
+Transition = Suspect | Alive
+
+
+@dataclass(slots=True)
+class _Host:
+    state: State
+    last_seen: float
+    boot_id: str = ""
+    seq: int = -1
+    incident: str = ""
+
+
+class UnknownHost(KeyError):
+    pass
+
+
+class Liveness:
+    def __init__(self, hosts: Iterable[str], interval: float, missed: int, now: float) -> None:
+        if interval <= 0 or missed < 1:
+            raise ValueError("interval must be > 0 and missed >= 1")
+        self.window = interval * missed
+        self.started_at = now
+        self._hosts = {h: _Host(state="unknown", last_seen=now) for h in hosts}
+
+    def heartbeat(self, host: str, boot_id: str, seq: int, now: float) -> list[Transition]:
+        entry = self._hosts.get(host)
+        if entry is None:
+            raise UnknownHost(host)
+        was = entry.state
+        entry.state, entry.last_seen, entry.boot_id, entry.seq = "alive", now, boot_id, seq
+        if was == "alive":
+            return []
+        entry.incident = ""
+        return [Alive(host, was_suspect=was == "suspect")]
+
+    def tick(self, now: float) -> list[Transition]:
+        out: list[Transition] = []
+        for host, entry in self._hosts.items():
+            silent_for = now - entry.last_seen
+            if entry.state != "suspect" and silent_for > self.window:
+                entry.state = "suspect"
+                # The incident id is derived from what was last heard, so every
+                # replica of the monitor names the same incident the same way.
+                last = f"{entry.boot_id[:8]}-{entry.seq}" if entry.seq >= 0 else "never-seen"
+                entry.incident = f"{host}-{last}"
+                out.append(Suspect(host, entry.incident, entry.last_seen, silent_for))
+        return out
+
+    def suspects(self) -> list[Suspect]:
+        return [
+            Suspect(h, e.incident, e.last_seen, 0.0) for h, e in self._hosts.items() if e.state == "suspect"
+        ]
+
+    def state(self, host: str) -> State:
+        return self._hosts[host].state

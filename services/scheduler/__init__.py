@@ -1,0 +1,1 @@
+"""Scheduler: restarts the HA VMs of a fenced host on the survivors."""

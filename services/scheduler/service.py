@@ -1,0 +1,199 @@
+"""The scheduler service: folds the events stream into ``SchedulerState`` and,
+while it holds the lease, restarts lost HA VMs through the agents.
+
+Every start is keyed by (VM, incident) in the scheduler's database and written
+before the command is sent, so a scheduler restarted mid-failover sends a start
+again only to the host it chose before, and the agent answers "already
+running" if it did start. VMs of one failover start in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+from nats.aio.msg import Msg
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from hafence.contracts import AgentReply, Decoders, FenceResult, HostEvent, Inventory, VmEvent, VmStart
+from hafence.logs import fields
+from hafence.scheduler.placement import place
+from hafence.scheduler.state import LostVm, SchedulerState
+from hafence.service import Runtime
+from hafence.store import open_store
+from hafence.telemetry import extract_context, tracer
+from hafence.lease import LeaderLease
+
+log = logging.getLogger("hafence.scheduler")
+
+MIGRATIONS = [
+    """
+    CREATE TABLE starts (
+        vm TEXT NOT NULL,
+        incident TEXT NOT NULL,
+        target TEXT NOT NULL,
+        state TEXT NOT NULL,          -- sending, started, failed
+        error TEXT NOT NULL DEFAULT '',
+        at REAL NOT NULL,
+        PRIMARY KEY (vm, incident, target)
+    );
+    """,
+]
+
+_reply_decoder = msgspec.json.Decoder(AgentReply)
+
+
+async def run(rt: Runtime) -> None:
+    bus, config = rt.bus, rt.config
+    subjects = bus.subjects
+    kv = await bus.js.key_value(bus.streams.leases)
+    lease = LeaderLease(kv, "scheduler", rt.instance, config.timings.lease_ttl_s)
+    db = await open_store(rt.db_path("scheduler.db"), MIGRATIONS)
+    state = SchedulerState(maintenance={h.name for h in config.hosts if h.maintenance})
+    caught_up = asyncio.Event()
+    wake = asyncio.Event()
+    incident_context: dict[str, Context] = {}
+    announced_pending: dict[str, str] = {}
+    failed_on: dict[str, set[str]] = {}
+    slots = asyncio.Semaphore(32)
+
+    async def on_event(event: Inventory | HostEvent | FenceResult, msg: Msg) -> None:
+        match event:
+            case Inventory():
+                state.on_inventory(event)
+            case HostEvent():
+                state.on_host_event(event)
+                if event.kind == "confirmed_fenced":
+                    incident_context[event.incident] = extract_context(msg.headers)
+            case FenceResult():
+                if state.on_fence_result(event):
+                    incident_context[event.incident] = extract_context(msg.headers)
+                    log.warning("fence confirmed: restarting HA VMs",
+                                extra=fields(host=event.host, vms=len(state.lost)))
+        wake.set()
+
+    async def start_history(vm: str, incident: str) -> list[tuple[str, str]]:
+        async with db.execute(
+            "SELECT target, state FROM starts WHERE vm = ? AND incident = ? ORDER BY at", (vm, incident)
+        ) as cur:
+            return [(r[0], r[1]) for r in await cur.fetchall()]
+
+    async def record(vm: str, incident: str, target: str, status: str, error: str = "") -> None:
+        await db.execute(
+            """INSERT INTO starts (vm, incident, target, state, error, at) VALUES (?, ?, ?, ?, ?, ?)
+               ON CONFLICT (vm, incident, target) DO UPDATE SET state = excluded.state,
+               error = excluded.error, at = excluded.at""",
+            (vm, incident, target, status, error, time.time()),
+        )
+        await db.commit()
+
+    async def vm_event(lost: LostVm, kind: str, target: str = "", reason: str = "") -> None:
+        await bus.publish(
+            subjects.vm_event(lost.spec.name, kind),
+            VmEvent(vm=lost.spec.name, kind=kind, at=time.time(), incident=lost.incident,  # type: ignore[arg-type]
+                    from_host=lost.from_host, target=target, reason=reason),
+        )
+
+    async def start(lost: LostVm, target: str) -> None:
+        async with slots:
+            with tracer().start_as_current_span(
+                f"start vm {lost.spec.name}",
+                context=incident_context.get(lost.incident, Context()),
+                kind=SpanKind.CLIENT,
+                attributes={"hafence.vm": lost.spec.name, "hafence.target_host": target,
+                            "hafence.from_host": lost.from_host, "hafence.incident": lost.incident,
+                            "hafence.vm.memory_mb": lost.spec.memory_mb},
+            ) as span:
+                await record(lost.spec.name, lost.incident, target, "sending")
+                await vm_event(lost, "placed", target)
+                error = ""
+                try:
+                    raw = await bus.request(
+                        subjects.agent_cmd(target), VmStart(vm=lost.spec, incident=lost.incident),
+                        timeout=config.timings.agent_command_timeout_s,
+                    )
+                    reply = _reply_decoder.decode(raw)
+                    if not reply.ok:
+                        error = reply.error or "agent refused"
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    error = f"agent answered with an error: {raw[:200]!r}"
+                except Exception as err:
+                    error = f"no answer from agent {target}: {type(err).__name__}"
+                if error:
+                    span.set_status(Status(StatusCode.ERROR, error))
+                    log.error("VM start failed", extra=fields(vm=lost.spec.name, target=target, error=error))
+                    state.reserved.pop((lost.spec.name, target), None)
+                    failed_on.setdefault(lost.spec.name, set()).add(target)
+                    await record(lost.spec.name, lost.incident, target, "failed", error)
+                    await vm_event(lost, "failed", target, error)
+                else:
+                    log.info("VM started", extra=fields(vm=lost.spec.name, target=target))
+                    await record(lost.spec.name, lost.incident, target, "started")
+                    await vm_event(lost, "started", target, "already running" if reply.already else "")
+        wake.set()
+
+    async def schedule_once() -> None:
+        in_flight = {vm for vm, _ in state.reserved}
+        todo: list[LostVm] = []
+        resend: list[tuple[LostVm, str]] = []
+        for lost in list(state.lost.values()):
+            if lost.spec.name in in_flight:
+                continue
+            history = await start_history(lost.spec.name, lost.incident)
+            done = [t for t, s in history if s in ("sending", "started")]
+            if done:
+                # Chosen before (perhaps by a scheduler that died): ask the same host again.
+                resend.append((lost, done[-1]))
+            else:
+                todo.append(lost)
+            for t, s in history:
+                if s == "failed":
+                    failed_on.setdefault(lost.spec.name, set()).add(t)
+        by_name = {lost.spec.name: lost for lost in todo}
+        placements, pending = place(
+            [lost.spec for lost in todo], state.candidates(), config.scheduler.strategy,
+            config.scheduler.memory_overcommit,
+            {vm: hosts for vm, hosts in failed_on.items() if vm in by_name},
+        )
+        for p in pending:
+            lost = by_name[p.vm.name]
+            if announced_pending.get(p.vm.name) != p.reason:
+                announced_pending[p.vm.name] = p.reason
+                log.warning("VM pending", extra=fields(vm=p.vm.name, reason=p.reason))
+                await vm_event(lost, "pending", reason=p.reason)
+        jobs = [(by_name[p.vm.name], p.host) for p in placements] + resend
+        for lost, target in jobs:
+            state.reserved[(lost.spec.name, target)] = lost.spec
+        if jobs:
+            async with asyncio.TaskGroup() as tg:
+                for lost, target in jobs:
+                    tg.create_task(start(lost, target))
+
+    async def schedule_loop() -> None:
+        await caught_up.wait()
+        while True:
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=1.0)
+            except TimeoutError:
+                pass
+            wake.clear()
+            if lease.held() and state.lost:
+                await schedule_once()
+
+    filters = [
+        subjects.inventory_all(),
+        subjects.host_events("suspect"),
+        subjects.host_events("alive"),
+        subjects.host_events("confirmed_fenced"),
+        subjects.fence_results(),
+    ]
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(lease.run())
+            tg.create_task(bus.replay(filters, Decoders.scheduler_input, on_event, caught_up))
+            tg.create_task(schedule_loop())
+    finally:
+        await asyncio.shield(db.close())

@@ -1,0 +1,246 @@
+"""The cluster configuration: one TOML file, decoded into Structs.
+
+Unknown keys are errors (a typo must not silently fall back to a default), and
+every error names the file, the key and what is wrong. Checks that span several
+keys (a VM on an unknown host, a level naming an unknown device) are all
+collected, so an operator fixes the file in one pass.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from hafence.contracts import VmSpec
+from hafence.subjects import NAME_PATTERN
+
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pass
+
+
+class ClusterSection(_Section):
+    name: Name = "hafence"
+    subject_prefix: Name = "hafence"
+
+
+class NatsSection(_Section):
+    url: str = "nats://127.0.0.1:4222"
+    user: str = ""
+    # Secrets are referenced, never written in the file.
+    password_file: str = ""
+    password_env: str = ""
+    creds_file: str = ""
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    stream_replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
+
+
+class Timings(_Section):
+    heartbeat_interval_s: PositiveSeconds = 1.0
+    missed_heartbeats: Annotated[int, msgspec.Meta(ge=1)] = 3
+    inventory_interval_s: PositiveSeconds = 30.0
+    lease_ttl_s: Annotated[float, msgspec.Meta(ge=1)] = 6.0
+    agent_command_timeout_s: PositiveSeconds = 10.0
+    fence_ack_wait_s: Annotated[float, msgspec.Meta(ge=1)] = 30.0
+
+    @property
+    def detection_window_s(self) -> float:
+        return self.heartbeat_interval_s * self.missed_heartbeats
+
+
+class TelemetrySection(_Section):
+    exporter: Literal["none", "console", "otlp", "jsonl"] = "none"
+    # OTLP/HTTP endpoint, e.g. http://jaeger:4318/v1/traces; jsonl: a file path.
+    endpoint: str = ""
+
+
+class StoreSection(_Section):
+    dir: str = "/var/lib/hafence"
+
+
+class ArbiterSection(_Section):
+    max_concurrent_fences: Annotated[int, msgspec.Meta(ge=1)] = 4
+    action: Literal["off", "reboot"] = "off"
+
+
+class SchedulerSection(_Section):
+    strategy: Literal["spread", "best_fit"] = "spread"
+    memory_overcommit: Annotated[float, msgspec.Meta(ge=0.1, le=4)] = 1.0
+    start_attempts: Annotated[int, msgspec.Meta(ge=1)] = 3
+
+
+class _Device(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="driver"):
+    # How long to wait after the command before the first status read.
+    power_wait_s: Seconds = 0.0
+    # How long status may take to read "off" before the device counts as failed.
+    power_timeout_s: PositiveSeconds = 20.0
+    retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 1
+
+
+class SimDevice(_Device, tag="sim"):
+    """A simulated power switch: one state file per port in ``state_dir``.
+
+    The lab's simulated hosts read the same files, so "off" really stops them.
+    """
+
+    state_dir: str
+    off_delay_s: Seconds = 0.2
+    stuck_on: bool = False
+
+
+Device = SimDevice
+
+
+class LevelDevice(_Section):
+    device: Name
+    # The target on the device: an outlet number, a BMC's own host, a sim port.
+    port: str = ""
+
+
+class FenceLevel(_Section):
+    devices: Annotated[list[LevelDevice], msgspec.Meta(min_length=1)]
+
+
+class HostConfig(_Section):
+    name: Name
+    memory_mb: Annotated[int, msgspec.Meta(ge=1)]
+    vcpus: Annotated[int, msgspec.Meta(ge=1)] = 8
+    levels: list[FenceLevel] = []
+    maintenance: bool = False
+
+
+class VmConfig(_Section):
+    name: Name
+    host: Name
+    memory_mb: Annotated[int, msgspec.Meta(ge=1)]
+    vcpus: Annotated[int, msgspec.Meta(ge=1)] = 1
+    ha: bool = False
+
+    def spec(self) -> VmSpec:
+        return VmSpec(name=self.name, memory_mb=self.memory_mb, vcpus=self.vcpus, ha=self.ha)
+
+
+class ClusterConfig(_Section):
+    cluster: ClusterSection = ClusterSection()
+    nats: NatsSection = NatsSection()
+    timings: Timings = Timings()
+    telemetry: TelemetrySection = TelemetrySection()
+    store: StoreSection = StoreSection()
+    arbiter: ArbiterSection = ArbiterSection()
+    scheduler: SchedulerSection = SchedulerSection()
+    devices: dict[Name, Device] = {}
+    hosts: list[HostConfig] = []
+    vms: list[VmConfig] = []
+
+    def host(self, name: str) -> HostConfig:
+        for host in self.hosts:
+            if host.name == name:
+                return host
+        raise KeyError(f"host {name!r} is not in the configuration")
+
+    def vms_of(self, host: str) -> list[VmConfig]:
+        return [vm for vm in self.vms if vm.host == host]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    key: str
+    message: str
+
+
+class ConfigError(Exception):
+    """The configuration file is wrong; the message names the file and each key."""
+
+    def __init__(self, path: str, issues: list[ConfigIssue]) -> None:
+        self.path = path
+        self.issues = issues
+        lines = [f"{path}: {issue.key}: {issue.message}" for issue in issues]
+        super().__init__("invalid configuration\n  " + "\n  ".join(lines))
+
+
+_AT_RE = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<at>[^`]*)`)?$", re.S)
+
+
+def _msgspec_issue(err: msgspec.ValidationError) -> ConfigIssue:
+    match = _AT_RE.match(str(err))
+    assert match is not None
+    at = match.group("at") or "$"
+    key = at.removeprefix("$").removeprefix(".") or "(top level)"
+    return ConfigIssue(key, match.group("msg"))
+
+
+def parse_config(text: str, path: str = "<config>") -> ClusterConfig:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(path, [ConfigIssue("(syntax)", f"not valid TOML: {err}")]) from None
+    try:
+        config = msgspec.convert(raw, ClusterConfig, strict=True)
+    except msgspec.ValidationError as err:
+        raise ConfigError(path, [_msgspec_issue(err)]) from None
+    issues = check_consistency(config)
+    if issues:
+        raise ConfigError(path, issues)
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise ConfigError(str(p), [ConfigIssue("(file)", f"cannot read: {err.strerror}")]) from None
+    return parse_config(text, str(p))
+
+
+def check_consistency(config: ClusterConfig) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    seen_hosts: set[str] = set()
+    for i, host in enumerate(config.hosts):
+        if host.name in seen_hosts:
+            issues.append(ConfigIssue(f"hosts[{i}].name", f"host {host.name!r} is defined twice"))
+        seen_hosts.add(host.name)
+        for j, level in enumerate(host.levels):
+            for k, ref in enumerate(level.devices):
+                if ref.device not in config.devices:
+                    issues.append(
+                        ConfigIssue(
+                            f"hosts[{i}].levels[{j}].devices[{k}].device",
+                            f"unknown power device {ref.device!r} (not in [devices])",
+                        )
+                    )
+    seen_vms: set[str] = set()
+    for i, vm in enumerate(config.vms):
+        if vm.name in seen_vms:
+            issues.append(ConfigIssue(f"vms[{i}].name", f"VM {vm.name!r} is defined twice"))
+        seen_vms.add(vm.name)
+        if vm.host not in seen_hosts:
+            issues.append(ConfigIssue(f"vms[{i}].host", f"unknown host {vm.host!r} (not in [[hosts]])"))
+    return issues
+
+
+def read_secret(file: str, env: str, what: str) -> str:
+    """Read a secret from a file or an environment variable, never from the config."""
+    if file:
+        try:
+            return Path(file).read_text().strip()
+        except OSError as err:
+            raise ConfigError(file, [ConfigIssue(what, f"cannot read secret file: {err.strerror}")]) from None
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError("(environment)", [ConfigIssue(what, f"environment variable {env} is not set")])
+        return value
+    return ""

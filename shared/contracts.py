@@ -1,0 +1,192 @@
+"""The wire contracts: every message on the bus, as frozen msgspec Structs.
+
+Rules (see msgspec's schema-evolution notes):
+
+* each message has a tag (field ``type``) and a schema version ``v``;
+* new fields get defaults; a field's type never changes; a breaking change is a
+  new tag;
+* decoding is strict (no int-for-str coercion) but unknown fields are allowed, so
+  an older service can read a newer producer's message;
+* host and VM names are validated by the decoder itself, so a name that would
+  break a subject never gets past the edge.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+from hafence.subjects import NAME_PATTERN
+
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+MiB = Annotated[int, msgspec.Meta(ge=0)]
+PowerState = Literal["on", "off", "unknown"]
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    v: int = 1
+
+
+class Heartbeat(Message, tag="heartbeat", kw_only=True):
+    host: Name
+    boot_id: str
+    seq: Annotated[int, msgspec.Meta(ge=0)]
+    sent_at: float
+
+
+class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """What it takes to start a VM on any host that can reach its storage."""
+
+    name: Name
+    memory_mb: MiB
+    vcpus: Annotated[int, msgspec.Meta(ge=1)] = 1
+    ha: bool = False
+
+
+class VmInfo(msgspec.Struct, frozen=True, kw_only=True):
+    spec: VmSpec
+    state: Literal["running", "stopped"]
+
+
+class Inventory(Message, tag="inventory", kw_only=True):
+    host: Name
+    boot_id: str
+    memory_mb: MiB
+    vcpus: int
+    vms: list[VmInfo] = []
+    sent_at: float
+
+
+HostEventKind = Literal[
+    "suspect",
+    "alive",
+    "fence_requested",
+    "fence_skipped",
+    "fenced",
+    "fence_failed",
+    "confirmed_fenced",
+]
+
+
+class HostEvent(Message, tag="host_event", kw_only=True):
+    host: Name
+    kind: HostEventKind
+    at: float
+    incident: str = ""
+    reason: str = ""
+    term: int = 0
+    last_seen: float | None = None
+
+
+class FenceRequest(Message, tag="fence_request", kw_only=True):
+    request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    incident: str
+    host: Name
+    action: Literal["off", "reboot"] = "off"
+    term: Annotated[int, msgspec.Meta(ge=1)]
+    requested_at: float
+    reason: str = ""
+
+
+class DeviceEvidence(msgspec.Struct, frozen=True, kw_only=True):
+    """What one power device was told and what it said back."""
+
+    device: str
+    driver: str
+    level: int
+    action_sent: str
+    power_read: PowerState
+    confirmed: bool
+    status_reads: int = 0
+    elapsed_s: Seconds = 0.0
+    error: str = ""
+
+
+FenceOutcome = Literal["confirmed_off", "failed", "refused"]
+
+
+class FenceResult(Message, tag="fence_result", kw_only=True):
+    request_id: str
+    incident: str
+    host: Name
+    term: int
+    outcome: FenceOutcome
+    level: int | None = None
+    evidence: list[DeviceEvidence] = []
+    reason: str = ""
+    started_at: float
+    finished_at: float
+
+
+class VmStart(Message, tag="vm_start", kw_only=True):
+    vm: VmSpec
+    incident: str = ""
+
+
+class VmStop(Message, tag="vm_stop", kw_only=True):
+    vm: Name
+    reason: str = ""
+
+
+AgentCommand = VmStart | VmStop
+
+
+class AgentReply(Message, tag="agent_reply", kw_only=True):
+    host: Name
+    vm: Name
+    ok: bool
+    state: Literal["running", "stopped", "unknown"]
+    already: bool = False
+    error: str = ""
+
+
+VmEventKind = Literal["placed", "started", "failed", "pending"]
+
+
+class VmEvent(Message, tag="vm_event", kw_only=True):
+    vm: Name
+    kind: VmEventKind
+    at: float
+    incident: str = ""
+    from_host: str = ""
+    target: str = ""
+    reason: str = ""
+
+
+class DeadLetter(Message, tag="dead_letter", kw_only=True):
+    """A message a service could not decode: kept whole, with the reason."""
+
+    service: str
+    subject: str
+    error: str
+    raw: bytes
+    at: float
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _ENCODER.encode(msg)
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+class Decoders:
+    """One decoder per channel, built once and reused (msgspec's perf advice)."""
+
+    heartbeat = msgspec.json.Decoder(Heartbeat)
+    inventory = msgspec.json.Decoder(Inventory)
+    host_event = msgspec.json.Decoder(HostEvent)
+    fence_request = msgspec.json.Decoder(FenceRequest)
+    fence_result = msgspec.json.Decoder(FenceResult)
+    agent_command = msgspec.json.Decoder(AgentCommand)
+    agent_reply = msgspec.json.Decoder(AgentReply)
+    vm_event = msgspec.json.Decoder(VmEvent)
+    dead_letter = msgspec.json.Decoder(DeadLetter)
+    scheduler_input = msgspec.json.Decoder(Inventory | HostEvent | FenceResult)
+    arbiter_input = msgspec.json.Decoder(HostEvent | FenceResult)
+    any = msgspec.json.Decoder(
+        Heartbeat | Inventory | HostEvent | FenceRequest | FenceResult | VmStart | VmStop
+        | AgentReply | VmEvent | DeadLetter
+    )

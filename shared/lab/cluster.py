@@ -1,0 +1,273 @@
+"""A whole simulated cluster on one machine: a real nats-server, every hafence
+service as its own process, one agent process per simulated host, and an
+observer that records every message on the bus.
+
+Used by ``make demo``, the end-to-end tests and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from hafence.config import ClusterConfig, parse_config
+from hafence.contracts import Decoders
+from hafence.lab.natsserver import NatsServer
+from hafence.lab.procs import Service
+
+SERVICES = ("heartbeat", "arbiter", "fencer", "scheduler")
+
+
+@dataclass(frozen=True)
+class LabSpec:
+    hosts: int = 4
+    host_memory_mb: int = 65536
+    vms_per_host: int = 3
+    non_ha_every: int = 4  # every 4th VM is not HA: 12 VMs, 9 of them HA
+    vm_memory_mb: int = 4096
+    heartbeat_interval_s: float = 0.5
+    missed_heartbeats: int = 3
+    off_delay_s: float = 0.3
+    lease_ttl_s: float = 3.0
+    extra_vms: dict[str, int] = field(default_factory=dict)  # host -> more HA VMs (bench)
+
+    def host_names(self) -> list[str]:
+        return [f"lab-{i}" for i in range(1, self.hosts + 1)]
+
+
+def render_config(spec: LabSpec, nats_url: str, lab_dir: Path) -> str:
+    lines = [
+        "[cluster]",
+        'name = "lab"',
+        "",
+        "[nats]",
+        f'url = "{nats_url}"',
+        "",
+        "[timings]",
+        f"heartbeat_interval_s = {spec.heartbeat_interval_s}",
+        f"missed_heartbeats = {spec.missed_heartbeats}",
+        f"lease_ttl_s = {spec.lease_ttl_s}",
+        "inventory_interval_s = 10.0",
+        "",
+        "[store]",
+        f'dir = "{lab_dir / "state"}"',
+        "",
+        "[devices.lab-power]",
+        'driver = "sim"',
+        f'state_dir = "{lab_dir / "power"}"',
+        f"off_delay_s = {spec.off_delay_s}",
+        "power_timeout_s = 5.0",
+        "",
+    ]
+    for host in spec.host_names():
+        lines += [
+            "[[hosts]]",
+            f'name = "{host}"',
+            f"memory_mb = {spec.host_memory_mb}",
+            "vcpus = 64",
+            f'levels = [{{ devices = [{{ device = "lab-power", port = "{host}" }}] }}]',
+            "",
+        ]
+    n = 0
+    for host in spec.host_names():
+        count = spec.vms_per_host + spec.extra_vms.get(host, 0)
+        for i in range(count):
+            n += 1
+            ha = i >= spec.vms_per_host or n % spec.non_ha_every != 0
+            lines += [
+                "[[vms]]",
+                f'name = "vm-{n:03d}"',
+                f'host = "{host}"',
+                f"memory_mb = {spec.vm_memory_mb}",
+                "vcpus = 2",
+                f"ha = {'true' if ha else 'false'}",
+                "",
+            ]
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Record:
+    at: float
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+
+    def decode(self) -> msgspec.Struct | None:
+        try:
+            return Decoders.any.decode(self.data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+
+
+class Observer:
+    """Records every message under the prefix, as the NATS CLI's `nats sub 'hafence.>'` would."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+        self.nc: NatsClient | None = None
+        self.changed = asyncio.Event()
+
+    async def start(self, url: str, prefix: str = "hafence") -> None:
+        self.nc = await nats.connect(url, name="hafence-lab-observer")
+
+        async def cb(msg: Msg) -> None:
+            self.records.append(Record(time.time(), msg.subject, msg.data, dict(msg.headers or {})))
+            self.changed.set()
+
+        await self.nc.subscribe(f"{prefix}.>", cb=cb)
+
+    async def stop(self) -> None:
+        if self.nc and not self.nc.is_closed:
+            await self.nc.close()
+
+    def matching(self, part: str) -> list[Record]:
+        return [r for r in self.records if part in r.subject]
+
+    async def wait_for(self, predicate: object, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            if predicate():  # type: ignore[operator]
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self.changed.clear()
+            try:
+                await asyncio.wait_for(self.changed.wait(), timeout=min(remaining, 0.2))
+            except TimeoutError:
+                pass
+
+
+class Lab:
+    def __init__(self, spec: LabSpec | None = None, base_dir: str | None = None, keep: bool = False) -> None:
+        self.spec = spec or LabSpec()
+        self._tmp = None if base_dir else tempfile.TemporaryDirectory(prefix="hafence-lab-")
+        self.dir = Path(base_dir or self._tmp.name)  # type: ignore[union-attr]
+        self.keep = keep
+        self.nats = NatsServer(self.dir / "nats")
+        self.config_path = self.dir / "cluster.toml"
+        self.trace_file = self.dir / "spans.jsonl"
+        self.services: dict[str, Service] = {}
+        self.observer = Observer()
+        self.config: ClusterConfig | None = None
+
+    @property
+    def log_dir(self) -> Path:
+        return self.dir / "logs"
+
+    def service_env(self) -> dict[str, str]:
+        return {
+            "HAFENCE_TRACE_EXPORTER": "jsonl",
+            "HAFENCE_TRACE_ENDPOINT": str(self.trace_file),
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    async def start(self, services: tuple[str, ...] = SERVICES) -> Lab:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.nats.start()
+        text = render_config(self.spec, self.nats.url, self.dir)
+        self.config_path.write_text(text)
+        self.config = parse_config(text, str(self.config_path))
+        await self.observer.start(self.nats.url)
+        for name in services:
+            self.start_service(name)
+        for host in self.spec.host_names():
+            self.start_agent(host)
+        return self
+
+    def start_service(self, name: str, instance: str = "") -> Service:
+        key = instance or name
+        args = ["-m", f"hafence.{name}", "--config", str(self.config_path), "--instance", key]
+        svc = Service(key, args, self.log_dir, self.service_env()).start()
+        self.services[key] = svc
+        return svc
+
+    def start_agent(self, host: str) -> Service:
+        args = [
+            "-m", "hafence.agent", "--config", str(self.config_path), "--host", host,
+            "--sim-power", str(self.dir / "power"), "--boot-vms", "--instance", f"agent-{host}",
+        ]
+        svc = Service(f"agent-{host}", args, self.log_dir, self.service_env()).start()
+        self.services[f"agent-{host}"] = svc
+        return svc
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Every host heartbeating, every inventory in, every leader elected, and
+        the arbiter past its start-up grace."""
+        hosts = set(self.spec.host_names())
+
+        def ready() -> bool:
+            inv = {r.subject.rsplit(".", 1)[1] for r in self.observer.matching(".inventory.")}
+            return hosts <= inv
+
+        if not await self.observer.wait_for(ready, timeout):
+            raise RuntimeError(f"lab not ready in {timeout}s:\n{self.diagnostics()}")
+        assert self.observer.nc is not None
+        kv = await self.observer.nc.jetstream().key_value("HAFENCE_leases")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                keys = set(await kv.keys())
+            except Exception:
+                keys = set()
+            if {"heartbeat", "arbiter", "scheduler"} <= keys:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"leaders not elected in {timeout}s (have {keys}):\n{self.diagnostics()}")
+            await asyncio.sleep(0.1)
+        # The arbiter's start-up grace is one detection window.
+        await asyncio.sleep(self.spec.heartbeat_interval_s * self.spec.missed_heartbeats + 0.2)
+
+    def crash(self, host: str) -> None:
+        """The host hangs: its agent is frozen (SIGSTOP), still 'running' its VMs.
+        That is the dangerous case fencing exists for."""
+        self.services[f"agent-{host}"].signal(signal.SIGSTOP)
+
+    def resume(self, host: str) -> None:
+        self.services[f"agent-{host}"].signal(signal.SIGCONT)
+
+    def spans(self) -> list[dict[str, object]]:
+        try:
+            return [json.loads(line) for line in self.trace_file.read_text().splitlines() if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def diagnostics(self) -> str:
+        out = []
+        for name, svc in self.services.items():
+            state = "running" if svc.alive() else f"exited {svc.proc.returncode if svc.proc else '?'}"
+            out.append(f"--- {name} ({state}) ---\n{svc.tail(12)}")
+        return "\n".join(out)
+
+    async def stop(self) -> dict[str, int | None]:
+        codes: dict[str, int | None] = {}
+        await self.observer.stop()
+        for name, svc in self.services.items():
+            svc.signal(signal.SIGCONT)
+        for name, svc in self.services.items():
+            codes[name] = svc.terminate()
+        self.nats.stop()
+        if self._tmp and not self.keep:
+            self._tmp.cleanup()
+        return codes
+
+    async def __aenter__(self) -> Lab:
+        try:
+            return await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -1,0 +1,116 @@
+"""The lifecycle every hafence service shares.
+
+``python -m hafence.<service> --config FILE``: load the config (a bad file is a
+clear error and exit code 2), set up logs and traces, connect to NATS (waiting
+for it if it is not up yet), provision, then run the service's body inside one
+TaskGroup until SIGTERM/SIGINT. On the way out: cancel the body, drain the NATS
+connection, flush the spans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from hafence.bus import Bus
+from hafence.config import ClusterConfig, ConfigError, load_config
+from hafence.logs import setup_logging
+from hafence.telemetry import setup_tracing
+
+log = logging.getLogger("hafence.service")
+
+
+@dataclass
+class Runtime:
+    name: str
+    config: ClusterConfig
+    bus: Bus
+    instance: str
+    args: argparse.Namespace = field(default_factory=argparse.Namespace)
+
+    def db_path(self, filename: str) -> str:
+        return os.path.join(self.config.store.dir, filename)
+
+
+Body = Callable[[Runtime], Awaitable[None]]
+
+
+class _Stopped(Exception):
+    pass
+
+
+def service_main(
+    name: str,
+    body: Body,
+    argv: list[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m hafence.{name}", description=f"hafence {name} service")
+    parser.add_argument("--config", required=True, help="cluster configuration (TOML)")
+    parser.add_argument(
+        "--instance", default=f"{socket.gethostname()}-{os.getpid()}", help="replica name (for leases)"
+    )
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging(name)
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        print(f"hafence {name}: {err}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(run_service(name, config, body, args))
+    except ConnectionError as err:
+        print(f"hafence {name}: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+async def connect_until_up(config: ClusterConfig, name: str, stop: asyncio.Event) -> Bus | None:
+    delay = 0.2
+    while not stop.is_set():
+        try:
+            return await Bus.connect(config, name)
+        except ConnectionError as err:
+            log.warning("%s; retrying in %.1fs", err, delay)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+            delay = min(delay * 2, 5.0)
+    return None
+
+
+async def run_service(name: str, config: ClusterConfig, body: Body, args: argparse.Namespace) -> None:
+    instance: str = getattr(args, "instance", f"{socket.gethostname()}-{os.getpid()}")
+    provider = setup_tracing(name, config.telemetry, instance)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    bus = await connect_until_up(config, name, stop)
+    try:
+        if bus is None:
+            return
+        await bus.provision()
+        runtime = Runtime(name=name, config=config, bus=bus, instance=instance, args=args)
+        log.info("started", extra={"fields": {"instance": instance}})
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(body(runtime))
+                await stop.wait()
+                raise _Stopped
+        except* _Stopped:
+            log.info("stopping on signal")
+    finally:
+        if bus is not None:
+            await bus.close()
+        provider.shutdown()

@@ -1,0 +1,102 @@
+"""NATS subject names, and the validation of the names that go into them.
+
+A host or VM name becomes one token of a subject, so it must not contain the
+characters NATS gives meaning to (``.``, ``*``, ``>``) or whitespace. Names are
+checked here, at the edge, before any subject is built.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+class InvalidName(ValueError):
+    """A host, VM or service name that cannot be used as a subject token."""
+
+
+def check_name(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise InvalidName(
+            f"invalid {kind} name {value!r}: use 1-63 letters, digits, '-' or '_', "
+            "starting with a letter or digit (no dots, wildcards or spaces)"
+        )
+    return value
+
+
+HOST_EVENT_KINDS = (
+    "suspect",
+    "alive",
+    "fence_requested",
+    "fence_skipped",
+    "fenced",
+    "fence_failed",
+    "confirmed_fenced",
+)
+VM_EVENT_KINDS = ("placed", "started", "failed", "pending")
+
+
+@dataclass(frozen=True, slots=True)
+class Subjects:
+    """Builds every subject hafence uses, under one configurable prefix."""
+
+    prefix: str = "hafence"
+
+    def __post_init__(self) -> None:
+        for token in self.prefix.split("."):
+            check_name("subject prefix token", token)
+
+    def hb(self, host: str) -> str:
+        return f"{self.prefix}.hb.{check_name('host', host)}"
+
+    def hb_all(self) -> str:
+        return f"{self.prefix}.hb.*"
+
+    def inventory(self, host: str) -> str:
+        return f"{self.prefix}.inventory.{check_name('host', host)}"
+
+    def inventory_all(self) -> str:
+        return f"{self.prefix}.inventory.*"
+
+    def host_event(self, host: str, kind: str) -> str:
+        if kind not in HOST_EVENT_KINDS:
+            raise ValueError(f"unknown host event kind {kind!r}")
+        return f"{self.prefix}.host.{check_name('host', host)}.{kind}"
+
+    def host_events(self, kind: str = "*") -> str:
+        return f"{self.prefix}.host.*.{kind}"
+
+    def fence_request(self, host: str) -> str:
+        return f"{self.prefix}.fence.request.{check_name('host', host)}"
+
+    def fence_requests(self) -> str:
+        return f"{self.prefix}.fence.request.*"
+
+    def fence_result(self, host: str) -> str:
+        return f"{self.prefix}.fence.result.{check_name('host', host)}"
+
+    def fence_results(self) -> str:
+        return f"{self.prefix}.fence.result.*"
+
+    def vm_event(self, vm: str, kind: str) -> str:
+        if kind not in VM_EVENT_KINDS:
+            raise ValueError(f"unknown VM event kind {kind!r}")
+        return f"{self.prefix}.vm.{check_name('VM', vm)}.{kind}"
+
+    def vm_events(self) -> str:
+        return f"{self.prefix}.vm.*.*"
+
+    def agent_cmd(self, host: str) -> str:
+        return f"{self.prefix}.agent.{check_name('host', host)}.cmd"
+
+    def dlq(self, service: str) -> str:
+        return f"{self.prefix}.dlq.{check_name('service', service)}"
+
+    def dlq_all(self) -> str:
+        return f"{self.prefix}.dlq.*"
+
+    def all(self) -> str:
+        return f"{self.prefix}.>"
