@@ -113,8 +113,11 @@ class Bus:
                 ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file or None)
             options["tls"] = ctx
 
+        holder: list[NatsClient] = []
+
         async def on_disconnect() -> None:
-            log.warning("disconnected from NATS; reconnecting")
+            if holder and not (holder[0].is_closed or holder[0].is_draining):
+                log.warning("disconnected from NATS; reconnecting")
 
         async def on_reconnect() -> None:
             log.info("reconnected to NATS")
@@ -125,6 +128,7 @@ class Bus:
         options.update(disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, error_cb=on_error)
         try:
             nc = await nats.connect(**options)
+            holder.append(nc)
         except (OSError, nats.errors.NoServersError, TimeoutError) as err:
             raise ConnectionError(f"cannot connect to NATS at {settings.url}: {err or type(err).__name__}") from None
         return cls(nc, config, service)

@@ -18,6 +18,7 @@ import time
 import uuid
 
 from nats.aio.msg import Msg
+from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind
 
 from hafence.agent.hypervisor import Hypervisor, SimHypervisor
@@ -27,7 +28,7 @@ from hafence.lab.power import SimPowerSwitch
 from hafence.logs import fields
 from hafence.service import Runtime
 from hafence.subjects import check_name
-from hafence.telemetry import tracer
+from hafence.telemetry import extract_context, tracer
 
 log = logging.getLogger("hafence.agent")
 
@@ -122,8 +123,7 @@ class Agent:
         async def handler(cmd: VmStart | VmStop, msg: Msg) -> AgentReply | None:
             if msg.subject != self.bus.subjects.agent_cmd(self.host):
                 raise Reject(f"command for {self.host} on subject {msg.subject}")
-            from hafence.telemetry import extract_context
-            from opentelemetry import context as otel_context
+
 
             token = otel_context.attach(extract_context(msg.headers))
             try:

@@ -19,13 +19,13 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from hafence.contracts import AgentReply, Decoders, FenceResult, HostEvent, Inventory, VmEvent, VmStart
+from hafence.lease import LeaderLease
 from hafence.logs import fields
 from hafence.scheduler.placement import place
 from hafence.scheduler.state import LostVm, SchedulerState
 from hafence.service import Runtime
 from hafence.store import open_store
 from hafence.telemetry import extract_context, tracer
-from hafence.lease import LeaderLease
 
 log = logging.getLogger("hafence.scheduler")
 

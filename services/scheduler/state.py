@@ -2,8 +2,12 @@
 a fenced host. A fold over the events stream; pure, no I/O.
 
 S1 lives here: a VM enters ``lost`` (the only set the scheduler restarts from)
-only when its host's fence is confirmed off for a request of the current term,
-or when an operator confirms by hand that the host is off.
+only when its host's fence is confirmed off, or when an operator confirms by
+hand that the host is off. "Of the current term" is enforced where it can be
+enforced atomically, by the fencer, which runs no request older than the newest
+term it has seen: a ``confirmed_off`` is a power reading, true whatever arbiter
+asked for it, so the scheduler does not second-guess it (doing so would strand
+the VMs of a host fenced just before a leader change).
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ class SchedulerState:
     phases: dict[str, HostPhase] = field(default_factory=dict)
     fenced_boot: dict[str, str] = field(default_factory=dict)
     lost: dict[str, LostVm] = field(default_factory=dict)
-    highest_term: int = 0
     # VMs started but not yet in their new host's inventory: (vm, host) -> spec.
     reserved: dict[tuple[str, str], VmSpec] = field(default_factory=dict)
 
@@ -58,7 +61,6 @@ class SchedulerState:
                 self.reserved.pop((vm.spec.name, inv.host), None)
 
     def on_host_event(self, event: HostEvent) -> None:
-        self.highest_term = max(self.highest_term, event.term)
         if event.kind == "suspect" and self.phases.get(event.host) != "fenced":
             self.phases[event.host] = "suspect"
         elif event.kind == "alive" and self.phases.get(event.host) == "suspect":
@@ -68,10 +70,8 @@ class SchedulerState:
 
     def on_fence_result(self, result: FenceResult) -> bool:
         """True when this result releases the host's VMs for restart."""
-        if result.outcome != "confirmed_off" or result.term < self.highest_term:
-            self.highest_term = max(self.highest_term, result.term)
+        if result.outcome != "confirmed_off":
             return False
-        self.highest_term = result.term
         if self.phases.get(result.host) == "fenced" and any(
             lost.incident == result.incident for lost in self.lost.values()
         ):

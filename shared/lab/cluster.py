@@ -253,7 +253,7 @@ class Lab:
     async def stop(self) -> dict[str, int | None]:
         codes: dict[str, int | None] = {}
         await self.observer.stop()
-        for name, svc in self.services.items():
+        for svc in self.services.values():
             svc.signal(signal.SIGCONT)
         for name, svc in self.services.items():
             codes[name] = svc.terminate()
