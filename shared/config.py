@@ -89,7 +89,7 @@ class _Device(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 1
 
 
-class SimDevice(_Device, tag="sim"):
+class SimDevice(_Device, tag="sim", kw_only=True):
     """A simulated power switch: one state file per port in ``state_dir``.
 
     The lab's simulated hosts read the same files, so "off" really stops them.
@@ -100,7 +100,72 @@ class SimDevice(_Device, tag="sim"):
     stuck_on: bool = False
 
 
-Device = SimDevice
+class IpmiDevice(_Device, tag="ipmi", kw_only=True):
+    """A BMC over IPMI 2.0 LAN (RMCP+), through pyghmi."""
+
+    address: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 623
+    username: str
+    password_file: str = ""
+    password_env: str = ""
+    privilege: Literal["administrator", "operator"] = "administrator"
+    timeout_s: PositiveSeconds = 5.0
+
+
+class ApcSnmpDevice(_Device, tag="apc_snmp", kw_only=True):
+    """An APC switched PDU over SNMP (PowerNet-MIB), one outlet per level entry."""
+
+    address: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 161
+    snmp_version: Literal["1", "2c", "3"] = "1"
+    # v1/v2c: the community, referenced from a file or the environment.
+    community_file: str = ""
+    community_env: str = ""
+    # v3 (USM)
+    username: str = ""
+    auth_protocol: Literal["none", "md5", "sha", "sha224", "sha256", "sha384", "sha512"] = "none"
+    auth_password_file: str = ""
+    auth_password_env: str = ""
+    priv_protocol: Literal["none", "des", "aes", "aes192", "aes256"] = "none"
+    priv_password_file: str = ""
+    priv_password_env: str = ""
+    # Which MIB table controls the outlets; "auto" reads sysObjectID as fence_apc_snmp does.
+    model: Literal["auto", "masterswitch", "masterswitch_plus", "rpdu", "rpdu2"] = "auto"
+    timeout_s: PositiveSeconds = 2.0
+
+
+class RedfishDevice(_Device, tag="redfish", kw_only=True):
+    """A BMC's Redfish service over HTTPS: ComputerSystem.Reset, PowerState."""
+
+    address: str
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 443
+    scheme: Literal["https", "http"] = "https"
+    username: str
+    password_file: str = ""
+    password_env: str = ""
+    # Empty: the first member of /redfish/v1/Systems.
+    system_id: str = ""
+    verify_tls: bool = True
+    ca_file: str = ""
+    timeout_s: PositiveSeconds = 5.0
+
+
+class FenceAgentDevice(_Device, tag="agent", kw_only=True):
+    """Any ClusterLabs fence agent (fence_ipmilan, fence_apc_snmp, …) through its
+    stdin protocol. ``options`` are passed as key=value lines; secrets go in
+    ``password_file``/``password_env`` and reach the agent as ``password=``."""
+
+    agent: str
+    options: dict[str, str] = {}
+    password_file: str = ""
+    password_env: str = ""
+    # How the level entry's port reaches the agent (``plug=3``); empty: not sent.
+    port_option: str = "plug"
+    timeout_s: PositiveSeconds = 30.0
+
+
+Device = SimDevice | IpmiDevice | ApcSnmpDevice | RedfishDevice | FenceAgentDevice
+DRIVERS = ("sim", "ipmi", "apc_snmp", "redfish", "agent")
 
 
 class LevelDevice(_Section):
@@ -196,6 +261,8 @@ def parse_config(text: str, path: str = "<config>") -> ClusterConfig:
                 msgspec.convert(table, Device, strict=True)
             except msgspec.ValidationError as err:
                 issue = _msgspec_issue(err)
+                if issue.key == "driver":
+                    issue = ConfigIssue("driver", f"{issue.message}: use one of {', '.join(DRIVERS)}")
                 key = f"devices.{name}" + ("" if issue.key == "(top level)" else f".{issue.key}")
                 device_issues.append(ConfigIssue(key, issue.message))
     if device_issues:

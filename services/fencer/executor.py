@@ -1,9 +1,11 @@
 """Carries out a host's fencing topology on real devices.
 
 Per device: send the command, wait ``power_wait_s``, then read status on a
-backing-off schedule until it reads off or ``power_timeout_s`` passes; retry
-the command up to ``retries`` times. One operation at a time per physical
-device (a lock keyed by its address); different devices run in parallel.
+backing-off schedule until it reads the wanted state or ``power_timeout_s``
+passes; retry the command up to ``retries`` times (never after an
+authentication error). One operation at a time per physical device (a lock
+keyed by its address); different devices run in parallel. Levels are tried in
+order; a reboot is off for every device of the level, confirm, then on.
 """
 
 from __future__ import annotations
@@ -16,21 +18,25 @@ from dataclasses import dataclass
 
 from opentelemetry.trace import Status, StatusCode
 
-from hafence.config import ClusterConfig, HostConfig
+from hafence.config import ClusterConfig, ConfigError, Device, HostConfig, LevelDevice
 from hafence.contracts import DeviceEvidence
-from hafence.fencer.drivers import DeviceAuthError, DeviceUnreachable, PowerDriver, PowerRead, make_driver
+from hafence.fencer.drivers import DeviceAuthError, DeviceError, DeviceUnreachable, PowerDriver, make_driver
 from hafence.fencer.topology import StatusPollSchedule, Verdict, level_confirmed, verdict
 from hafence.telemetry import tracer
 
 
 def describe(err: BaseException) -> str:
-    """An error as an operator should read it; never includes credentials."""
+    """An error as an operator should read it; drivers keep credentials out of it."""
     if isinstance(err, TimeoutError):
         return "device did not answer in time"
     if isinstance(err, DeviceAuthError):
         return f"authentication failed: {err}"
     if isinstance(err, DeviceUnreachable):
         return f"unreachable: {err}"
+    if isinstance(err, DeviceError):
+        return str(err)
+    if isinstance(err, ConfigError):
+        return f"configuration: {'; '.join(f'{i.key}: {i.message}' for i in err.issues)}"
     return f"{type(err).__name__}: {err}"
 
 
@@ -40,116 +46,143 @@ class FenceReport:
     evidence: list[DeviceEvidence]
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One device entry of a level: the device, its settings, and the port on it."""
+
+    name: str
+    device: Device
+    port: str
+
+
 class Executor:
     def __init__(
         self,
         config: ClusterConfig,
-        driver_factory: Callable[..., PowerDriver] = make_driver,
+        driver_factory: Callable[[str, Device, str], PowerDriver] = make_driver,
     ) -> None:
         self.config = config
         self.driver_factory = driver_factory
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._drivers: dict[tuple[str, str], PowerDriver] = {}
 
-    def drivers_for(self, host: HostConfig) -> list[list[tuple[PowerDriver, float, float, int]]]:
-        levels = []
-        for level in host.levels:
-            drivers = []
-            for ref in level.devices:
-                device = self.config.devices[ref.device]
-                driver = self.driver_factory(ref.device, device, ref.port or host.name)
-                drivers.append((driver, device.power_wait_s, device.power_timeout_s, device.retries))
-            levels.append(drivers)
-        return levels
+    def targets(self, host: HostConfig) -> list[list[Target]]:
+        def target(ref: LevelDevice) -> Target:
+            return Target(ref.device, self.config.devices[ref.device], ref.port or host.name)
+
+        return [[target(ref) for ref in level.devices] for level in host.levels]
+
+    def driver(self, target: Target) -> PowerDriver:
+        key = (target.name, target.port)
+        if key not in self._drivers:
+            self._drivers[key] = self.driver_factory(target.name, target.device, target.port)
+        return self._drivers[key]
+
+    async def close(self) -> None:
+        for driver in self._drivers.values():
+            await driver.close()
+        self._drivers.clear()
 
     async def fence(self, host: HostConfig, action: str) -> FenceReport:
+        """Run the topology: ``off`` or ``reboot`` (off, confirm, on)."""
         tried: list[list[DeviceEvidence]] = []
-        levels = self.drivers_for(host)
-        for number, drivers in enumerate(levels, start=1):
+        levels = self.targets(host)
+        for number, targets in enumerate(levels, start=1):
             with tracer().start_as_current_span(
                 f"fence level {number}",
                 attributes={"hafence.host": host.name, "hafence.level": number,
-                            "hafence.devices": [d.name for d, *_ in drivers]},
+                            "hafence.devices": [t.name for t in targets]},
             ) as span:
-                evidence = await self._run_level(number, drivers, "off")
+                evidence = await self.run_level(number, targets, "off")
+                tried.append(evidence)
                 ok = level_confirmed(evidence)
                 span.set_attribute("hafence.confirmed_off", ok)
-                if ok and action == "reboot":
-                    evidence += await self._run_level(number, drivers, "on")
                 if not ok:
                     span.set_status(Status(StatusCode.ERROR, "level not confirmed off"))
-            tried.append([e for e in evidence if e.action_sent == "off"])
-            if ok:
-                return FenceReport(verdict(tried, len(levels)), [e for lvl in tried for e in lvl] + [
-                    e for e in evidence if e.action_sent == "on"
-                ])
-        return FenceReport(verdict(tried, len(levels)), [e for lvl in tried for e in lvl])
+                    continue
+                powered_on = await self.run_level(number, targets, "on") if action == "reboot" else []
+            flat = [e for level in tried for e in level] + powered_on
+            return FenceReport(verdict(tried, len(levels)), flat)
+        return FenceReport(verdict(tried, len(levels)), [e for level in tried for e in level])
 
-    async def _run_level(
-        self, number: int, drivers: list[tuple[PowerDriver, float, float, int]], action: str
-    ) -> list[DeviceEvidence]:
+    async def run_level(self, number: int, targets: list[Target], action: str) -> list[DeviceEvidence]:
         async with asyncio.TaskGroup() as tg:
-            tasks = [
-                tg.create_task(self.operate(d, number, action, wait, timeout, retries))
-                for d, wait, timeout, retries in drivers
-            ]
+            tasks = [tg.create_task(self.operate(t, number, action)) for t in targets]
         return [t.result() for t in tasks]
 
-    async def operate(
-        self, driver: PowerDriver, level: int, action: str, power_wait: float, power_timeout: float, retries: int
-    ) -> DeviceEvidence:
+    async def check(self, target: Target, level: int) -> DeviceEvidence:
+        """Log in and read status; power nothing (oVirt's "Test" button)."""
+        started = time.monotonic()
+        with tracer().start_as_current_span(f"check {target.name}", attributes={"hafence.device": target.name}):
+            try:
+                driver = self.driver(target)
+                async with self._locks[driver.lock_key]:
+                    state = await asyncio.wait_for(driver.status(), timeout=target.device.power_timeout_s)
+                error = ""
+            except Exception as err:
+                state, error = "unknown", describe(err)
+                self._drivers.pop((target.name, target.port), None)
+        return DeviceEvidence(
+            device=target.name, driver=_driver_name(target.device), level=level, action_sent="status",
+            power_read=state, confirmed=not error and state != "unknown", status_reads=0 if error else 1,
+            elapsed_s=round(time.monotonic() - started, 4), error=error,
+        )
+
+    async def operate(self, target: Target, level: int, action: str) -> DeviceEvidence:
         """Switch one device and read back until it reports the wanted state."""
-        want = action
+        settings = target.device
         started = time.monotonic()
         reads, last, error = 0, "unknown", ""
         with tracer().start_as_current_span(
-            f"power {action} {driver.name}",
-            attributes={"hafence.device": driver.name, "hafence.driver": driver.driver,
-                        "hafence.level": level, "hafence.action": action},
+            f"power {action} {target.name}",
+            attributes={"hafence.device": target.name, "hafence.driver": _driver_name(settings),
+                        "hafence.port": target.port, "hafence.level": level, "hafence.action": action},
         ) as span:
-            async with self._locks[driver.lock_key]:
-                for attempt in range(1 + retries):
-                    attempt_started = time.monotonic()
-                    try:
+            try:
+                driver = self.driver(target)
+            except Exception as err:
+                error = describe(err)
+                driver = None
+            if driver is not None:
+                async with self._locks[driver.lock_key]:
+                    for attempt in range(1 + settings.retries):
+                        attempt_started = time.monotonic()
                         command = driver.power_off if action == "off" else driver.power_on
-                        await asyncio.wait_for(command(), timeout=power_timeout)
-                    except Exception as err:
-                        error = describe(err)
-                        span.add_event("command failed", {"attempt": attempt + 1, "error": error})
-                        if isinstance(err, DeviceAuthError):
-                            break  # a wrong password does not get right by retrying
-                        continue
-                    await asyncio.sleep(power_wait)
-                    deadline = attempt_started + power_timeout
-                    schedule = StatusPollSchedule()
-                    while True:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            break
                         try:
-                            last = await asyncio.wait_for(driver.status(), timeout=remaining)
-                            reads += 1
+                            await asyncio.wait_for(command(), timeout=settings.power_timeout_s)
                         except Exception as err:
-                            last, error = "unknown", describe(err)
-                        if last == want:
-                            evidence = DeviceEvidence(
-                                device=driver.name, driver=driver.driver, level=level, action_sent=action,
-                                power_read=_read(last), confirmed=True, status_reads=reads,
-                                elapsed_s=round(time.monotonic() - started, 4),
-                            )
-                            span.set_attribute("hafence.power_read", last)
-                            return evidence
-                        await asyncio.sleep(min(next(schedule), max(0.0, deadline - time.monotonic())))
-                    error = error or f"power still {last} after {power_timeout:g}s"
-                    if last != "unknown":
-                        error = f"power still {last} after {power_timeout:g}s"
+                            error = describe(err)
+                            span.add_event("command failed", {"attempt": attempt + 1, "error": error})
+                            if isinstance(err, DeviceAuthError):
+                                break  # a wrong password does not get right by retrying
+                            continue
+                        await asyncio.sleep(settings.power_wait_s)
+                        deadline = attempt_started + settings.power_timeout_s
+                        schedule = StatusPollSchedule()
+                        while (remaining := deadline - time.monotonic()) > 0:
+                            try:
+                                last = await asyncio.wait_for(driver.status(), timeout=remaining)
+                                reads += 1
+                            except Exception as err:
+                                last, error = "unknown", describe(err)
+                            if last == action:
+                                span.set_attribute("hafence.power_read", last)
+                                return DeviceEvidence(
+                                    device=target.name, driver=_driver_name(settings), level=level,
+                                    action_sent=action, power_read=last, confirmed=True,  # type: ignore[arg-type]
+                                    status_reads=reads, elapsed_s=round(time.monotonic() - started, 4),
+                                )
+                            await asyncio.sleep(min(next(schedule), max(0.0, deadline - time.monotonic())))
+                        if last != "unknown":
+                            error = f"power still {last} after {settings.power_timeout_s:g}s"
             span.set_attribute("hafence.power_read", last)
             span.set_status(Status(StatusCode.ERROR, error))
             return DeviceEvidence(
-                device=driver.name, driver=driver.driver, level=level, action_sent=action,
-                power_read=_read(last), confirmed=False, status_reads=reads,
-                elapsed_s=round(time.monotonic() - started, 4), error=error,
+                device=target.name, driver=_driver_name(settings), level=level, action_sent=action,
+                power_read=last, confirmed=False, status_reads=reads,  # type: ignore[arg-type]
+                elapsed_s=round(time.monotonic() - started, 4), error=error or "no answer",
             )
 
 
-def _read(value: str) -> PowerRead:
-    return value if value in ("on", "off") else "unknown"  # type: ignore[return-value]
+def _driver_name(device: Device) -> str:
+    return type(device).__struct_config__.tag  # type: ignore[attr-defined, no-any-return]

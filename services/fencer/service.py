@@ -107,4 +107,5 @@ async def run(rt: Runtime) -> None:
             bus.streams.fence_requests, "fencer", Decoders.fence_request, on_request, concurrency=16
         )
     finally:
+        await asyncio.shield(executor.close())
         await asyncio.shield(journal.close())

@@ -1,0 +1,34 @@
+"""The ``sim`` driver: a simulated power switch shared through files with the lab's hosts."""
+
+from __future__ import annotations
+
+import asyncio
+
+from hafence.config import SimDevice
+from hafence.fencer.drivers.base import PowerRead
+from hafence.lab.power import SimPowerSwitch
+
+
+class SimDriver:
+    driver = "sim"
+
+    def __init__(self, name: str, config: SimDevice, port: str) -> None:
+        self.name = name
+        self.config = config
+        self.port = port
+        self.switch = SimPowerSwitch(config.state_dir)
+        self.lock_key = f"sim:{config.state_dir}:{port}"
+
+    async def power_off(self) -> None:
+        if self.config.stuck_on:
+            return  # a relay welded shut: the command is accepted, nothing happens
+        await asyncio.to_thread(self.switch.switch, self.port, "off", self.config.off_delay_s)
+
+    async def power_on(self) -> None:
+        await asyncio.to_thread(self.switch.switch, self.port, "on", 0.0)
+
+    async def status(self) -> PowerRead:
+        return await asyncio.to_thread(self.switch.read, self.port)
+
+    async def close(self) -> None:
+        pass
