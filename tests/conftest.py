@@ -23,6 +23,8 @@ from hafence.config import ClusterConfig, parse_config
 from hafence.lab.natsserver import NatsServer
 from hafence.service import Body, run_service
 
+pytest_plugins = ["tests.peers"]
+
 
 def docker_engine_reachable() -> bool:
     sock = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")

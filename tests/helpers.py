@@ -15,7 +15,9 @@ async def read_stream(nc: NatsClient, stream: str, subject: str, decoder: msgspe
     """Every message of a subject (wildcards allowed) in a stream, decoded, oldest first."""
     js = nc.jetstream()
     info = await js.stream_info(stream)
-    out = []
+    out: list = []  # type: ignore[type-arg]
+    if info.state.messages == 0:
+        return out
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         try:
             msg = await js.get_msg(stream, seq)

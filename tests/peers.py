@@ -48,10 +48,12 @@ class Lab:
     cert: Path
 
 
-@pytest.fixture
-def devices(tmp_path: Path) -> Iterator[Lab]:
+@pytest.fixture(scope="module")
+def devices(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """A BMC per host (IPMI and Redfish) and one PDU with an outlet per host.
-    Host "stuck" has devices that accept 'off' and stay on."""
+    Host "stuck" has devices that accept 'off' and stay on. One set per test
+    module: tests must not assume a power state they did not set."""
+    tmp_path = tmp_path_factory.mktemp("devices")
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     files = {}

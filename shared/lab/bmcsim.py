@@ -27,7 +27,6 @@ import pyghmi.ipmi.private.session as ipmisession
 
 from hafence.lab.power import SimPowerSwitch
 
-
 _RMCP_NO_CIPHER_SUITE_MATCH = 0x11
 _accept_open_session = serversession.ServerSession.create_open_session_response
 

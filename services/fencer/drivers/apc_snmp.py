@@ -32,6 +32,7 @@ from hafence.config import ApcSnmpDevice, read_secret
 from hafence.fencer.drivers.base import DeviceAuthError, DeviceError, DeviceUnreachable, PowerRead
 
 SYS_OBJECT_ID = "1.3.6.1.2.1.1.2.0"
+_AUTH_HINTS = ("auth", "unknown user", "digest", "decrypt", "unknown security", "unknown engine")
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +126,7 @@ class ApcSnmpDriver:
                 raise DeviceUnreachable(
                     f"{self.name}: no SNMP answer from {self.config.address}:{self.config.port} ({what})"
                 )
-            if any(w in lowered for w in ("auth", "unknown user", "digest", "decrypt", "unknown security", "unknown engine")):
+            if any(w in lowered for w in _AUTH_HINTS):
                 raise DeviceAuthError(f"{self.name}: PDU refused our SNMP credentials: {text}")
             raise DeviceError(f"{self.name}: {what}: {text}")
         if error_status and int(error_status) != 0:  # type: ignore[call-overload]
