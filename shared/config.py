@@ -75,6 +75,11 @@ class ArbiterSection(_Section):
     action: Literal["off", "reboot"] = "off"
 
 
+class FencerSection(_Section):
+    # How often every device is logged in to and read (oVirt's "Test"), in seconds.
+    health_interval_s: Annotated[float, msgspec.Meta(ge=5)] = 60.0
+
+
 class SchedulerSection(_Section):
     strategy: Literal["spread", "best_fit"] = "spread"
     memory_overcommit: Annotated[float, msgspec.Meta(ge=0.1, le=4)] = 1.0
@@ -204,6 +209,7 @@ class ClusterConfig(_Section):
     telemetry: TelemetrySection = TelemetrySection()
     store: StoreSection = StoreSection()
     arbiter: ArbiterSection = ArbiterSection()
+    fencer: FencerSection = FencerSection()
     scheduler: SchedulerSection = SchedulerSection()
     devices: dict[Name, Device] = {}
     hosts: list[HostConfig] = []

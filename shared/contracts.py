@@ -67,6 +67,8 @@ HostEventKind = Literal[
     "fenced",
     "fence_failed",
     "confirmed_fenced",
+    "protected",
+    "not_protected",
 ]
 
 

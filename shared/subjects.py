@@ -35,6 +35,8 @@ HOST_EVENT_KINDS = (
     "fenced",
     "fence_failed",
     "confirmed_fenced",
+    "protected",
+    "not_protected",
 )
 VM_EVENT_KINDS = ("placed", "started", "failed", "pending")
 

@@ -51,15 +51,19 @@ async def test_a_hung_host_is_fenced_then_its_ha_vms_restart_elsewhere_in_one_tr
         for r, m in decoded:
             if isinstance(m, FenceResult | VmEvent) or r.subject.endswith(".cmd"):
                 assert trace_id_of(r.headers) == trace_id, r.subject
-        spans = [s for s in lab.spans() if s["trace_id"] == trace_id]
-        services = {s["service"] for s in spans}
-        assert services == {
-            "hafence-heartbeat", "hafence-arbiter", "hafence-fencer", "hafence-scheduler", "hafence-agent",
-        }
+        five = {"hafence-heartbeat", "hafence-arbiter", "hafence-fencer", "hafence-scheduler", "hafence-agent"}
+
+        def trace_spans() -> list[dict]:  # type: ignore[type-arg]
+            return [s for s in lab.spans() if s["trace_id"] == trace_id]
+
+        # A span is written when it ends, just after the event it wraps: wait for the files.
+        await lab.observer.wait_for(lambda: {s["service"] for s in trace_spans()} >= five, 10)
+        spans = trace_spans()
+        assert {s["service"] for s in spans} == five
         roots = [s for s in spans if s["parent_id"] is None]
         assert [s["name"] for s in roots] == [f"host suspect {victim}"]
-        assert any(s["name"] == "power off lab-power" and s["attributes"]["hafence.power_read"] == "off"
-                   for s in spans)
+        assert any(s["name"] == f"power off bmc-{victim}" and s["attributes"]["hafence.power_read"] == "off"
+                   and s["attributes"]["hafence.driver"] == "ipmi" for s in spans)
     finally:
         codes = await lab.stop()
     # Every service stopped cleanly on SIGTERM (the hung agent too, once resumed).

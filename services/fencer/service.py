@@ -15,11 +15,13 @@ import time
 
 from nats.aio.msg import Msg
 from opentelemetry import trace
+from opentelemetry.context import Context
 
 from hafence.bus import Reject
-from hafence.contracts import Decoders, FenceRequest, FenceResult
+from hafence.contracts import Decoders, FenceRequest, FenceResult, HostEvent
 from hafence.fencer.executor import Executor
 from hafence.fencer.journal import FenceJournal
+from hafence.fencer.protection import protection
 from hafence.logs import fields
 from hafence.service import Runtime
 from hafence.telemetry import tracer
@@ -102,10 +104,36 @@ async def run(rt: Runtime) -> None:
         span.set_attribute("hafence.outcome", result.outcome)
         await publish(result)
 
+    async def health() -> None:
+        """Check every host's devices; announce changes of protection."""
+        known: dict[str, bool] = {}
+        while True:
+            for host in config.hosts:
+                with tracer().start_as_current_span(f"check protection {host.name}", context=Context()):
+                    levels = executor.targets(host)
+                    checks = []
+                    for number, targets in enumerate(levels, start=1):
+                        checks += await asyncio.gather(*(executor.check(t, number) for t in targets))
+                    verdict = protection(host.name, checks, len(levels))
+                if known.get(host.name) != verdict.protected:
+                    known[host.name] = verdict.protected
+                    kind = "protected" if verdict.protected else "not_protected"
+                    (log.info if verdict.protected else log.error)(
+                        "host protection", extra=fields(host=host.name, protected=verdict.protected,
+                                                        reason=verdict.reason)
+                    )
+                    await bus.publish(
+                        subjects.host_event(host.name, kind),
+                        HostEvent(host=host.name, kind=kind, at=time.time(), reason=verdict.reason),
+                    )
+            await asyncio.sleep(config.fencer.health_interval_s)
+
     try:
-        await bus.consume(
-            bus.streams.fence_requests, "fencer", Decoders.fence_request, on_request, concurrency=16
-        )
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(health())
+            tg.create_task(bus.consume(
+                bus.streams.fence_requests, "fencer", Decoders.fence_request, on_request, concurrency=16
+            ))
     finally:
         await asyncio.shield(executor.close())
         await asyncio.shield(journal.close())

@@ -23,9 +23,16 @@ from nats.aio.msg import Msg
 from hafence.config import ClusterConfig, parse_config
 from hafence.contracts import Decoders
 from hafence.lab.natsserver import NatsServer
+from hafence.lab.peers import Peer, bmc_sim, free_udp_port, pdu_sim
 from hafence.lab.procs import Service
 
 SERVICES = ("heartbeat", "arbiter", "fencer", "scheduler")
+
+
+def secrets_token() -> str:
+    import secrets
+
+    return secrets.token_urlsafe(12)
 
 
 @dataclass(frozen=True)
@@ -40,12 +47,24 @@ class LabSpec:
     off_delay_s: float = 0.3
     lease_ttl_s: float = 3.0
     extra_vms: dict[str, int] = field(default_factory=dict)  # host -> more HA VMs (bench)
+    # "ipmi": every host has a simulated BMC (IPMI over UDP); "sim": the file-based switch.
+    power: str = "ipmi"
+    # Hosts with a second fence level: an outlet of a simulated APC PDU (SNMP).
+    pdu_hosts: tuple[str, ...] = ("lab-2",)
+    # Hosts whose BMC accepts "off" but leaves the host on (level 1 fails, level 2 must act).
+    stuck_bmcs: tuple[str, ...] = ()
 
     def host_names(self) -> list[str]:
         return [f"lab-{i}" for i in range(1, self.hosts + 1)]
 
 
-def render_config(spec: LabSpec, nats_url: str, lab_dir: Path) -> str:
+@dataclass(frozen=True)
+class LabPorts:
+    bmcs: dict[str, int]
+    pdu: int
+
+
+def render_config(spec: LabSpec, nats_url: str, lab_dir: Path, ports: LabPorts | None = None) -> str:
     lines = [
         "[cluster]",
         'name = "lab"',
@@ -69,13 +88,43 @@ def render_config(spec: LabSpec, nats_url: str, lab_dir: Path) -> str:
         "power_timeout_s = 5.0",
         "",
     ]
-    for host in spec.host_names():
+    if spec.power == "ipmi":
+        assert ports is not None
+        for host, port in ports.bmcs.items():
+            lines += [
+                f"[devices.bmc-{host}]",
+                'driver = "ipmi"',
+                'address = "127.0.0.1"',
+                f"port = {port}",
+                'username = "admin"',
+                f'password_file = "{lab_dir / "secrets" / "bmc-password"}"',
+                "timeout_s = 2.0",
+                "power_timeout_s = 5.0",
+                "",
+            ]
+        lines += [
+            "[devices.pdu-1]",
+            'driver = "apc_snmp"',
+            'address = "127.0.0.1"',
+            f"port = {ports.pdu}",
+            'snmp_version = "2c"',
+            f'community_file = "{lab_dir / "secrets" / "pdu-community"}"',
+            "power_timeout_s = 5.0",
+            "",
+        ]
+    for n, host in enumerate(spec.host_names(), start=1):
+        if spec.power == "ipmi":
+            levels = f'{{ devices = [{{ device = "bmc-{host}" }}] }}'
+            if host in spec.pdu_hosts:
+                levels += f', {{ devices = [{{ device = "pdu-1", port = "{n}" }}] }}'
+        else:
+            levels = f'{{ devices = [{{ device = "lab-power", port = "{host}" }}] }}'
         lines += [
             "[[hosts]]",
             f'name = "{host}"',
             f"memory_mb = {spec.host_memory_mb}",
             "vcpus = 64",
-            f'levels = [{{ devices = [{{ device = "lab-power", port = "{host}" }}] }}]',
+            f"levels = [{levels}]",
             "",
         ]
     n = 0
@@ -161,6 +210,7 @@ class Lab:
         self.services: dict[str, Service] = {}
         self.observer = Observer()
         self.config: ClusterConfig | None = None
+        self.peers: list[Peer] = []
 
     @property
     def log_dir(self) -> Path:
@@ -176,7 +226,8 @@ class Lab:
     async def start(self, services: tuple[str, ...] = SERVICES) -> Lab:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.nats.start()
-        text = render_config(self.spec, self.nats.url, self.dir)
+        ports = self.start_power_devices() if self.spec.power == "ipmi" else None
+        text = render_config(self.spec, self.nats.url, self.dir, ports)
         self.config_path.write_text(text)
         self.config = parse_config(text, str(self.config_path))
         await self.observer.start(self.nats.url)
@@ -185,6 +236,25 @@ class Lab:
         for host in self.spec.host_names():
             self.start_agent(host)
         return self
+
+    def start_power_devices(self) -> LabPorts:
+        """A simulated BMC per host (IPMI) and one APC PDU (SNMP), secrets in files."""
+        secrets = self.dir / "secrets"
+        secrets.mkdir(parents=True, exist_ok=True)
+        password, community = secrets / "bmc-password", secrets / "pdu-community"
+        password.write_text(secrets_token() + "\n")
+        community.write_text(secrets_token() + "\n")
+        for f in (password, community):
+            f.chmod(0o600)
+        hosts = self.spec.host_names()
+        ports = LabPorts({h: free_udp_port() for h in hosts}, free_udp_port())
+        power = self.dir / "power"
+        self.peers.append(bmc_sim(self.log_dir, power, password, ports.bmcs, off_delay=self.spec.off_delay_s,
+                                  stuck_on=self.spec.stuck_bmcs).start())
+        outlets = {n: h for n, h in enumerate(hosts, start=1)}
+        self.peers.append(pdu_sim(self.log_dir, power, community, ports.pdu, outlets,
+                                  off_delay=self.spec.off_delay_s).start())
+        return ports
 
     def start_service(self, name: str, instance: str = "") -> Service:
         key = instance or name
@@ -257,6 +327,8 @@ class Lab:
             svc.signal(signal.SIGCONT)
         for name, svc in self.services.items():
             codes[name] = svc.terminate()
+        for peer in self.peers:
+            peer.stop()
         self.nats.stop()
         if self._tmp and not self.keep:
             self._tmp.cleanup()

@@ -29,30 +29,30 @@ def failover_done(lab: Lab, victim: str, expected: set[str]) -> bool:
 
 
 def timeline(records: list[Record], victim: str, t0: float) -> list[str]:
-    lines = []
-    last_hb = max((r.at for r in records if r.subject.endswith(f".hb.{victim}") and r.at <= t0 + 1e9), default=None)
+    lines: list[tuple[float, str]] = []
+    last_hb = max((r.at for r in records if r.subject.endswith(f".hb.{victim}")), default=None)
     if last_hb is not None:
-        lines.append(f"  {_fmt(last_hb, t0)}  last heartbeat from {victim}")
+        lines.append((last_hb, f"  {_fmt(last_hb, t0)}  last heartbeat from {victim}"))
     for r in records:
         msg = r.decode()
         if isinstance(msg, HostEvent) and msg.host == victim and msg.kind != "alive":
-            lines.append(f"  {_fmt(r.at, t0)}  host {msg.kind:<16} {msg.reason}")
+            lines.append((r.at, f"  {_fmt(r.at, t0)}  host {msg.kind:<16} {msg.reason}"))
         elif isinstance(msg, FenceResult) and msg.host == victim:
-            lines.append(f"  {_fmt(r.at, t0)}  fence result     {msg.outcome}: {msg.reason}")
+            lines.append((r.at, f"  {_fmt(r.at, t0)}  fence result     {msg.outcome}: {msg.reason}"))
             for e in msg.evidence:
-                lines.append(
-                    f"  {'':9}    device {e.device} ({e.driver}): sent {e.action_sent}, read back "
+                lines.append((r.at, (
+                    f"  {'':9}    level {e.level} device {e.device} ({e.driver}): sent {e.action_sent}, read back "
                     f"{e.power_read} after {e.status_reads} status reads, {e.elapsed_s:.3f}s"
                     + (f" — {e.error}" if e.error else "")
-                )
+                )))
         elif isinstance(msg, VmEvent) and msg.from_host == victim and msg.kind in ("started", "failed", "pending"):
             where = f"on {msg.target}" if msg.target else ""
-            lines.append(f"  {_fmt(r.at, t0)}  vm {msg.vm} {msg.kind} {where} {msg.reason}".rstrip())
-    return lines
+            lines.append((r.at, f"  {_fmt(r.at, t0)}  vm {msg.vm} {msg.kind} {where} {msg.reason}".rstrip()))
+    return [line for _, line in sorted(lines, key=lambda tl: tl[0])]
 
 
-async def run_demo(victim: str, timeout: float, keep: bool) -> int:
-    spec = LabSpec()
+async def run_demo(victim: str, timeout: float, keep: bool, stuck_bmc: bool = False) -> int:
+    spec = LabSpec(stuck_bmcs=(victim,) if stuck_bmc else (), pdu_hosts=("lab-2", victim))
     lab = Lab(spec, keep=keep)
     try:
         await lab.start()
@@ -119,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="lab-2", help="the host to hang")
     parser.add_argument("--timeout", type=float, default=30.0)
     parser.add_argument("--keep", action="store_true", help="keep the lab directory (logs, spans)")
+    parser.add_argument("--stuck-bmc", action="store_true",
+                        help="the host's BMC accepts 'off' but the host stays on: level 2 (the PDU) must fence it")
     args = parser.parse_args(argv)
     try:
-        return asyncio.run(run_demo(args.host, args.timeout, args.keep))
+        return asyncio.run(run_demo(args.host, args.timeout, args.keep, args.stuck_bmc))
     except KeyboardInterrupt:
         return 130
 
