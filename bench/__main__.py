@@ -9,11 +9,13 @@ import argparse
 import asyncio
 import sys
 
+from bench.fence_latency import fence_latency
 from bench.pipeline import pipeline_overhead
 from bench.report import Table
 
 BENCHES = {
     "pipeline": pipeline_overhead,
+    "fence": fence_latency,
 }
 
 

@@ -157,3 +157,33 @@ async def _dlq_count(nc: NatsClient, n: int) -> bool:
     except Exception:
         return False
     return info.state.messages >= n
+
+
+async def test_a_fencer_killed_mid_request_fences_again_after_redelivery(
+    nc: NatsClient, make_config, tmp_path: Path
+) -> None:
+    """The first fencer dies (no ack) while the device is still switching; the
+    request comes back and the next fencer reads the power state again instead
+    of assuming anything, then reports what it read."""
+    slow = '[devices.slow]\ndriver = "sim"\nstate_dir = "{d}"\noff_delay_s = 30.0\npower_timeout_s = 60.0\n'.format(
+        d=tmp_path / "power"
+    )
+    host = '[[hosts]]\nname = "slowhost"\nmemory_mb = 1\nlevels = [{ devices = [{ device = "slow" }] }]\n'
+    config = make_config(extra=slow + host)
+    power = SimPowerSwitch(tmp_path / "power")
+    async with running("fencer", config, fencer):
+        await eventually(lambda: _stream_exists(nc))
+        await publish_request(nc, fence_request("slowhost", "r-crash"))
+        await eventually(lambda: power.read("slowhost", now=1e12) == "off")  # the command went out
+    assert await results(nc) == []  # it died before it could report
+    power.switch("slowhost", "off")  # meanwhile the device finished switching
+    async with running("fencer", config, fencer):
+        await eventually(lambda: _count(nc, 1), timeout=20)
+    [result] = await results(nc)
+    assert result.outcome == "confirmed_off" and result.evidence[0].status_reads >= 1
+    from hafence.fencer.journal import FenceJournal
+
+    journal = await FenceJournal.open(str(tmp_path / "state" / "fencer.db"))
+    async with journal.db.execute("SELECT attempts FROM requests WHERE request_id = 'r-crash'") as cur:
+        assert (await cur.fetchone())[0] == 2
+    await journal.close()
