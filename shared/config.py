@@ -71,8 +71,30 @@ class StoreSection(_Section):
 
 
 class ArbiterSection(_Section):
+    # At most this many fences in flight; the rest wait for a slot.
     max_concurrent_fences: Annotated[int, msgspec.Meta(ge=1)] = 4
+    # "off" leaves the host off for an operator to inspect; "reboot" powers it on again after confirming off.
     action: Literal["off", "reboot"] = "off"
+    # More than this share of (non-maintenance) hosts lost at once is a storm: fence nobody.
+    storm_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    # Two-host clusters: wait this long before fencing the peer, so two halves of a split
+    # cannot shoot each other at the same moment (Pacemaker's pcmk_delay).
+    two_host_delay_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    # A suspect host still renewing its storage lease is isolated, not dead.
+    isolated_host_action: Literal["skip", "fence"] = "skip"
+    # Whole-topology attempts after a failed fence (each after a growing back-off), then escalate.
+    fence_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    fence_retry_backoff_s: Annotated[float, msgspec.Meta(ge=0)] = 15.0
+    # How often an unresolved alert (fence failed, storm) is published again.
+    alert_repeat_s: Annotated[float, msgspec.Meta(ge=1)] = 300.0
+
+
+class StorageSection(_Section):
+    # Directory on the shared storage where each agent renews <host>.lease; empty: no storage heartbeat.
+    lease_dir: str = ""
+    renew_interval_s: PositiveSeconds = 2.0
+    # A lease renewed within this window is live.
+    live_window_s: PositiveSeconds = 10.0
 
 
 class FencerSection(_Section):
@@ -210,6 +232,7 @@ class ClusterConfig(_Section):
     store: StoreSection = StoreSection()
     arbiter: ArbiterSection = ArbiterSection()
     fencer: FencerSection = FencerSection()
+    storage: StorageSection = StorageSection()
     scheduler: SchedulerSection = SchedulerSection()
     devices: dict[Name, Device] = {}
     hosts: list[HostConfig] = []

@@ -69,6 +69,8 @@ HostEventKind = Literal[
     "confirmed_fenced",
     "protected",
     "not_protected",
+    "maintenance_on",
+    "maintenance_off",
 ]
 
 
@@ -80,6 +82,13 @@ class HostEvent(Message, tag="host_event", kw_only=True):
     reason: str = ""
     term: int = 0
     last_seen: float | None = None
+    # fence_requested: which request; fence_skipped: which rule, and whether a person must look.
+    request_id: str = ""
+    attempt: int = 0
+    rule: str = ""
+    alert: bool = False
+    # confirmed_fenced, maintenance_*: who said so (an operator's audit trail).
+    by: str = ""
 
 
 class FenceRequest(Message, tag="fence_request", kw_only=True):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -47,7 +48,13 @@ class LeaderLease:
         self._valid_until = 0.0
         self.acquired = asyncio.Event()
 
+    # Fault injection for the S3 test: a leader that never notices it lost its lease
+    # (a partitioned leader with a frozen clock). The fencer's term check must stop it.
+    stale_on_purpose = os.environ.get("HAFENCE_FAULT_STALE_LEASE") == "1"
+
     def held(self) -> bool:
+        if self.stale_on_purpose and self.term:
+            return True
         return self.term > 0 and self.clock() < self._valid_until
 
     def _value(self) -> bytes:
@@ -70,6 +77,8 @@ class LeaderLease:
 
     async def step(self) -> None:
         """One acquire-or-renew attempt."""
+        if self.stale_on_purpose and self.term:
+            return
         started = self.clock()
         if self.term and started >= self._valid_until:
             self._set(0, 0, started)

@@ -89,6 +89,27 @@ async def connect_until_up(config: ClusterConfig, name: str, stop: asyncio.Event
     return None
 
 
+async def supervise(name: str, body: Body, runtime: Runtime) -> None:
+    """Run the body; if it fails (NATS gone mid-publish, a bug), log it and start
+    it again after a back-off. Its state is rebuilt from JetStream and its own
+    database, which is what L2 promises; the process stays up for its supervisor
+    (compose, systemd) to see, and its TaskGroup leaves no task behind."""
+    delay = 0.5
+    while True:
+        started = asyncio.get_running_loop().time()
+        try:
+            await body(runtime)
+            return
+        except Exception as err:
+            errors = err.exceptions if isinstance(err, ExceptionGroup) else [err]
+            log.error("%s failed; restarting in %.1fs: %s", name, delay,
+                      "; ".join(f"{type(e).__name__}: {e}" for e in errors), exc_info=err)
+        if asyncio.get_running_loop().time() - started > 60:
+            delay = 0.5
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
+
 async def run_service(
     name: str,
     config: ClusterConfig,
@@ -113,7 +134,7 @@ async def run_service(
         log.info("started", extra={"fields": {"instance": instance}})
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(body(runtime))
+                tg.create_task(supervise(name, body, runtime))
                 await stop.wait()
                 raise _Stopped
         except* _Stopped:

@@ -37,6 +37,8 @@ HOST_EVENT_KINDS = (
     "confirmed_fenced",
     "protected",
     "not_protected",
+    "maintenance_on",
+    "maintenance_off",
 )
 VM_EVENT_KINDS = ("placed", "started", "failed", "pending")
 

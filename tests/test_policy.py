@@ -66,7 +66,7 @@ def test_concurrency_limit_holds_fences_back_until_a_slot_frees() -> None:
     assert [(type(d).__name__, d.host) for d in out] == [("RequestFence", "a"), ("SkipFence", "b")]
     p.fence_requested("a", "a-1", "fence-a-1", 11.0)
     assert p.decide(11.5) == []
-    p.fence_result("a", "fence-a-1", confirmed=True, reason="ok")
+    p.fence_result("a", "fence-a-1", "confirmed_off", "ok", now=11.8)
     [d] = p.decide(12.0)
     assert isinstance(d, RequestFence) and d.host == "b"
 
@@ -92,7 +92,7 @@ def test_replayed_events_of_a_finished_incident_decide_nothing() -> None:
     p = make()
     p.suspect("a", "a-1", now=1.0)
     p.fence_requested("a", "a-1", "fence-a-1", 1.0)
-    p.fence_result("a", "fence-a-1", confirmed=True, reason="ok")
+    p.fence_result("a", "fence-a-1", "confirmed_off", "ok", now=1.0)
     p.suspect("a", "a-1", now=1.0)  # the same event seen again
     assert p.decide(20.0) == []
 
@@ -123,7 +123,8 @@ def test_policy_never_breaks_its_rules(seq: list[tuple[str, str, float]], limit:
             case "result_ok" | "result_fail":
                 view = p.views[host]
                 if view.phase == "fencing":
-                    p.fence_result(host, view.request_id, kind == "result_ok", "")
+                    p.fence_result(host, view.request_id, "confirmed_off" if kind == "result_ok" else "failed", "",
+                                   now)
             case "maint_on" | "maint_off":
                 p.set_maintenance(host, kind == "maint_on")
         watched = [v for v in p.views.values() if not v.maintenance]
@@ -135,8 +136,11 @@ def test_policy_never_breaks_its_rules(seq: list[tuple[str, str, float]], limit:
         for d in fences:
             view = p.views[d.host]
             assert not view.maintenance
-            assert view.phase == "suspect" and now - view.since >= 0.5
-            p.fence_requested(d.host, d.incident, d.request_id, now)
+            if view.phase == "fence_failed":
+                assert now >= view.retry_at and d.attempt <= 3
+            else:
+                assert view.phase == "suspect" and now - view.since >= 0.5
+            p.fence_requested(d.host, d.incident, d.request_id, now, d.attempt)
         assert len(p.in_flight()) <= limit or not fences
 
 
@@ -147,3 +151,74 @@ def test_a_lone_dead_host_with_no_storm_is_always_fenced(host: str, when: float)
     p.suspect(host, f"{host}-1", when)
     decisions = p.decide(when + 0.51)
     assert [(type(d), d.host) for d in decisions] == [(RequestFence, host)]
+
+
+def test_an_isolated_host_with_a_live_storage_lease_is_not_fenced() -> None:
+    p = make()
+    p.suspect("a", "a-1", now=10.0)
+    [d] = p.decide(11.0, storage_live={"a": True})
+    assert isinstance(d, SkipFence) and d.rule == "isolated" and d.alert
+    assert "storage lease" in d.reason
+    # The lease stops being renewed: the host is dead after all.
+    [d] = p.decide(12.0, storage_live={"a": False})
+    assert isinstance(d, RequestFence)
+
+
+def test_isolated_hosts_can_be_fenced_when_configured() -> None:
+    p = make(isolated_action="fence")
+    p.suspect("a", "a-1", now=10.0)
+    assert [type(d) for d in p.decide(11.0, storage_live={"a": True})] == [RequestFence]
+
+
+def test_two_host_clusters_wait_before_fencing_the_peer() -> None:
+    p = Policy(["x", "y"], detection_window_s=3.0, started_at=0.0, settle_s=0.5, two_host_delay_s=10.0,
+               storm_share=1.0)
+    p.suspect("y", "y-1", now=10.0)
+    assert p.decide(15.0) == []
+    assert [type(d) for d in p.decide(20.1)] == [RequestFence]
+
+
+def test_a_failed_fence_is_retried_with_backoff_then_escalated_with_repeated_alerts() -> None:
+    p = make(fence_attempts=2, retry_backoff_s=10.0, alert_repeat_s=60.0)
+    p.suspect("a", "a-1", now=10.0)
+    [d1] = p.decide(11.0)
+    p.fence_requested("a", "a-1", d1.request_id, 11.0, d1.attempt)
+    p.fence_result("a", d1.request_id, "failed", "bmc: authentication failed", now=12.0)
+    assert p.decide(21.0) == []  # back-off: 10 s after the failure
+    [d2] = p.decide(22.1)
+    assert isinstance(d2, RequestFence) and d2.attempt == 2 and d2.request_id == "fence-a-1-a2"
+    assert "authentication failed" in d2.reason
+    p.fence_requested("a", "a-1", d2.request_id, 22.1, d2.attempt)
+    p.fence_result("a", d2.request_id, "failed", "bmc: authentication failed", now=23.0)
+    [alert] = p.decide(100.0)
+    assert isinstance(alert, SkipFence) and alert.rule == "escalated" and alert.alert
+    assert "hafence confirm-fenced a" in alert.reason
+    assert p.decide(130.0) == []
+    assert [d.rule for d in p.decide(161.0)] == ["escalated"]  # repeated
+    # A host that comes back does not clear an unresolved fence.
+    p.alive("a")
+    assert p.views["a"].phase == "fence_failed"
+    p.confirmed_by_operator("a")
+    assert p.decide(500.0) == [] and p.views["a"].phase == "fenced"
+
+
+def test_storm_alert_is_repeated_while_the_storm_lasts() -> None:
+    p = make(alert_repeat_s=30.0)
+    for h in ("a", "b", "c"):
+        p.suspect(h, f"{h}-1", now=10.0)
+    assert len(p.decide(11.0)) == 3
+    assert p.decide(20.0) == []
+    assert len(p.decide(41.5)) == 3
+
+
+def test_a_refused_request_opens_the_decision_again_for_the_current_leader() -> None:
+    p = make()
+    p.suspect("a", "a-1", now=10.0)
+    p.fence_requested("a", "a-1", "fence-a-1", 11.0)  # sent by a stale leader
+    p.fence_result("a", "fence-a-1", "refused", "stale leader term 3", now=11.5)
+    [d] = p.decide(12.0)
+    assert isinstance(d, RequestFence) and (d.request_id, d.attempt) == ("fence-a-1", 1)
+    # A refusal of an older request does not reopen a fence now in flight under another id.
+    p.fence_requested("a", "a-1", "fence-a-1-a2", 12.0, 2)
+    p.fence_result("a", "fence-a-1", "refused", "stale", now=12.5)
+    assert p.views["a"].phase == "fencing"

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 import uuid
+from pathlib import Path
 
 from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
@@ -83,6 +84,18 @@ class Agent:
                 self.seq += 1
             await asyncio.sleep(interval)
 
+    async def storage_lease(self) -> None:
+        """Renew <lease_dir>/<host>.lease on the shared storage while the host is up.
+        It goes on when the network is cut: that is how the arbiter tells an
+        isolated host from a dead one."""
+        settings = self.rt.config.storage
+        path = Path(settings.lease_dir) / f"{self.host}.lease"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            if self.powered and self.power_is_on():
+                await asyncio.to_thread(path.write_text, f"{self.boot_id} {time.time():.3f}\n")
+            await asyncio.sleep(settings.renew_interval_s)
+
     async def inventories(self) -> None:
         self.changed.set()
         while True:
@@ -138,6 +151,8 @@ class Agent:
             tg.create_task(self.heartbeats())
             tg.create_task(self.inventories())
             tg.create_task(self.serve())
+            if self.rt.config.storage.lease_dir:
+                tg.create_task(self.storage_lease())
 
 
 async def run(rt: Runtime) -> None:

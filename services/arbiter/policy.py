@@ -1,32 +1,45 @@
 """The arbiter's safety policy: when a suspect host may be fenced.
 
-Events in (suspect, alive, fence requested, fence result, maintenance), time as
-an argument, decisions out, each with its reason. No I/O, no clock.
+Events in (suspect, alive, fence requested, fence result, maintenance, operator
+confirmation), time and the storage leases as arguments, decisions out, each
+with its reason. No I/O, no clock.
 
 Rules, in the order they are checked for each suspect host:
 
 1. start-up grace: nothing is decided until one detection window has passed
    since the arbiter started (it must have seen a full window of events);
-2. settle: a suspect is decided only after it has been suspect for ``settle_s``,
-   so that hosts lost together are seen together;
+2. settle: a suspect is decided only after it has been suspect for ``settle_s``
+   (in a two-host cluster at least ``two_host_delay_s``), so that hosts lost
+   together are seen together and two halves of a split do not fence each
+   other at the same moment;
 3. maintenance: a host in maintenance is never fenced;
 4. storm guard: if more than ``storm_share`` of the (non-maintenance) hosts are
    suspect or being fenced at once, the network or the monitor is sick, not the
    hosts: nobody is fenced, an alert is raised, and fencing resumes when the
    share drops;
-5. concurrency: at most ``max_concurrent`` fences in flight; the rest wait.
+5. isolation: a host still renewing its storage lease is alive on the storage
+   it shares with its VMs; it is isolated from the network, not dead. With
+   ``isolated_action = "skip"`` (the default) it is not fenced, and an alert
+   is raised;
+6. concurrency: at most ``max_concurrent`` fences in flight; the rest wait.
 
 A host that comes back while its fence is in flight is still fenced: the fence
 has begun, and finishing it is the only state everyone can agree on.
+
+A failed fence is tried again (a new request id per attempt) after a growing
+back-off, ``fence_attempts`` times in all; then the host is escalated: its VMs
+stay down, and an alert is repeated every ``alert_repeat_s`` until a fence
+succeeds or an operator confirms by hand that the host is off.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 Phase = Literal["up", "suspect", "fencing", "fenced", "fence_failed"]
+Rule = Literal["maintenance", "storm", "isolated", "concurrency", "escalated"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,17 +48,25 @@ class RequestFence:
     incident: str
     request_id: str
     reason: str
+    attempt: int = 1
 
 
 @dataclass(frozen=True, slots=True)
 class SkipFence:
+    """The host is not fenced (now), for ``rule``; ``alert`` asks a person to look."""
+
     host: str
     incident: str
     reason: str
-    rule: Literal["maintenance", "storm", "concurrency"]
+    rule: Rule
+    alert: bool = False
 
 
 Decision = RequestFence | SkipFence
+
+
+def request_id(incident: str, attempt: int) -> str:
+    return f"fence-{incident}" if attempt == 1 else f"fence-{incident}-a{attempt}"
 
 
 @dataclass(slots=True)
@@ -54,9 +75,12 @@ class HostView:
     incident: str = ""
     since: float = 0.0
     request_id: str = ""
+    attempt: int = 0
+    retry_at: float = 0.0
     maintenance: bool = False
-    # The rule that last held this host back, so each skip is announced once.
+    # The rule that last held this host back, and when it was last announced.
     held_by: str = ""
+    announced_at: float = float("-inf")
     outcome_reason: str = ""
 
 
@@ -68,6 +92,11 @@ class Policy:
     settle_s: float = 0.0
     max_concurrent: int = 4
     storm_share: float = 0.5
+    two_host_delay_s: float = 0.0
+    isolated_action: Literal["skip", "fence"] = "skip"
+    fence_attempts: int = 3
+    retry_backoff_s: float = 15.0
+    alert_repeat_s: float = 300.0
     views: dict[str, HostView] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -77,32 +106,49 @@ class Policy:
 
     def suspect(self, host: str, incident: str, now: float) -> None:
         view = self.views[host]
-        if view.phase in ("fencing",) or (view.phase == "suspect" and view.incident == incident):
-            return
-        if view.phase in ("fenced", "fence_failed") and view.incident == incident:
-            return
-        view.phase, view.incident, view.since, view.held_by, view.request_id = "suspect", incident, now, "", ""
+        if view.incident == incident and view.phase != "up":
+            return  # the same incident seen again (a replay, another replica)
+        if view.phase in ("fencing", "fence_failed"):
+            return  # an unresolved fence is not superseded by a new suspicion
+        view.phase, view.incident, view.since = "suspect", incident, now
+        view.held_by, view.request_id, view.attempt = "", "", 0
 
     def alive(self, host: str) -> None:
         view = self.views[host]
-        if view.phase == "fencing":
-            return
+        if view.phase in ("fencing", "fence_failed"):
+            return  # a fence that has begun is finished: only that is safe
         view.phase, view.held_by = "up", ""
 
-    def fence_requested(self, host: str, incident: str, request_id: str, now: float) -> None:
+    def fence_requested(self, host: str, incident: str, request: str, now: float, attempt: int = 1) -> None:
         view = self.views[host]
-        if view.phase in ("fenced", "fence_failed") and view.request_id == request_id:
+        if view.request_id == request and view.phase in ("fencing", "fenced", "fence_failed"):
             return
         view.phase, view.incident, view.request_id, view.since, view.held_by = (
-            "fencing", incident, request_id, now, ""
+            "fencing", incident, request, now, "",
         )
+        view.attempt = max(view.attempt, attempt)
 
-    def fence_result(self, host: str, request_id: str, confirmed: bool, reason: str) -> None:
+    def fence_result(self, host: str, request: str, outcome: str, reason: str, now: float) -> None:
         view = self.views[host]
-        if view.request_id and view.request_id != request_id:
+        if outcome == "refused":
+            # A stale leader's request. If that was the only request for this fence,
+            # the decision is open again, for whoever leads now (with its own term).
+            if view.phase == "fencing" and view.request_id == request:
+                view.phase, view.held_by, view.attempt = "suspect", "", max(0, view.attempt - 1)
             return
-        view.phase = "fenced" if confirmed else "fence_failed"
-        view.request_id, view.outcome_reason = request_id, reason
+        if view.request_id and view.request_id != request:
+            return
+        view.request_id, view.outcome_reason = request, reason
+        if outcome == "confirmed_off":
+            view.phase = "fenced"
+        else:
+            view.phase = "fence_failed"
+            view.retry_at = now + self.retry_backoff_s * (2 ** max(0, view.attempt - 1))
+            view.held_by = ""
+
+    def confirmed_by_operator(self, host: str) -> None:
+        view = self.views[host]
+        view.phase, view.held_by = "fenced", ""
 
     def set_maintenance(self, host: str, on: bool) -> None:
         self.views[host].maintenance = on
@@ -112,40 +158,60 @@ class Policy:
     def in_flight(self) -> list[str]:
         return [h for h, v in self.views.items() if v.phase == "fencing"]
 
-    def decide(self, now: float) -> list[Decision]:
+    def decide(self, now: float, storage_live: Mapping[str, bool] | None = None) -> list[Decision]:
+        """``storage_live[host]`` is True when the host renewed its storage lease
+        within the live window (absent: unknown, treated as not live)."""
         if now < self.started_at + self.detection_window_s:
             return []
+        storage_live = storage_live or {}
         watched = [v for v in self.views.values() if not v.maintenance]
         lost = [v for v in watched if v.phase in ("suspect", "fencing")]
         share = len(lost) / len(watched) if watched else 0.0
         slots = self.max_concurrent - len(self.in_flight())
+        settle = max(self.settle_s, self.two_host_delay_s if len(self.views) == 2 else 0.0)
         out: list[Decision] = []
         ready = sorted(
-            ((h, v) for h, v in self.views.items() if v.phase == "suspect" and now - v.since >= self.settle_s),
+            ((h, v) for h, v in self.views.items()
+             if (v.phase == "suspect" and now - v.since >= settle) or v.phase == "fence_failed"),
             key=lambda hv: (hv[1].since, hv[0]),
         )
         for host, view in ready:
+            if view.phase == "fence_failed":
+                if view.attempt >= self.fence_attempts:
+                    self._hold(out, host, view, now, "escalated", alert=True, reason=(
+                        f"fencing failed {view.attempt} times ({view.outcome_reason}); its VMs stay down until "
+                        f"a fence succeeds or an operator runs: hafence confirm-fenced {host}"
+                    ))
+                    continue
+                if now < view.retry_at:
+                    continue
             if view.maintenance:
-                rule, reason = "maintenance", "host is in maintenance mode: never fenced"
+                self._hold(out, host, view, now, "maintenance", reason="host is in maintenance mode: never fenced")
             elif share > self.storm_share:
-                rule = "storm"
-                reason = (
+                self._hold(out, host, view, now, "storm", alert=True, reason=(
                     f"storm guard: {len(lost)} of {len(watched)} hosts lost at once "
                     f"({share:.0%} > {self.storm_share:.0%}); suspecting the network, not the hosts"
-                )
+                ))
+            elif storage_live.get(host) and self.isolated_action == "skip":
+                self._hold(out, host, view, now, "isolated", alert=True, reason=(
+                    "host still renews its storage lease: isolated from the network, not dead; not fencing"
+                ))
             elif slots <= 0:
-                rule = "concurrency"
-                reason = f"{self.max_concurrent} fences already in flight; waiting for a slot"
+                self._hold(out, host, view, now, "concurrency",
+                           reason=f"{self.max_concurrent} fences already in flight; waiting for a slot")
             else:
                 slots -= 1
-                out.append(
-                    RequestFence(
-                        host, view.incident, f"fence-{view.incident}",
-                        f"suspect for {now - view.since:.1f}s; {len(lost)} of {len(watched)} hosts lost",
-                    )
-                )
-                continue
-            if view.held_by != rule:
-                view.held_by = rule
-                out.append(SkipFence(host, view.incident, reason, rule))  # type: ignore[arg-type]
+                attempt = view.attempt + 1
+                why = (f"attempt {attempt} of {self.fence_attempts} after: {view.outcome_reason}"
+                       if view.phase == "fence_failed"
+                       else f"suspect for {now - view.since:.1f}s; {len(lost)} of {len(watched)} hosts lost")
+                out.append(RequestFence(host, view.incident, request_id(view.incident, attempt), why, attempt))
         return out
+
+    def _hold(self, out: list[Decision], host: str, view: HostView, now: float, rule: Rule, reason: str,
+              alert: bool = False) -> None:
+        """Announce a skip once per rule; alerts again every ``alert_repeat_s``."""
+        repeat = alert and now - view.announced_at >= self.alert_repeat_s
+        if view.held_by != rule or repeat:
+            view.held_by, view.announced_at = rule, now
+            out.append(SkipFence(host, view.incident, reason, rule, alert))

@@ -6,15 +6,19 @@ journal: every fence_requested / fence_skipped / fenced event the arbiter ever
 published is in it), so a restarted or standby arbiter knows every open
 incident. A fence request is published *before* its fence_requested event, with
 a request id derived from the incident: if the leader dies in between, the next
-leader publishes the same request again and JetStream and the fencer's journal
-make it a no-op (S4).
+leader publishes the same request again, and the fencer's journal makes it a
+no-op (S4). Each request carries the leader's term; its message id includes
+the term, so a stale leader's request reaches the fencer and is refused there
+(S3) instead of silently vanishing as a duplicate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from pathlib import Path
 
 from nats.aio.msg import Msg
 from opentelemetry.context import Context
@@ -30,8 +34,20 @@ from hafence.telemetry import extract_context, tracer
 log = logging.getLogger("hafence.arbiter")
 
 
+def storage_leases(lease_dir: str, hosts: list[str], live_window_s: float, now: float) -> dict[str, bool]:
+    """Which hosts renewed ``<lease_dir>/<host>.lease`` within the window (wall clock, the storage's mtime)."""
+    live = {}
+    for host in hosts:
+        try:
+            live[host] = now - os.stat(Path(lease_dir) / f"{host}.lease").st_mtime <= live_window_s
+        except OSError:
+            live[host] = False
+    return live
+
+
 async def run(rt: Runtime) -> None:
     bus, config, timings = rt.bus, rt.config, rt.config.timings
+    settings = config.arbiter
     subjects = bus.subjects
     kv = await bus.js.key_value(bus.streams.leases)
     lease = LeaderLease(kv, "arbiter", rt.instance, timings.lease_ttl_s)
@@ -40,12 +56,18 @@ async def run(rt: Runtime) -> None:
         detection_window_s=timings.detection_window_s,
         started_at=time.monotonic(),
         settle_s=timings.heartbeat_interval_s,
-        max_concurrent=config.arbiter.max_concurrent_fences,
+        max_concurrent=settings.max_concurrent_fences,
+        storm_share=settings.storm_share,
+        two_host_delay_s=settings.two_host_delay_s,
+        isolated_action=settings.isolated_host_action,
+        fence_attempts=settings.fence_attempts,
+        retry_backoff_s=settings.fence_retry_backoff_s,
+        alert_repeat_s=settings.alert_repeat_s,
     )
     for host in config.hosts:
         policy.set_maintenance(host.name, host.maintenance)
     caught_up = asyncio.Event()
-    # Trace context of each open incident, so the decision joins the incident's trace.
+    # Trace context of each open incident, so every decision joins the incident's trace.
     incident_context: dict[str, Context] = {}
 
     async def on_event(event: HostEvent | FenceResult, msg: Msg) -> None:
@@ -54,13 +76,14 @@ async def run(rt: Runtime) -> None:
             log.warning("event for unknown host", extra=fields(host=event.host, subject=msg.subject))
             return
         if isinstance(event, FenceResult):
-            policy.fence_result(event.host, event.request_id, event.outcome == "confirmed_off", event.reason)
-            if caught_up.is_set() and lease.held():
+            policy.fence_result(event.host, event.request_id, event.outcome, event.reason, now)
+            if caught_up.is_set() and lease.held() and event.outcome != "refused":
                 kind = "fenced" if event.outcome == "confirmed_off" else "fence_failed"
                 await bus.publish(
                     subjects.host_event(event.host, kind),
                     HostEvent(host=event.host, kind=kind, at=time.time(), incident=event.incident,
-                              reason=event.reason, term=lease.term),
+                              reason=event.reason, term=lease.term, request_id=event.request_id,
+                              alert=kind == "fence_failed"),
                     msg_id=f"{kind}:{event.request_id}",
                 )
             return
@@ -71,12 +94,17 @@ async def run(rt: Runtime) -> None:
             case "alive":
                 policy.alive(event.host)
             case "fence_requested":
-                policy.fence_requested(event.host, event.incident, f"fence-{event.incident}", now)
+                policy.fence_requested(event.host, event.incident, event.request_id or f"fence-{event.incident}",
+                                       now, event.attempt or 1)
+            case "confirmed_fenced":
+                policy.confirmed_by_operator(event.host)
+            case "maintenance_on" | "maintenance_off":
+                policy.set_maintenance(event.host, event.kind == "maintenance_on")
 
     async def carry_out(decision: Decision) -> None:
         parent = incident_context.get(decision.incident, Context())
         with tracer().start_as_current_span(
-            f"arbiter decide {decision.host}",
+            f"arbiter {'fence' if isinstance(decision, RequestFence) else 'skip'} {decision.host}",
             context=parent,
             kind=SpanKind.INTERNAL,
             attributes={"hafence.host": decision.host, "hafence.incident": decision.incident,
@@ -84,27 +112,36 @@ async def run(rt: Runtime) -> None:
                         "hafence.reason": decision.reason},
         ):
             if isinstance(decision, SkipFence):
-                log.warning("not fencing", extra=fields(host=decision.host, rule=decision.rule, reason=decision.reason))
+                (log.error if decision.alert else log.warning)(
+                    "not fencing", extra=fields(host=decision.host, rule=decision.rule, reason=decision.reason))
                 await bus.publish(
                     subjects.host_event(decision.host, "fence_skipped"),
-                    HostEvent(host=decision.host, kind="fence_skipped", at=time.time(),
-                              incident=decision.incident, reason=decision.reason, term=lease.term),
+                    HostEvent(host=decision.host, kind="fence_skipped", at=time.time(), incident=decision.incident,
+                              reason=decision.reason, term=lease.term, rule=decision.rule, alert=decision.alert),
                 )
                 return
-            assert isinstance(decision, RequestFence)
             request = FenceRequest(
                 request_id=decision.request_id, incident=decision.incident, host=decision.host,
-                action=config.arbiter.action, term=lease.term, requested_at=time.time(), reason=decision.reason,
+                action=settings.action, term=lease.term, requested_at=time.time(), reason=decision.reason,
             )
             log.warning("fencing", extra=fields(host=decision.host, request_id=decision.request_id, term=lease.term))
-            await bus.publish(subjects.fence_request(decision.host), request, msg_id=decision.request_id)
+            await bus.publish(subjects.fence_request(decision.host), request,
+                              msg_id=f"{decision.request_id}:t{lease.term}")
             await bus.publish(
                 subjects.host_event(decision.host, "fence_requested"),
-                HostEvent(host=decision.host, kind="fence_requested", at=time.time(),
-                          incident=decision.incident, reason=decision.reason, term=lease.term),
-                msg_id=f"fence_requested:{decision.request_id}",
+                HostEvent(host=decision.host, kind="fence_requested", at=time.time(), incident=decision.incident,
+                          reason=decision.reason, term=lease.term, request_id=decision.request_id,
+                          attempt=decision.attempt),
+                msg_id=f"fence_requested:{decision.request_id}:t{lease.term}",
             )
-            policy.fence_requested(decision.host, decision.incident, decision.request_id, time.monotonic())
+            policy.fence_requested(decision.host, decision.incident, decision.request_id, time.monotonic(),
+                                   decision.attempt)
+
+    def storage_view() -> dict[str, bool]:
+        if not config.storage.lease_dir:
+            return {}
+        suspects = [h for h, v in policy.views.items() if v.phase == "suspect"]
+        return storage_leases(config.storage.lease_dir, suspects, config.storage.live_window_s, time.time())
 
     async def decide_loop() -> None:
         await caught_up.wait()
@@ -117,22 +154,23 @@ async def run(rt: Runtime) -> None:
             if not reissued:
                 reissued = True
                 await reissue_in_flight()
-            for decision in policy.decide(time.monotonic()):
+            live = await asyncio.to_thread(storage_view)
+            for decision in policy.decide(time.monotonic(), live):
                 await carry_out(decision)
 
     async def reissue_in_flight() -> None:
-        """A new leader re-sends the requests in flight: a no-op if they arrived (S4),
-        the rescue of the incident if the old leader died before they did."""
+        """A new leader re-sends the requests in flight, under its own term: the
+        fencer answers from its journal if it ran them (S4); if the old leader died
+        before they arrived, this is what finishes the incident."""
         for host in policy.in_flight():
             view = policy.views[host]
-            await carry_out(RequestFence(host, view.incident, view.request_id, "re-issued by a new arbiter leader"))
+            await carry_out(RequestFence(host, view.incident, view.request_id,
+                                         "re-issued by a new arbiter leader", view.attempt or 1))
 
     filters = [
-        subjects.host_events("suspect"),
-        subjects.host_events("alive"),
-        subjects.host_events("fence_requested"),
-        subjects.fence_results(),
-    ]
+        subjects.host_events(kind)
+        for kind in ("suspect", "alive", "fence_requested", "confirmed_fenced", "maintenance_on", "maintenance_off")
+    ] + [subjects.fence_results()]
     async with asyncio.TaskGroup() as tg:
         tg.create_task(lease.run())
         tg.create_task(bus.replay(filters, Decoders.arbiter_input, on_event, caught_up))

@@ -33,6 +33,15 @@ MIGRATIONS = [
     CREATE TABLE highest_term (id INTEGER PRIMARY KEY CHECK (id = 1), term INTEGER NOT NULL);
     INSERT INTO highest_term (id, term) VALUES (1, 0);
     """,
+    """
+    CREATE TABLE refusals (
+        request_id TEXT NOT NULL,
+        host TEXT NOT NULL,
+        term INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    """,
 ]
 
 _result_decoder = msgspec.json.Decoder(FenceResult)
@@ -77,6 +86,13 @@ class FenceJournal:
         ) as cur:
             row = await cur.fetchone()
         return int(row[0]) if row else 1
+
+    async def record_refusal(self, request: FenceRequest, reason: str) -> None:
+        await self.db.execute(
+            "INSERT INTO refusals (request_id, host, term, reason, at) VALUES (?, ?, ?, ?, ?)",
+            (request.request_id, request.host, request.term, reason, time.time()),
+        )
+        await self.db.commit()
 
     async def record(self, request: FenceRequest, result: FenceResult) -> None:
         await self.db.execute(

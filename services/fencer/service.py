@@ -53,16 +53,10 @@ async def run(rt: Runtime) -> None:
         span = trace.get_current_span()
         span.set_attributes({"hafence.host": request.host, "hafence.request_id": request.request_id,
                              "hafence.term": request.term})
-        recorded = await journal.recorded(request.request_id)
-        if recorded is not None:
-            log.info("redelivered request: answering from the journal",
-                     extra=fields(request_id=request.request_id, outcome=recorded.outcome))
-            span.set_attribute("hafence.outcome", recorded.outcome)
-            await publish(recorded)
-            return
         started = time.time()
         highest = await journal.highest_term()
         if request.term < highest or request.host not in hosts:
+            # S3 before S4: a stale leader is told so, even for a request id that ran.
             reason = (
                 f"stale leader term {request.term}: a newer arbiter (term {highest}) has acted"
                 if request.host in hosts
@@ -74,8 +68,16 @@ async def run(rt: Runtime) -> None:
                 outcome="refused", reason=reason, started_at=started, finished_at=time.time(),
             )
             span.set_attribute("hafence.outcome", "refused")
-            await journal.record(request, result)
-            await publish(result)
+            await journal.record_refusal(request, reason)
+            await bus.publish(subjects.fence_result(request.host), result,
+                              msg_id=f"refused:{request.request_id}:t{request.term}")
+            return
+        recorded = await journal.recorded(request.request_id)
+        if recorded is not None:
+            log.info("redelivered request: answering from the journal",
+                     extra=fields(request_id=request.request_id, outcome=recorded.outcome))
+            span.set_attribute("hafence.outcome", recorded.outcome)
+            await publish(recorded)
             return
         attempts = await journal.admit(request)
         if attempts > 1:

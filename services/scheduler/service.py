@@ -188,6 +188,8 @@ async def run(rt: Runtime) -> None:
         subjects.host_events("suspect"),
         subjects.host_events("alive"),
         subjects.host_events("confirmed_fenced"),
+        subjects.host_events("maintenance_on"),
+        subjects.host_events("maintenance_off"),
         subjects.fence_results(),
     ]
     try:

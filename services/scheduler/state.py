@@ -67,6 +67,10 @@ class SchedulerState:
             self.phases[event.host] = "up"
         elif event.kind == "confirmed_fenced":
             self._fenced(event.host, event.incident)
+        elif event.kind == "maintenance_on":
+            self.maintenance.add(event.host)
+        elif event.kind == "maintenance_off":
+            self.maintenance.discard(event.host)
 
     def on_fence_result(self, result: FenceResult) -> bool:
         """True when this result releases the host's VMs for restart."""

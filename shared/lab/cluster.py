@@ -22,7 +22,9 @@ from nats.aio.msg import Msg
 
 from hafence.config import ClusterConfig, parse_config
 from hafence.contracts import Decoders
+from hafence.lab import netns
 from hafence.lab.natsserver import NatsServer
+from hafence.lab.netns import NetNamespace
 from hafence.lab.peers import Peer, bmc_sim, free_udp_port, pdu_sim
 from hafence.lab.procs import Service
 
@@ -53,6 +55,11 @@ class LabSpec:
     pdu_hosts: tuple[str, ...] = ("lab-2",)
     # Hosts whose BMC accepts "off" but leaves the host on (level 1 fails, level 2 must act).
     stuck_bmcs: tuple[str, ...] = ()
+    # A host whose agent runs in its own network namespace, so it can be partitioned.
+    netns_host: str = ""
+    # Agents renew a lease file on the "shared storage" (a lab directory).
+    storage_lease: bool = False
+    storm_share: float = 0.5
 
     def host_names(self) -> list[str]:
         return [f"lab-{i}" for i in range(1, self.hosts + 1)]
@@ -78,9 +85,14 @@ def render_config(spec: LabSpec, nats_url: str, lab_dir: Path, ports: LabPorts |
         f"lease_ttl_s = {spec.lease_ttl_s}",
         "inventory_interval_s = 10.0",
         "",
+        "[arbiter]",
+        f"storm_share = {spec.storm_share}",
+        "",
         "[store]",
         f'dir = "{lab_dir / "state"}"',
         "",
+        *(["[storage]", f'lease_dir = "{lab_dir / "storage"}"', "renew_interval_s = 0.5",
+           "live_window_s = 3.0", ""] if spec.storage_lease else []),
         "[devices.lab-power]",
         'driver = "sim"',
         f'state_dir = "{lab_dir / "power"}"',
@@ -204,6 +216,7 @@ class Lab:
         self._tmp = None if base_dir else tempfile.TemporaryDirectory(prefix="hafence-lab-")
         self.dir = Path(base_dir or self._tmp.name)  # type: ignore[union-attr]
         self.keep = keep
+        self.netns: NetNamespace | None = None
         self.nats = NatsServer(self.dir / "nats")
         self.config_path = self.dir / "cluster.toml"
         self.trace_file = self.dir / "spans.jsonl"
@@ -225,6 +238,10 @@ class Lab:
 
     async def start(self, services: tuple[str, ...] = SERVICES) -> Lab:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.spec.netns_host:
+            self.netns = netns.create("lab", 1)
+            # NATS listens on the root end of the veth: a local address every lab process reaches.
+            self.nats = NatsServer(self.dir / "nats", host=self.netns.host_ip)
         self.nats.start()
         ports = self.start_power_devices() if self.spec.power == "ipmi" else None
         text = render_config(self.spec, self.nats.url, self.dir, ports)
@@ -256,10 +273,10 @@ class Lab:
                                   off_delay=self.spec.off_delay_s).start())
         return ports
 
-    def start_service(self, name: str, instance: str = "") -> Service:
+    def start_service(self, name: str, instance: str = "", env: dict[str, str] | None = None) -> Service:
         key = instance or name
         args = ["-m", f"hafence.{name}", "--config", str(self.config_path), "--instance", key]
-        svc = Service(key, args, self.log_dir, self.service_env()).start()
+        svc = Service(key, args, self.log_dir, {**self.service_env(), **(env or {})}).start()
         self.services[key] = svc
         return svc
 
@@ -268,9 +285,34 @@ class Lab:
             "-m", "hafence.agent", "--config", str(self.config_path), "--host", host,
             "--sim-power", str(self.dir / "power"), "--boot-vms", "--instance", f"agent-{host}",
         ]
-        svc = Service(f"agent-{host}", args, self.log_dir, self.service_env()).start()
+        prefix = self.netns.exec_prefix() if self.netns and host == self.spec.netns_host else []
+        svc = Service(f"agent-{host}", args, self.log_dir, self.service_env(), prefix=prefix).start()
         self.services[f"agent-{host}"] = svc
         return svc
+
+    async def lease_holder(self, role: str) -> str:
+        assert self.observer.nc is not None
+        try:
+            kv = await self.observer.nc.jetstream().key_value("HAFENCE_leases")
+            entry = await kv.get(role)
+        except Exception:
+            return ""
+        return str(json.loads(entry.value or b"{}").get("holder", ""))
+
+    def events(self, kind: str, host: str = "") -> list[msgspec.Struct]:
+        """Decoded host events of a kind seen so far (``nats sub 'hafence.host.*.KIND'``)."""
+        out = []
+        for r in self.observer.records:
+            parts = r.subject.split(".")
+            if len(parts) == 4 and parts[1] == "host" and parts[3] == kind and (not host or parts[2] == host):
+                msg = r.decode()
+                if msg is not None:
+                    out.append(msg)
+        return out
+
+    def fence_results(self, host: str = "") -> list[msgspec.Struct]:
+        return [m for r in self.observer.records if ".fence.result." in r.subject
+                and (m := r.decode()) is not None and (not host or r.subject.endswith(f".{host}"))]
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Every host heartbeating, every inventory in, every leader elected, and
@@ -307,6 +349,12 @@ class Lab:
     def resume(self, host: str) -> None:
         self.services[f"agent-{host}"].signal(signal.SIGCONT)
 
+    def partition(self, host: str) -> None:
+        """Cut the host's network; it keeps running (and renewing its storage lease)."""
+        if self.netns is None or host != self.spec.netns_host:
+            raise ValueError(f"{host} has no network of its own in this lab (LabSpec.netns_host)")
+        self.netns.partition()
+
     def spans(self) -> list[dict[str, object]]:
         try:
             return [json.loads(line) for line in self.trace_file.read_text().splitlines() if line.strip()]
@@ -330,6 +378,8 @@ class Lab:
         for peer in self.peers:
             peer.stop()
         self.nats.stop()
+        if self.netns is not None:
+            self.netns.destroy()
         if self._tmp and not self.keep:
             self._tmp.cleanup()
         return codes

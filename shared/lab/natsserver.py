@@ -39,8 +39,10 @@ def free_port() -> int:
 
 
 class NatsServer:
-    def __init__(self, store_dir: str | os.PathLike[str], port: int = 0, config_file: str = "") -> None:
+    def __init__(self, store_dir: str | os.PathLike[str], port: int = 0, config_file: str = "",
+                 host: str = "127.0.0.1") -> None:
         self.store_dir = Path(store_dir)
+        self.host = host
         self.port = port or free_port()
         self.config_file = config_file
         self.proc: subprocess.Popen[bytes] | None = None
@@ -48,11 +50,11 @@ class NatsServer:
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"nats://{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [find_nats_server(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
+        cmd = [find_nats_server(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
         if self.config_file:
             cmd += ["-c", self.config_file]
         log = open(self.log_path, "ab")
@@ -65,7 +67,7 @@ class NatsServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nats-server exited with {self.proc.returncode}: see {self.log_path}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                with socket.create_connection((self.host, self.port), timeout=0.2):
                     return self
             except OSError:
                 time.sleep(0.05)

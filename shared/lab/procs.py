@@ -25,9 +25,12 @@ def die_with_parent() -> None:
 class Service:
     """One hafence service process, its output in a log file."""
 
-    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str]) -> None:
+    def __init__(self, name: str, args: list[str], log_dir: Path, env: dict[str, str],
+                 prefix: list[str] | None = None) -> None:
         self.name = name
         self.args = args
+        # e.g. ["ip", "netns", "exec", NAME]: it execs Python in place, so signals reach Python.
+        self.prefix = prefix or []
         self.log_path = log_dir / f"{name}.log"
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
@@ -36,7 +39,7 @@ class Service:
     def start(self) -> Service:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, *self.args],
+            [*self.prefix, sys.executable, *self.args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, **self.env}, preexec_fn=die_with_parent,
         )

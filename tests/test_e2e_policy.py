@@ -1,0 +1,117 @@
+"""The arbiter's policy end to end: separate processes, a real nats-server,
+simulated hosts hung, partitioned or stormed. The decision events asserted here
+are what an operator sees with ``nats sub 'hafence.host.>'``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from hafence.contracts import FenceResult, HostEvent
+from hafence.lab.cluster import Lab, LabSpec
+from hafence.lab.netns import netns_available
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+
+async def test_storm_of_three_of_four_hosts_fences_nobody_and_alerts() -> None:
+    lab = Lab(LabSpec(heartbeat_interval_s=0.3))
+    try:
+        await lab.start()
+        await lab.wait_ready()
+        for host in ("lab-1", "lab-2", "lab-3"):
+            lab.crash(host)
+        storm = lambda: {e.host for e in lab.events("fence_skipped") if e.rule == "storm"}  # noqa: E731
+        assert await lab.observer.wait_for(lambda: storm() == {"lab-1", "lab-2", "lab-3"}, 20), lab.diagnostics()
+        skipped = [e for e in lab.events("fence_skipped") if isinstance(e, HostEvent)]
+        assert all(e.alert and "3 of 4 hosts lost at once" in e.reason for e in skipped)
+        # Give a wrong decision every chance to happen before looking for it.
+        await asyncio.sleep(2.0)
+        assert lab.events("fence_requested") == []
+        assert lab.fence_results() == []
+        # The storm passes: two hosts come back, the one still dead is fenced.
+        lab.resume("lab-1")
+        lab.resume("lab-2")
+        fenced = lambda: [r for r in lab.fence_results("lab-3") if r.outcome == "confirmed_off"]  # noqa: E731
+        assert await lab.observer.wait_for(lambda: bool(fenced()), 30), lab.diagnostics()
+        assert {e.host for e in lab.events("fence_requested")} == {"lab-3"}
+    finally:
+        await lab.stop()
+
+
+async def test_an_isolated_host_with_a_live_storage_lease_is_not_fenced() -> None:
+    if not netns_available():
+        if os.environ.get("HAFENCE_REQUIRE_PEERS") == "1":
+            pytest.fail("network namespaces are required (HAFENCE_REQUIRE_PEERS=1) but cannot be made here")
+        pytest.skip("cannot make network namespaces here (needs root and iproute2)")
+    lab = Lab(LabSpec(heartbeat_interval_s=0.3, netns_host="lab-3", storage_lease=True))
+    try:
+        await lab.start()
+        await lab.wait_ready()
+        lab.partition("lab-3")
+        isolated = lambda: [e for e in lab.events("fence_skipped", "lab-3") if e.rule == "isolated"]  # noqa: E731
+        assert await lab.observer.wait_for(lambda: bool(isolated()), 20), lab.diagnostics()
+        [event] = isolated()
+        assert event.alert and "storage lease" in event.reason
+        assert lab.events("suspect", "lab-3"), "the partition must have been noticed"
+        await asyncio.sleep(2.0)
+        assert lab.events("fence_requested", "lab-3") == []
+        assert lab.services["agent-lab-3"].alive()  # still running, just cut off
+    finally:
+        await lab.stop()
+
+
+async def test_s3_a_stale_arbiter_is_refused_and_nothing_is_fenced_twice() -> None:
+    """Two arbiters. The leader is frozen past its lease and the other takes over
+    and fences a host. The old one resumes believing it still leads (a fault
+    injected on purpose: its own lease check is broken) and fences too: the
+    fencer refuses it by its term."""
+    lab = Lab(LabSpec(heartbeat_interval_s=0.3, lease_ttl_s=2.0))
+    try:
+        await lab.start(services=("heartbeat", "fencer", "scheduler"))
+        stale = lab.start_service("arbiter", "arbiter-a", env={"HAFENCE_FAULT_STALE_LEASE": "1"})
+        await _until(lambda: lab.lease_holder("arbiter"), "arbiter-a")
+        lab.start_service("arbiter", "arbiter-b")
+        await lab.wait_ready()
+
+        stale.signal(signal.SIGSTOP)
+        await _until(lambda: lab.lease_holder("arbiter"), "arbiter-b", timeout=15)
+        lab.crash("lab-2")
+        done = lambda h: [r for r in lab.fence_results(h) if r.outcome == "confirmed_off"]  # noqa: E731
+        assert await lab.observer.wait_for(lambda: bool(done("lab-2")), 20), lab.diagnostics()
+        new_term = done("lab-2")[0].term
+
+        # The old leader wakes up while the new one happens to be paused (so that the old
+        # one certainly acts first), and another host dies.
+        leader = lab.services["arbiter-b"]
+        leader.signal(signal.SIGSTOP)
+        stale.signal(signal.SIGCONT)
+        lab.crash("lab-3")
+        refused = lambda: [r for r in lab.fence_results("lab-3") if r.outcome == "refused"]  # noqa: E731
+        assert await lab.observer.wait_for(lambda: bool(refused()), 20), lab.diagnostics()
+        assert done("lab-3") == []
+        leader.signal(signal.SIGCONT)  # it takes its lease back, with a newer term, and fences
+        assert await lab.observer.wait_for(lambda: bool(done("lab-3")), 20), lab.diagnostics()
+        [stale_result] = refused()
+        assert isinstance(stale_result, FenceResult)
+        assert stale_result.term < new_term
+        assert f"stale leader term {stale_result.term}" in stale_result.reason
+        # Nothing fenced twice: one confirmation per host, and both from the new leader's term.
+        await asyncio.sleep(1.0)
+        for host in ("lab-2", "lab-3"):
+            [confirmed] = done(host)
+            assert confirmed.term >= new_term
+    finally:
+        await lab.stop()
+
+
+async def _until(read, want: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (got := await read()) != want:
+        if loop.time() > deadline:
+            raise AssertionError(f"waited for {want!r}, have {got!r}")
+        await asyncio.sleep(0.1)
