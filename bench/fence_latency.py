@@ -8,6 +8,7 @@ draining; both tools face the same delay. Median of N fences each."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import statistics
 import subprocess
@@ -36,7 +37,7 @@ async def fence_latency(table: Table, quick: bool = False) -> None:
         try:
             ours = await _ours(n, port, password, power)
             agent = shutil.which("fence_ipmilan") or "/usr/sbin/fence_ipmilan"
-            theirs = _fence_ipmilan(n, agent, port, power) if Path(agent).exists() else []
+            theirs = _fence_ipmilan(n, agent, port, power) if os.path.exists(agent) else []
         finally:
             peer.stop()
     note = f"simulated BMC, off takes {OFF_DELAY * 1000:.0f} ms"
