@@ -36,8 +36,7 @@ async def fence_latency(table: Table, quick: bool = False) -> None:
         peer = bmc_sim(d, d / "power", password, {"h1": port}, off_delay=OFF_DELAY).start()
         try:
             ours = await _ours(n, port, password, power)
-            agent = shutil.which("fence_ipmilan") or "/usr/sbin/fence_ipmilan"
-            theirs = _fence_ipmilan(n, agent, port, power) if os.path.exists(agent) else []
+            theirs = _fence_ipmilan(n, port, power)
         finally:
             peer.stop()
     note = f"simulated BMC, off takes {OFF_DELAY * 1000:.0f} ms"
@@ -74,7 +73,10 @@ async def _ours(n: int, port: int, password: Path, power: SimPowerSwitch) -> lis
     return out
 
 
-def _fence_ipmilan(n: int, agent: str, port: int, power: SimPowerSwitch) -> list[float]:
+def _fence_ipmilan(n: int, port: int, power: SimPowerSwitch) -> list[float]:
+    agent = shutil.which("fence_ipmilan") or "/usr/sbin/fence_ipmilan"
+    if not os.path.exists(agent):
+        return []
     out = []
     for _ in range(n):
         power.switch("h1", "on")
