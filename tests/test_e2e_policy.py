@@ -115,3 +115,47 @@ async def _until(read, want: str, timeout: float = 10.0) -> None:  # type: ignor
         if loop.time() > deadline:
             raise AssertionError(f"waited for {want!r}, have {got!r}")
         await asyncio.sleep(0.1)
+
+
+async def test_a_failed_fence_keeps_vms_down_until_an_operator_confirms() -> None:
+    """The host's only fence device leaves it on: two attempts fail, the host is
+    escalated (alert), and none of its VMs start anywhere (S1) until an operator
+    confirms by hand that it is off; then they do."""
+    import subprocess
+    import sys
+
+    victim = "lab-3"
+    lab = Lab(LabSpec(heartbeat_interval_s=0.3, stuck_bmcs=(victim,), pdu_hosts=(), fence_attempts=2,
+                      fence_retry_backoff_s=0.5))
+    try:
+        await lab.start()
+        await lab.wait_ready()
+        assert lab.config is not None
+        expected = {vm.name for vm in lab.config.vms_of(victim) if vm.ha}
+        lab.crash(victim)
+        escalated = lambda: [e for e in lab.events("fence_skipped", victim) if e.rule == "escalated"]  # noqa: E731
+        assert await lab.observer.wait_for(lambda: bool(escalated()), 60), lab.diagnostics()
+        failed = [r for r in lab.fence_results(victim) if r.outcome == "failed"]
+        assert len(failed) == 2 and all("power still on" in r.reason for r in failed)
+        assert {r.request_id for r in failed} == {f"fence-{failed[0].incident}", f"fence-{failed[0].incident}-a2"}
+        assert escalated()[0].alert and f"hafence confirm-fenced {victim}" in escalated()[0].reason
+        assert lab.events("fence_failed", victim) and all(e.alert for e in lab.events("fence_failed", victim))
+        started = lambda: {r.decode().vm for r in lab.observer.matching(".vm.")  # noqa: E731
+                           if r.subject.endswith(".started")}
+        await asyncio.sleep(1.0)
+        assert started() == set()  # S1: no confirmed fence, no restart
+
+        refused = subprocess.run(
+            [sys.executable, "-m", "hafence.cli", "confirm-fenced", victim, "--reason", "checked", "--config",
+             str(lab.config_path)], capture_output=True, text=True, timeout=30)
+        assert refused.returncode == 2 and "--yes" in refused.stderr
+        confirm = subprocess.run(
+            [sys.executable, "-m", "hafence.cli", "confirm-fenced", victim, "--yes", "--by", "alice",
+             "--reason", "pulled both power cords, checked the PSU LEDs", "--config", str(lab.config_path)],
+            capture_output=True, text=True, timeout=30)
+        assert confirm.returncode == 0, confirm.stderr
+        assert await lab.observer.wait_for(lambda: expected <= started(), 30), lab.diagnostics()
+        [audit] = lab.events("confirmed_fenced", victim)
+        assert audit.by == "alice" and "power cords" in audit.reason
+    finally:
+        await lab.stop()

@@ -60,6 +60,8 @@ class LabSpec:
     # Agents renew a lease file on the "shared storage" (a lab directory).
     storage_lease: bool = False
     storm_share: float = 0.5
+    fence_attempts: int = 3
+    fence_retry_backoff_s: float = 15.0
 
     def host_names(self) -> list[str]:
         return [f"lab-{i}" for i in range(1, self.hosts + 1)]
@@ -87,6 +89,8 @@ def render_config(spec: LabSpec, nats_url: str, lab_dir: Path, ports: LabPorts |
         "",
         "[arbiter]",
         f"storm_share = {spec.storm_share}",
+        f"fence_attempts = {spec.fence_attempts}",
+        f"fence_retry_backoff_s = {spec.fence_retry_backoff_s}",
         "",
         "[store]",
         f'dir = "{lab_dir / "state"}"',
