@@ -37,6 +37,7 @@ from nats.js.api import (
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from hafence import metrics
 from hafence.config import ClusterConfig, read_secret
 from hafence.contracts import DeadLetter, encode
 from hafence.logs import fields
@@ -224,6 +225,7 @@ class Bus:
         self, subject: str, raw: bytes, error: str, headers: dict[str, str] | None, msg_id: str = ""
     ) -> None:
         self.dead_letters += 1
+        metrics.DEAD_LETTERS.labels(self.service).inc()
         log.warning(
             "dead-lettered a message", extra=fields(subject=subject, error=error, dlq=self.subjects.dlq(self.service))
         )

@@ -89,6 +89,12 @@ class ArbiterSection(_Section):
     alert_repeat_s: Annotated[float, msgspec.Meta(ge=1)] = 300.0
 
 
+class MetricsSection(_Section):
+    # Port of the Prometheus /metrics endpoint; 0 turns it off (HAFENCE_METRICS_PORT overrides).
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    address: str = "0.0.0.0"
+
+
 class StorageSection(_Section):
     # Directory on the shared storage where each agent renews <host>.lease; empty: no storage heartbeat.
     lease_dir: str = ""
@@ -233,6 +239,7 @@ class ClusterConfig(_Section):
     arbiter: ArbiterSection = ArbiterSection()
     fencer: FencerSection = FencerSection()
     storage: StorageSection = StorageSection()
+    metrics: MetricsSection = MetricsSection()
     scheduler: SchedulerSection = SchedulerSection()
     devices: dict[Name, Device] = {}
     hosts: list[HostConfig] = []

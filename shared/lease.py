@@ -24,6 +24,8 @@ from collections.abc import Callable
 import nats.js.errors
 from nats.js.kv import KeyValue
 
+from hafence import metrics
+
 log = logging.getLogger("hafence.lease")
 
 
@@ -72,6 +74,8 @@ class LeaderLease:
         if was and not term:
             self.acquired.clear()
             log.warning("leadership lost", extra={"fields": {"role": self.role, "term": was}})
+        metrics.LEADER.labels(self.role).set(1 if term else 0)
+        metrics.TERM.labels(self.role).set(term)
         if bool(was) != bool(term) and self.on_change:
             self.on_change(bool(term), term)
 

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from hafence import metrics
 from hafence.bus import Bus
 from hafence.config import ClusterConfig, ConfigError, load_config
 from hafence.logs import setup_logging
@@ -120,6 +121,10 @@ async def run_service(
     """Run a service until ``stop`` is set (by default: until SIGTERM or SIGINT)."""
     instance: str = getattr(args, "instance", f"{socket.gethostname()}-{os.getpid()}")
     provider = setup_tracing(name, config.telemetry, instance)
+    metrics.serve(
+        int(os.environ.get("HAFENCE_METRICS_PORT", config.metrics.port)),
+        os.environ.get("HAFENCE_METRICS_ADDRESS", config.metrics.address),
+    )
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -13,6 +13,13 @@ from hafence.telemetry import trace_id_of
 pytestmark = pytest.mark.e2e
 
 
+def _scrape(port: int) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
 async def test_a_hung_host_is_fenced_then_its_ha_vms_restart_elsewhere_in_one_trace() -> None:
     lab = Lab(LabSpec(heartbeat_interval_s=0.3))
     try:
@@ -64,6 +71,21 @@ async def test_a_hung_host_is_fenced_then_its_ha_vms_restart_elsewhere_in_one_tr
         assert [s["name"] for s in roots] == [f"host suspect {victim}"]
         assert any(s["name"] == f"power off bmc-{victim}" and s["attributes"]["hafence.power_read"] == "off"
                    and s["attributes"]["hafence.driver"] == "ipmi" for s in spans)
+        # Every service exposes Prometheus metrics; the incident shows in them.
+        scraped = {name: _scrape(port) for name, port in lab.metrics_ports.items()}
+        assert 'hafence_fence_operations_total{host="lab-2",outcome="confirmed_off"} 1.0' in scraped["fencer"]
+        assert 'hafence_host_protected{host="lab-1"} 1.0' in scraped["fencer"]
+        assert 'hafence_heartbeats_received_total{host="lab-1"}' in scraped["heartbeat"]
+        assert 'hafence_leader{role="heartbeat"} 1.0' in scraped["heartbeat"]
+        # The arbiter's gauges follow its state at its next decision tick.
+        await lab.observer.wait_for(
+            lambda: 'hafence_hosts{state="fenced"} 1.0' in _scrape(lab.metrics_ports["arbiter"]), 5
+        )
+        assert 'hafence_hosts{state="fenced"} 1.0' in _scrape(lab.metrics_ports["arbiter"])
+        assert 'hafence_arbiter_decisions_total{decision="RequestFence",rule="fence"} 1.0' in scraped["arbiter"]
+        assert f'hafence_vm_starts_total{{result="started"}} {len(expected)}.0' in scraped["scheduler"]
+        assert "hafence_failover_duration_seconds_count 1.0" in scraped["scheduler"]
+        assert 'hafence_leader_term{role="scheduler"}' in scraped["scheduler"]
     finally:
         codes = await lab.stop()
     # Every service stopped cleanly on SIGTERM (the hung agent too, once resumed).

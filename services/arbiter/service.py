@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 
+from hafence import metrics
 from hafence.arbiter.policy import Decision, Policy, RequestFence, SkipFence
 from hafence.contracts import Decoders, FenceRequest, FenceResult, HostEvent
 from hafence.lease import LeaderLease
@@ -111,6 +112,8 @@ async def run(rt: Runtime) -> None:
                         "hafence.term": lease.term, "hafence.decision": type(decision).__name__,
                         "hafence.reason": decision.reason},
         ):
+            metrics.DECISIONS.labels(type(decision).__name__,
+                                     decision.rule if isinstance(decision, SkipFence) else "fence").inc()
             if isinstance(decision, SkipFence):
                 (log.error if decision.alert else log.warning)(
                     "not fencing", extra=fields(host=decision.host, rule=decision.rule, reason=decision.reason))
@@ -155,6 +158,8 @@ async def run(rt: Runtime) -> None:
                 reissued = True
                 await reissue_in_flight()
             live = await asyncio.to_thread(storage_view)
+            for phase in ("up", "suspect", "fencing", "fenced", "fence_failed"):
+                metrics.HOSTS.labels(phase).set(sum(1 for v in policy.views.values() if v.phase == phase))
             for decision in policy.decide(time.monotonic(), live):
                 await carry_out(decision)
 

@@ -17,6 +17,7 @@ from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.context import Context
 
+from hafence import metrics
 from hafence.bus import Reject
 from hafence.contracts import Decoders, FenceRequest, FenceResult, HostEvent
 from hafence.fencer.executor import Executor
@@ -102,6 +103,8 @@ async def run(rt: Runtime) -> None:
             reason=report.verdict.reason, started_at=started, finished_at=time.time(),
         )
         await journal.record(request, result)
+        metrics.FENCES.labels(request.host, result.outcome).inc()
+        metrics.FENCE_SECONDS.labels(result.outcome).observe(result.finished_at - started)
         log.warning("fence finished", extra=fields(host=request.host, outcome=result.outcome, reason=result.reason))
         span.set_attribute("hafence.outcome", result.outcome)
         await publish(result)
@@ -117,6 +120,7 @@ async def run(rt: Runtime) -> None:
                     for number, targets in enumerate(levels, start=1):
                         checks += await asyncio.gather(*(executor.check(t, number) for t in targets))
                     verdict = protection(host.name, checks, len(levels))
+                metrics.PROTECTED.labels(host.name).set(1 if verdict.protected else 0)
                 if known.get(host.name) != verdict.protected:
                     known[host.name] = verdict.protected
                     kind = "protected" if verdict.protected else "not_protected"

@@ -15,6 +15,7 @@ from nats.aio.msg import Msg
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 
+from hafence import metrics
 from hafence.bus import Reject
 from hafence.contracts import Decoders, Heartbeat, HostEvent
 from hafence.heartbeat.liveness import Alive, Liveness, Suspect, Transition, UnknownHost
@@ -67,6 +68,7 @@ async def run(rt: Runtime) -> None:
     async def on_heartbeat(hb: Heartbeat, msg: Msg) -> None:
         if msg.subject != bus.subjects.hb(hb.host):
             raise Reject(f"heartbeat of host {hb.host!r} on subject {msg.subject}")
+        metrics.HEARTBEATS.labels(hb.host).inc()
         try:
             transitions = core.heartbeat(hb.host, hb.boot_id, hb.seq, time.monotonic())
         except UnknownHost:
@@ -81,6 +83,8 @@ async def run(rt: Runtime) -> None:
         while True:
             await asyncio.sleep(timings.heartbeat_interval_s / 4)
             transitions = core.tick(time.monotonic())
+            for state in ("alive", "suspect", "unknown"):
+                metrics.HOSTS.labels(state).set(sum(1 for h in rt.config.hosts if core.state(h.name) == state))
             if lease.held() and not published_as_leader:
                 published_as_leader = True
                 # Announce what is already suspect: the old leader may have died before it could.

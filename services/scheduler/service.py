@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from hafence import metrics
 from hafence.contracts import AgentReply, Decoders, FenceResult, HostEvent, Inventory, VmEvent, VmStart
 from hafence.lease import LeaderLease
 from hafence.logs import fields
@@ -59,6 +60,8 @@ async def run(rt: Runtime) -> None:
     announced_pending: dict[str, str] = {}
     failed_on: dict[str, set[str]] = {}
     slots = asyncio.Semaphore(32)
+    fence_confirmed_at: dict[str, float] = {}
+    failover_remaining: dict[str, set[str]] = {}
 
     async def on_event(event: Inventory | HostEvent | FenceResult, msg: Msg) -> None:
         match event:
@@ -70,6 +73,10 @@ async def run(rt: Runtime) -> None:
                     incident_context[event.incident] = extract_context(msg.headers)
             case FenceResult():
                 if state.on_fence_result(event):
+                    fence_confirmed_at[event.incident] = event.finished_at
+                    failover_remaining[event.incident] = {
+                        name for name, v in state.lost.items() if v.incident == event.incident
+                    }
                     incident_context[event.incident] = extract_context(msg.headers)
                     log.warning("fence confirmed: restarting HA VMs",
                                 extra=fields(host=event.host, vms=len(state.lost)))
@@ -127,11 +134,19 @@ async def run(rt: Runtime) -> None:
                     log.error("VM start failed", extra=fields(vm=lost.spec.name, target=target, error=error))
                     state.reserved.pop((lost.spec.name, target), None)
                     failed_on.setdefault(lost.spec.name, set()).add(target)
+                    metrics.PLACEMENTS.labels("failed").inc()
                     await record(lost.spec.name, lost.incident, target, "failed", error)
                     await vm_event(lost, "failed", target, error)
                 else:
                     log.info("VM started", extra=fields(vm=lost.spec.name, target=target))
+                    metrics.PLACEMENTS.labels("started").inc()
                     await record(lost.spec.name, lost.incident, target, "started")
+                    remaining = failover_remaining.get(lost.incident)
+                    if remaining is not None:
+                        remaining.discard(lost.spec.name)
+                        if not remaining:
+                            del failover_remaining[lost.incident]
+                            metrics.FAILOVER_SECONDS.observe(time.time() - fence_confirmed_at[lost.incident])
                     await vm_event(lost, "started", target, "already running" if reply.already else "")
         wake.set()
 
@@ -180,6 +195,7 @@ async def run(rt: Runtime) -> None:
             except TimeoutError:
                 pass
             wake.clear()
+            metrics.PENDING.set(len(state.lost))
             if lease.held() and state.lost:
                 await schedule_once()
 

@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from hafence.config import ClusterConfig, parse_config
 from hafence.contracts import Decoders
 from hafence.lab import netns
-from hafence.lab.natsserver import NatsServer
+from hafence.lab.natsserver import NatsServer, free_port
 from hafence.lab.netns import NetNamespace
 from hafence.lab.peers import Peer, bmc_sim, free_udp_port, pdu_sim
 from hafence.lab.procs import Service
@@ -228,6 +228,7 @@ class Lab:
         self.observer = Observer()
         self.config: ClusterConfig | None = None
         self.peers: list[Peer] = []
+        self.metrics_ports: dict[str, int] = {}
 
     @property
     def log_dir(self) -> Path:
@@ -280,7 +281,9 @@ class Lab:
     def start_service(self, name: str, instance: str = "", env: dict[str, str] | None = None) -> Service:
         key = instance or name
         args = ["-m", f"hafence.{name}", "--config", str(self.config_path), "--instance", key]
-        svc = Service(key, args, self.log_dir, {**self.service_env(), **(env or {})}).start()
+        self.metrics_ports[key] = free_port()
+        metrics_env = {"HAFENCE_METRICS_PORT": str(self.metrics_ports[key]), "HAFENCE_METRICS_ADDRESS": "127.0.0.1"}
+        svc = Service(key, args, self.log_dir, {**self.service_env(), **metrics_env, **(env or {})}).start()
         self.services[key] = svc
         return svc
 
