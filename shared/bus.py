@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -95,6 +96,9 @@ class Bus:
     @classmethod
     async def connect(cls, config: ClusterConfig, service: str, connect_timeout: float = 5.0) -> Bus:
         settings = config.nats
+        # One cluster file serves every service; each has its own NATS identity.
+        user = os.environ.get("HAFENCE_NATS_USER", settings.user)
+        password_file = os.environ.get("HAFENCE_NATS_PASSWORD_FILE", settings.password_file)
         options: dict[str, Any] = {
             "servers": [u.strip() for u in settings.url.split(",")],
             "name": f"hafence-{service}",
@@ -103,9 +107,9 @@ class Bus:
             "reconnect_time_wait": 0.5,
             "allow_reconnect": True,
         }
-        if settings.user:
-            options["user"] = settings.user
-            options["password"] = read_secret(settings.password_file, settings.password_env, "nats.password")
+        if user:
+            options["user"] = user
+            options["password"] = read_secret(password_file, settings.password_env, "nats.password")
         if settings.creds_file:
             options["user_credentials"] = settings.creds_file
         if settings.tls_ca_file or settings.tls_cert_file:

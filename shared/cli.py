@@ -179,6 +179,25 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_nats_conf(args: argparse.Namespace) -> int:
+    from hafence import natsconf
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_USAGE
+    text = natsconf.render(config)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+        users = natsconf.permissions(config)
+        print(f"wrote {args.out}: {len(users)} users; set these in the NATS server's environment:")
+        for user in users:
+            print(f"  {natsconf.password_env(user)}")
+    else:
+        print(text, end="")
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from hafence.lab.demo import main as demo_main
 
@@ -217,6 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     maint.add_argument("--by", default="")
     maint.add_argument("--config", required=True)
     maint.set_defaults(func=cmd_maintenance)
+
+    deploy = sub.add_parser("deploy", help="deployment helpers")
+    deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
+    nats_conf = deploy_sub.add_parser("nats-conf", help="NATS server config with a user and permissions per service")
+    nats_conf.add_argument("--config", required=True)
+    nats_conf.add_argument("--out", default="", help="write here instead of stdout")
+    nats_conf.set_defaults(func=cmd_nats_conf)
 
     demo = sub.add_parser("demo", help="run the simulated lab failover (make demo)")
     demo.add_argument("rest", nargs=argparse.REMAINDER)

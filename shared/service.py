@@ -134,7 +134,8 @@ async def run_service(
     try:
         if bus is None:
             return
-        await bus.provision()
+        if name != "agent":  # agents only publish; they have no right to manage streams
+            await bus.provision()
         runtime = Runtime(name=name, config=config, bus=bus, instance=instance, args=args)
         log.info("started", extra={"fields": {"instance": instance}})
         try:

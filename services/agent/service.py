@@ -77,7 +77,7 @@ class Agent:
                 self.changed.set()
             self.powered = on
             if on:
-                await self.bus.publish_core(
+                await self.bus.publish_core(  # buffered by nats-py while reconnecting
                     self.bus.subjects.hb(self.host),
                     Heartbeat(host=self.host, boot_id=self.boot_id, seq=self.seq, sent_at=time.time()),
                 )
@@ -105,7 +105,12 @@ class Agent:
                 pass
             self.changed.clear()
             if self.powered:
-                await self.publish_inventory()
+                try:
+                    await self.publish_inventory()
+                except Exception as err:  # NATS away or the stream not there yet: next round
+                    log.warning("inventory not published: %s", err or type(err).__name__)
+                    self.changed.set()
+                    await asyncio.sleep(1.0)
 
     async def on_command(self, cmd: VmStart | VmStop, msg: Msg) -> AgentReply | None:
         if not self.powered or not self.power_is_on():

@@ -48,8 +48,8 @@ serversession.ServerSession.create_open_session_response = _open_session_cipher_
 
 class SimBmc(bmc.Bmc):
     def __init__(self, authdata: dict[str, str], port: int, switch: SimPowerSwitch, target: str,
-                 off_delay_s: float, stuck_on: bool = False) -> None:
-        super().__init__(authdata, port=port, address="127.0.0.1")
+                 off_delay_s: float, stuck_on: bool = False, address: str = "127.0.0.1") -> None:
+        super().__init__(authdata, port=port, address=address)
         self.switch = switch
         self.target = target
         self.off_delay_s = off_delay_s
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--password-file", required=True)
     parser.add_argument("--bmc", action="append", default=[], metavar="TARGET=PORT")
     parser.add_argument("--off-delay", type=float, default=0.2, help="seconds until 'off' takes effect")
+    parser.add_argument("--address", default="127.0.0.1", help="listen address (0.0.0.0 inside a container)")
     parser.add_argument("--stuck-on", action="append", default=[], metavar="TARGET",
                         help="this BMC accepts 'off' but the host stays on")
     args = parser.parse_args(argv)
@@ -110,11 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.bmc:
         target, _, port = spec.partition("=")
         bmcs.append(SimBmc({args.user: password}, int(port), switch, target, args.off_delay,
-                           stuck_on=target in args.stuck_on))
+                           stuck_on=target in args.stuck_on, address=args.address))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    print(f"bmcsim: serving {len(bmcs)} BMCs on 127.0.0.1 (pid {os.getpid()})", flush=True)
+    print(f"bmcsim: serving {len(bmcs)} BMCs on {args.address} (pid {os.getpid()})", flush=True)
     serve(bmcs, stop)
     return 0
 

@@ -20,6 +20,7 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from hafence import natsconf
 from hafence.config import ClusterConfig, parse_config
 from hafence.contracts import Decoders
 from hafence.lab import netns
@@ -60,6 +61,8 @@ class LabSpec:
     # Agents renew a lease file on the "shared storage" (a lab directory).
     storage_lease: bool = False
     storm_share: float = 0.5
+    # NATS with deploy-style per-service users and subject permissions.
+    secure: bool = False
     fence_attempts: int = 3
     fence_retry_backoff_s: float = 15.0
 
@@ -183,8 +186,9 @@ class Observer:
         self.nc: NatsClient | None = None
         self.changed = asyncio.Event()
 
-    async def start(self, url: str, prefix: str = "hafence") -> None:
-        self.nc = await nats.connect(url, name="hafence-lab-observer")
+    async def start(self, url: str, prefix: str = "hafence", user: str = "", password: str = "") -> None:
+        auth = {"user": user, "password": password} if user else {}
+        self.nc = await nats.connect(url, name="hafence-lab-observer", **auth)
 
         async def cb(msg: Msg) -> None:
             self.records.append(Record(time.time(), msg.subject, msg.data, dict(msg.headers or {})))
@@ -229,6 +233,7 @@ class Lab:
         self.config: ClusterConfig | None = None
         self.peers: list[Peer] = []
         self.metrics_ports: dict[str, int] = {}
+        self.nats_passwords: dict[str, str] = {}
 
     @property
     def log_dir(self) -> Path:
@@ -247,17 +252,41 @@ class Lab:
             self.netns = netns.create("lab", 1)
             # NATS listens on the root end of the veth: a local address every lab process reaches.
             self.nats = NatsServer(self.dir / "nats", host=self.netns.host_ip)
-        self.nats.start()
         ports = self.start_power_devices() if self.spec.power == "ipmi" else None
         text = render_config(self.spec, self.nats.url, self.dir, ports)
         self.config_path.write_text(text)
         self.config = parse_config(text, str(self.config_path))
-        await self.observer.start(self.nats.url)
+        if self.spec.secure:
+            self.nats.config_file = str(self.write_nats_conf())
+        self.nats.start()
+        observer_auth = ("operator", self.nats_passwords["operator"]) if self.spec.secure else ("", "")
+        await self.observer.start(self.nats.url, user=observer_auth[0], password=observer_auth[1])
         for name in services:
             self.start_service(name)
         for host in self.spec.host_names():
             self.start_agent(host)
         return self
+
+    def write_nats_conf(self) -> Path:
+        """Per-service NATS users with the deploy's permissions, passwords in files."""
+        assert self.config is not None
+        users = natsconf.permissions(self.config)
+        secrets = self.dir / "secrets"
+        secrets.mkdir(parents=True, exist_ok=True)
+        self.nats_passwords = {user: secrets_token() for user in users}
+        for user, password in self.nats_passwords.items():
+            path = secrets / f"nats-{user}"
+            path.write_text(password + "\n")
+            path.chmod(0o600)
+        conf = self.dir / "nats.conf"
+        conf.write_text(natsconf.render(self.config, self.nats_passwords, store_dir=str(self.dir / "nats" / "js"),
+                                        port=self.nats.port, http_port=free_port()))
+        return conf
+
+    def identity(self, user: str) -> dict[str, str]:
+        if not self.spec.secure:
+            return {}
+        return {"HAFENCE_NATS_USER": user, "HAFENCE_NATS_PASSWORD_FILE": str(self.dir / "secrets" / f"nats-{user}")}
 
     def start_power_devices(self) -> LabPorts:
         """A simulated BMC per host (IPMI) and one APC PDU (SNMP), secrets in files."""
@@ -283,7 +312,8 @@ class Lab:
         args = ["-m", f"hafence.{name}", "--config", str(self.config_path), "--instance", key]
         self.metrics_ports[key] = free_port()
         metrics_env = {"HAFENCE_METRICS_PORT": str(self.metrics_ports[key]), "HAFENCE_METRICS_ADDRESS": "127.0.0.1"}
-        svc = Service(key, args, self.log_dir, {**self.service_env(), **metrics_env, **(env or {})}).start()
+        env = {**self.service_env(), **metrics_env, **self.identity(name), **(env or {})}
+        svc = Service(key, args, self.log_dir, env).start()
         self.services[key] = svc
         return svc
 
@@ -293,7 +323,8 @@ class Lab:
             "--sim-power", str(self.dir / "power"), "--boot-vms", "--instance", f"agent-{host}",
         ]
         prefix = self.netns.exec_prefix() if self.netns and host == self.spec.netns_host else []
-        svc = Service(f"agent-{host}", args, self.log_dir, self.service_env(), prefix=prefix).start()
+        env = {**self.service_env(), **self.identity(f"agent-{host}")}
+        svc = Service(f"agent-{host}", args, self.log_dir, env, prefix=prefix).start()
         self.services[f"agent-{host}"] = svc
         return svc
 

@@ -54,9 +54,9 @@ class NatsServer:
 
     def start(self, timeout: float = 10.0) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [find_nats_server(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
-        if self.config_file:
-            cmd += ["-c", self.config_file]
+        cmd = [find_nats_server(), "-a", self.host, "-p", str(self.port)]
+        # A config file carries its own JetStream settings; the command line may not repeat them.
+        cmd += ["-c", self.config_file] if self.config_file else ["-js", "-sd", str(self.store_dir)]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent

@@ -119,7 +119,7 @@ class PduMib(AbstractMibInstrumController):
 
 def build_agent(args: argparse.Namespace) -> engine.SnmpEngine:
     snmp = engine.SnmpEngine()
-    config.add_transport(snmp, udp.DOMAIN_NAME, udp.UdpTransport().open_server_mode(("127.0.0.1", args.port)))
+    config.add_transport(snmp, udp.DOMAIN_NAME, udp.UdpTransport().open_server_mode((args.address, args.port)))
     community = Path(args.community_file).read_text().strip()
     config.add_v1_system(snmp, "hafence-area", community)
     if args.v3_user:
@@ -152,7 +152,7 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     snmp.transport_dispatcher.job_started(1)
-    print(f"pdusim: serving {len(args.outlet)} outlets on 127.0.0.1:{args.port}", flush=True)
+    print(f"pdusim: serving {len(args.outlet)} outlets on {args.address}:{args.port}", flush=True)
     try:
         await stop.wait()
     finally:
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hafence.lab.pdusim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--address", default="127.0.0.1", help="listen address (0.0.0.0 inside a container)")
     parser.add_argument("--power-dir", required=True)
     parser.add_argument("--community-file", required=True)
     parser.add_argument("--outlet", action="append", default=[], metavar="N=TARGET")
