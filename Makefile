@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean secrets nats-conf
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+secrets: $(STAMP)
+	$(BIN)/hafence deploy secrets --config deploy/cluster.toml
+
+nats-conf: $(STAMP)
+	$(BIN)/hafence deploy nats-conf --config deploy/cluster.toml --out deploy/nats.conf
 
 lint: $(STAMP)
 	$(BIN)/ruff check shared services tests bench
