@@ -145,12 +145,13 @@ async def test_a_failed_fence_keeps_vms_down_until_an_operator_confirms() -> Non
         await asyncio.sleep(1.0)
         assert started() == set()  # S1: no confirmed fence, no restart
 
-        refused = subprocess.run(
-            [sys.executable, "-m", "hafence.cli", "confirm-fenced", victim, "--reason", "checked", "--config",
-             str(lab.config_path)], capture_output=True, text=True, timeout=30)
+        refused = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "hafence.cli", "confirm-fenced", victim, "--reason", "checked",
+             "--config", str(lab.config_path)], capture_output=True, text=True, timeout=30)
         assert refused.returncode == 2 and "--yes" in refused.stderr
-        confirm = subprocess.run(
-            [sys.executable, "-m", "hafence.cli", "confirm-fenced", victim, "--yes", "--by", "alice",
+        confirm = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "hafence.cli", "confirm-fenced", victim, "--yes", "--by", "alice",
              "--reason", "pulled both power cords, checked the PSU LEDs", "--config", str(lab.config_path)],
             capture_output=True, text=True, timeout=30)
         assert confirm.returncode == 0, confirm.stderr
