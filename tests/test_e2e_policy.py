@@ -160,3 +160,40 @@ async def test_a_failed_fence_keeps_vms_down_until_an_operator_confirms() -> Non
         assert audit.by == "alice" and "power cords" in audit.reason
     finally:
         await lab.stop()
+
+
+async def test_status_hosts_vms_and_events_show_an_incident() -> None:
+    """The operator's read commands during a storm: hosts, alerts and the decision events."""
+    import json
+    import subprocess
+    import sys
+
+    lab = Lab(LabSpec(heartbeat_interval_s=0.3))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hafence.cli", *args, "--config", str(lab.config_path)],
+                              capture_output=True, text=True, timeout=60)
+
+    try:
+        await lab.start()
+        await lab.wait_ready()
+        for host in ("lab-1", "lab-2", "lab-3"):
+            lab.crash(host)
+        storm = lambda: {e.host for e in lab.events("fence_skipped") if e.rule == "storm"}  # noqa: E731
+        assert await lab.observer.wait_for(lambda: len(storm()) == 3, 20), lab.diagnostics()
+        status = await asyncio.to_thread(cli, "status")
+        assert status.returncode == 1, status.stderr  # alerts: a person must look
+        assert "lab-1: not fenced (storm): storm guard: 3 of 4 hosts lost at once" in status.stdout
+        lines = {line.split()[0]: line for line in status.stdout.splitlines() if line.startswith("lab-")}
+        assert lines["lab-4"].split()[1] == "up" and "ago" in lines["lab-4"]
+        assert lines["lab-2"].split()[1] == "suspect" and lines["lab-2"].split()[2] == "-"
+        hosts = json.loads((await asyncio.to_thread(cli, "hosts", "--json")).stdout)["hosts"]
+        assert {h["name"]: h["protected"] for h in hosts} == {f"lab-{i}": True for i in range(1, 5)}
+        vms = json.loads((await asyncio.to_thread(cli, "vms", "--json")).stdout)["vms"]
+        assert {v["name"] for v in vms if v["state"] == "running"} == {vm.name for vm in lab.config.vms}  # type: ignore[union-attr]
+        events = await asyncio.to_thread(cli, "events")
+        assert events.returncode == 0
+        assert "host lab-2      suspect: no heartbeat for" in events.stdout
+        assert "host lab-2      fence_skipped [storm]: storm guard" in events.stdout
+    finally:
+        await lab.stop()
