@@ -109,8 +109,11 @@ class FencerSection(_Section):
 
 
 class SchedulerSection(_Section):
+    # spread: the host with the most free memory; best_fit: the fullest host that fits.
     strategy: Literal["spread", "best_fit"] = "spread"
     memory_overcommit: Annotated[float, msgspec.Meta(ge=0.1, le=4)] = 1.0
+    cpu_overcommit: Annotated[float, msgspec.Meta(ge=0.1, le=16)] = 4.0
+    # Hosts a VM's start is tried on before it is left pending (until capacity appears).
     start_attempts: Annotated[int, msgspec.Meta(ge=1)] = 3
 
 
@@ -217,6 +220,7 @@ class HostConfig(_Section):
     vcpus: Annotated[int, msgspec.Meta(ge=1)] = 8
     levels: list[FenceLevel] = []
     maintenance: bool = False
+    labels: list[str] = []
 
 
 class VmConfig(_Section):
@@ -225,9 +229,18 @@ class VmConfig(_Section):
     memory_mb: Annotated[int, msgspec.Meta(ge=1)]
     vcpus: Annotated[int, msgspec.Meta(ge=1)] = 1
     ha: bool = False
+    uuid: str = ""
+    priority: Literal["high", "medium", "low"] = "medium"
+    affinity: list[Name] = []
+    anti_affinity: list[Name] = []
+    labels: list[str] = []
+    # Path of the libvirt domain XML on shared storage (libvirt driver).
+    definition: str = ""
 
     def spec(self) -> VmSpec:
-        return VmSpec(name=self.name, memory_mb=self.memory_mb, vcpus=self.vcpus, ha=self.ha)
+        return VmSpec(name=self.name, memory_mb=self.memory_mb, vcpus=self.vcpus, ha=self.ha, uuid=self.uuid,
+                      priority=self.priority, affinity=self.affinity, anti_affinity=self.anti_affinity,
+                      labels=self.labels, definition=self.definition)
 
 
 class ClusterConfig(_Section):

@@ -36,6 +36,9 @@ class Heartbeat(Message, tag="heartbeat", kw_only=True):
     sent_at: float
 
 
+Priority = Literal["high", "medium", "low"]
+
+
 class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     """What it takes to start a VM on any host that can reach its storage."""
 
@@ -43,6 +46,15 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     memory_mb: MiB
     vcpus: Annotated[int, msgspec.Meta(ge=1)] = 1
     ha: bool = False
+    uuid: str = ""
+    priority: Priority = "medium"
+    # VMs sharing an affinity group run on one host; sharing an anti-affinity group, never.
+    affinity: list[Name] = []
+    anti_affinity: list[Name] = []
+    # Host labels the VM needs (e.g. "ssd", "gpu").
+    labels: list[str] = []
+    # libvirt domain XML (on shared storage), for a host that never ran the VM.
+    definition: str = ""
 
 
 class VmInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -55,6 +67,7 @@ class Inventory(Message, tag="inventory", kw_only=True):
     boot_id: str
     memory_mb: MiB
     vcpus: int
+    labels: list[str] = []
     vms: list[VmInfo] = []
     sent_at: float
 
@@ -71,6 +84,8 @@ HostEventKind = Literal[
     "not_protected",
     "maintenance_on",
     "maintenance_off",
+    "ha_reservation_lost",
+    "ha_reservation_ok",
 ]
 
 

@@ -24,6 +24,7 @@ FAILOVER_SECONDS = Histogram(
     "hafence_failover_duration_seconds", "From a host's fence confirmation to its last HA VM started",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
 )
+HA_RESERVATION = Gauge("hafence_ha_reservation_ok", "1 if the loss of the largest host could be absorbed")
 DEAD_LETTERS = Counter("hafence_dead_letters_total", "Messages sent to the dead-letter stream", ["service"])
 LEADER = Gauge("hafence_leader", "1 while this replica holds the role's lease", ["role"])
 TERM = Gauge("hafence_leader_term", "The role's lease term held by this replica (0: not leader)", ["role"])

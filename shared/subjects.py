@@ -39,6 +39,8 @@ HOST_EVENT_KINDS = (
     "not_protected",
     "maintenance_on",
     "maintenance_off",
+    "ha_reservation_lost",
+    "ha_reservation_ok",
 )
 VM_EVENT_KINDS = ("placed", "started", "failed", "pending")
 

@@ -36,7 +36,9 @@ log = logging.getLogger("hafence.agent")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", required=True, help="the host this agent runs on (as in the config)")
-    parser.add_argument("--driver", choices=["sim"], default="sim", help="hypervisor driver")
+    parser.add_argument("--driver", choices=["sim", "libvirt"], default="sim", help="hypervisor driver")
+    parser.add_argument("--libvirt-uri", default="qemu:///system", help="libvirt connection URI")
+    parser.add_argument("--fail-starts", action="store_true", help="lab: every VM start on this host fails")
     parser.add_argument("--sim-power", default="", help="lab: directory of the simulated power switch")
     parser.add_argument("--boot-vms", action="store_true", help="lab: start the host's configured VMs at boot")
 
@@ -60,7 +62,7 @@ class Agent:
     async def publish_inventory(self) -> None:
         inv = Inventory(
             host=self.host, boot_id=self.boot_id, memory_mb=self.config.memory_mb, vcpus=self.config.vcpus,
-            vms=await self.hypervisor.list_vms(), sent_at=time.time(),
+            labels=self.config.labels, vms=await self.hypervisor.list_vms(), sent_at=time.time(),
         )
         await self.bus.publish(self.bus.subjects.inventory(self.host), inv)
 
@@ -166,6 +168,13 @@ async def run(rt: Runtime) -> None:
         rt.config.host(host)
     except KeyError as err:
         raise SystemExit(f"hafence agent: {err.args[0]}") from None
-    boot = [vm.spec() for vm in rt.config.vms_of(host)] if rt.args.boot_vms else []
     power = SimPowerSwitch(rt.args.sim_power) if rt.args.sim_power else None
-    await Agent(rt, host, SimHypervisor(boot), power).run()
+    hypervisor: Hypervisor
+    if getattr(rt.args, "driver", "sim") == "libvirt":
+        from hafence.agent.libvirt_driver import LibvirtHypervisor
+
+        hypervisor = await asyncio.to_thread(LibvirtHypervisor, rt.args.libvirt_uri)
+    else:
+        boot = [vm.spec() for vm in rt.config.vms_of(host)] if rt.args.boot_vms else []
+        hypervisor = SimHypervisor(boot, fail_starts=getattr(rt.args, "fail_starts", False))
+    await Agent(rt, host, hypervisor, power).run()

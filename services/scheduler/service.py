@@ -22,7 +22,7 @@ from hafence import metrics
 from hafence.contracts import AgentReply, Decoders, FenceResult, HostEvent, Inventory, VmEvent, VmStart
 from hafence.lease import LeaderLease
 from hafence.logs import fields
-from hafence.scheduler.placement import place
+from hafence.scheduler.placement import Pending, largest_host_loss_absorbed, place
 from hafence.scheduler.state import LostVm, SchedulerState
 from hafence.service import Runtime
 from hafence.store import open_store
@@ -151,11 +151,21 @@ async def run(rt: Runtime) -> None:
         wake.set()
 
     async def schedule_once() -> None:
+        """Priority waves: every high-priority VM is started (in parallel), and its
+        failed starts retried on other hosts, before any medium one; then low."""
+        for priority in ("high", "medium", "low"):
+            for _ in range(config.scheduler.start_attempts):
+                failures = sum(len(hosts) for hosts in failed_on.values())
+                await wave(priority)
+                if sum(len(hosts) for hosts in failed_on.values()) == failures:
+                    break
+
+    async def wave(priority: str) -> None:
         in_flight = {vm for vm, _ in state.reserved}
         todo: list[LostVm] = []
         resend: list[tuple[LostVm, str]] = []
         for lost in list(state.lost.values()):
-            if lost.spec.name in in_flight:
+            if lost.spec.name in in_flight or lost.spec.priority != priority:
                 continue
             history = await start_history(lost.spec.name, lost.incident)
             done = [t for t, s in history if s in ("sending", "started")]
@@ -168,11 +178,17 @@ async def run(rt: Runtime) -> None:
                 if s == "failed":
                     failed_on.setdefault(lost.spec.name, set()).add(t)
         by_name = {lost.spec.name: lost for lost in todo}
+        # A VM whose start failed on start_attempts hosts waits for capacity to change.
+        exhausted = {vm for vm, hosts in failed_on.items() if len(hosts) >= config.scheduler.start_attempts}
         placements, pending = place(
-            [lost.spec for lost in todo], state.candidates(), config.scheduler.strategy,
-            config.scheduler.memory_overcommit,
+            [lost.spec for lost in todo if lost.spec.name not in exhausted], state.candidates(),
+            config.scheduler.strategy, config.scheduler.memory_overcommit,
             {vm: hosts for vm, hosts in failed_on.items() if vm in by_name},
+            cpu_overcommit=config.scheduler.cpu_overcommit,
         )
+        pending += [Pending(by_name[vm].spec, f"start failed on {len(failed_on[vm])} hosts "
+                            f"({', '.join(sorted(failed_on[vm]))}); waiting for capacity to change")
+                    for vm in exhausted if vm in by_name]
         for p in pending:
             lost = by_name[p.vm.name]
             if announced_pending.get(p.vm.name) != p.reason:
@@ -187,6 +203,23 @@ async def run(rt: Runtime) -> None:
                 for lost, target in jobs:
                     tg.create_task(start(lost, target))
 
+    reservation: dict[str, object] = {"ok": None}
+
+    async def check_reservation() -> None:
+        """Publish a warning when the loss of the largest host could no longer be absorbed, and when it can again."""
+        ok, host, reason = largest_host_loss_absorbed(
+            state.candidates(), state.ha_vms_by_host(), config.scheduler.strategy,
+            config.scheduler.memory_overcommit, config.scheduler.cpu_overcommit,
+        )
+        metrics.HA_RESERVATION.set(1 if ok else 0)
+        if reservation["ok"] == ok or not host:
+            return
+        reservation["ok"] = ok
+        kind = "ha_reservation_ok" if ok else "ha_reservation_lost"
+        (log.info if ok else log.error)("HA reservation", extra=fields(ok=ok, reason=reason))
+        await bus.publish(subjects.host_event(host, kind),
+                          HostEvent(host=host, kind=kind, at=time.time(), reason=reason, alert=not ok))
+
     async def schedule_loop() -> None:
         await caught_up.wait()
         while True:
@@ -198,6 +231,8 @@ async def run(rt: Runtime) -> None:
             metrics.PENDING.set(len(state.lost))
             if lease.held() and state.lost:
                 await schedule_once()
+            if lease.held():
+                await check_reservation()
 
     filters = [
         subjects.inventory_all(),

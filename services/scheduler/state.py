@@ -99,11 +99,18 @@ class SchedulerState:
         for host, inv in sorted(self.inventories.items()):
             if self.phases.get(host) != "up" or host in self.maintenance:
                 continue
-            used_mem = sum(vm.spec.memory_mb for vm in inv.vms if vm.state == "running")
-            used_cpu = sum(vm.spec.vcpus for vm in inv.vms if vm.state == "running")
-            for (_vm, target), spec in self.reserved.items():
-                if target == host:
-                    used_mem += spec.memory_mb
-                    used_cpu += spec.vcpus
-            out.append(Candidate(host, inv.memory_mb, inv.vcpus, used_mem, used_cpu))
+            specs = [vm.spec for vm in inv.vms if vm.state == "running"]
+            specs += [spec for (_vm, target), spec in self.reserved.items() if target == host]
+            out.append(Candidate(
+                host, inv.memory_mb, inv.vcpus, sum(s.memory_mb for s in specs), sum(s.vcpus for s in specs),
+                frozenset(inv.labels), frozenset(g for s in specs for g in s.affinity),
+                frozenset(g for s in specs for g in s.anti_affinity),
+            ))
         return out
+
+    def ha_vms_by_host(self) -> dict[str, list[VmSpec]]:
+        return {
+            host: [vm.spec for vm in inv.vms if vm.state == "running" and vm.spec.ha]
+            for host, inv in self.inventories.items()
+            if self.phases.get(host) == "up" and host not in self.maintenance
+        }

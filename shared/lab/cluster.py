@@ -64,6 +64,10 @@ class LabSpec:
     # NATS with deploy-style per-service users and subject permissions.
     secure: bool = False
     fence_attempts: int = 3
+    # VMs get priorities high, medium, low in turn (else all medium).
+    mixed_priorities: bool = False
+    # Hosts whose hypervisor fails every VM start.
+    fail_start_hosts: tuple[str, ...] = ()
     fence_retry_backoff_s: float = 15.0
 
     def host_names(self) -> list[str]:
@@ -159,6 +163,7 @@ def render_config(spec: LabSpec, nats_url: str, lab_dir: Path, ports: LabPorts |
                 f"memory_mb = {spec.vm_memory_mb}",
                 "vcpus = 2",
                 f"ha = {'true' if ha else 'false'}",
+                f'priority = "{("high", "medium", "low")[n % 3] if spec.mixed_priorities else "medium"}"',
                 "",
             ]
     return "\n".join(lines)
@@ -321,6 +326,7 @@ class Lab:
         args = [
             "-m", "hafence.agent", "--config", str(self.config_path), "--host", host,
             "--sim-power", str(self.dir / "power"), "--boot-vms", "--instance", f"agent-{host}",
+            *(["--fail-starts"] if host in self.spec.fail_start_hosts else []),
         ]
         prefix = self.netns.exec_prefix() if self.netns and host == self.spec.netns_host else []
         env = {**self.service_env(), **self.identity(f"agent-{host}")}
