@@ -11,11 +11,13 @@ import sys
 
 from bench.fence_latency import fence_latency
 from bench.pipeline import pipeline_overhead
+from bench.placement import placement
 from bench.report import Table
 
 BENCHES = {
     "pipeline": pipeline_overhead,
     "fence": fence_latency,
+    "placement": placement,
 }
 
 
