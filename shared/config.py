@@ -300,22 +300,9 @@ def parse_config(text: str, path: str = "<config>") -> ClusterConfig:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(path, [ConfigIssue("(syntax)", f"not valid TOML: {err}")]) from None
-    # Devices are a table keyed by name; check them one by one so that an error
-    # names the device (msgspec would say "devices[...]").
-    device_issues = []
-    devices = raw.get("devices")
-    if isinstance(devices, dict):
-        for name, table in devices.items():
-            try:
-                msgspec.convert(table, Device, strict=True)
-            except msgspec.ValidationError as err:
-                issue = _msgspec_issue(err)
-                if issue.key == "driver":
-                    issue = ConfigIssue("driver", f"{issue.message}: use one of {', '.join(DRIVERS)}")
-                key = f"devices.{name}" + ("" if issue.key == "(top level)" else f".{issue.key}")
-                device_issues.append(ConfigIssue(key, issue.message))
-    if device_issues:
-        raise ConfigError(path, device_issues)
+    issues = _section_issues(raw)
+    if issues:
+        raise ConfigError(path, issues)
     try:
         config = msgspec.convert(raw, ClusterConfig, strict=True)
     except msgspec.ValidationError as err:
@@ -324,6 +311,36 @@ def parse_config(text: str, path: str = "<config>") -> ClusterConfig:
     if issues:
         raise ConfigError(path, issues)
     return config
+
+
+def _section_issues(raw: dict[str, object]) -> list[ConfigIssue]:
+    """Check each section, device, host and VM on its own, so that one pass reports
+    every structural error with its full key (msgspec stops at the first)."""
+    issues: list[ConfigIssue] = []
+
+    def check(value: object, kind: object, key: str) -> None:
+        try:
+            msgspec.convert(value, kind, strict=True)
+        except msgspec.ValidationError as err:
+            issue = _msgspec_issue(err)
+            if key.startswith("devices.") and issue.key == "driver":
+                issue = ConfigIssue("driver", f"{issue.message}: use one of {', '.join(DRIVERS)}")
+            issues.append(ConfigIssue(key + ("" if issue.key == "(top level)" else f".{issue.key}"), issue.message))
+
+    known = {f.name: f.type for f in msgspec.structs.fields(ClusterConfig)}
+    for section, value in raw.items():
+        if section not in known:
+            issues.append(ConfigIssue(section, f"unknown section (known: {', '.join(sorted(known))})"))
+        elif section == "devices" and isinstance(value, dict):
+            for name, table in value.items():
+                check(table, Device, f"devices.{name}")
+        elif section in ("hosts", "vms") and isinstance(value, list):
+            kind = HostConfig if section == "hosts" else VmConfig
+            for i, item in enumerate(value):
+                check(item, kind, f"{section}[{i}]")
+        else:
+            check(value, known[section], section)
+    return issues
 
 
 def load_config(path: str | os.PathLike[str]) -> ClusterConfig:

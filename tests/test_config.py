@@ -84,3 +84,16 @@ def test_secrets_come_from_files_or_environment(tmp_path: Path, monkeypatch: pyt
     assert read_secret("", "HAFENCE_TEST_PW", "x") == "envpw"
     with pytest.raises(ConfigError, match="HAFENCE_NOPE is not set"):
         read_secret("", "HAFENCE_NOPE", "devices.x.password")
+
+
+def test_every_structural_error_is_reported_in_one_pass() -> None:
+    bad = (
+        '[timings]\nheartbeat_interval_s = "x"\n[[hosts]]\nname = "a.b"\nmemory_mb = 1\n'
+        '[devices.q]\ndriver = "nope"\n[bogus]\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        parse_config(bad, "c.toml")
+    assert [i.key for i in err.value.issues] == [
+        "timings.heartbeat_interval_s", "hosts[0].name", "devices.q.driver", "bogus",
+    ]
+    assert "use one of sim, ipmi, apc_snmp, redfish, agent" in str(err.value)
