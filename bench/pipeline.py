@@ -68,7 +68,7 @@ async def pipeline_overhead(table: Table, quick: bool = False) -> None:
         f"{sorted(decide)[len(decide) // 2]:.1f}", "ms", "p50",
     )
     table.add("  of which confirmed off -> last VmStart ack", f"{sorted(restart)[len(restart) // 2]:.1f}", "ms", "p50")
-    table.add("  power device time (sim, excluded)", f"{sorted(device)[len(device) // 2]:.1f}", "ms", "p50")
+    table.add("  power device time (simulated IPMI BMC, excluded)", f"{sorted(device)[len(device) // 2]:.1f}", "ms", "p50")
 
 
 async def reset(lab: Lab, victim: str, names: set[str]) -> None:

@@ -204,9 +204,13 @@ async def run(rt: Runtime) -> None:
                     tg.create_task(start(lost, target))
 
     reservation: dict[str, object] = {"ok": None}
+    started_at = time.monotonic()
 
     async def check_reservation() -> None:
         """Publish a warning when the loss of the largest host could no longer be absorbed, and when it can again."""
+        settling = time.monotonic() - started_at < 2 * config.timings.detection_window_s
+        if settling and len(state.inventories) < len(config.hosts):
+            return  # hosts are still reporting in: no verdict on half a cluster
         ok, host, reason = largest_host_loss_absorbed(
             state.candidates(), state.ha_vms_by_host(), config.scheduler.strategy,
             config.scheduler.memory_overcommit, config.scheduler.cpu_overcommit,
