@@ -12,8 +12,8 @@ import asyncio
 
 import msgspec
 
-from bench.report import Table
-from hafence.contracts import AgentReply, FenceResult, HostEvent, Inventory, VmEvent, VmStop, encode
+from bench.report import Table, percentile
+from hafence.contracts import AgentReply, FenceResult, HostEvent, VmEvent, VmStop, encode
 from hafence.lab.cluster import Lab, LabSpec
 from hafence.lab.power import SimPowerSwitch
 
@@ -65,21 +65,17 @@ async def pipeline_overhead(table: Table, quick: bool = False) -> None:
     table.add_distribution("pipeline overhead (suspect -> last VmStart ack, minus device)", overheads, "ms", note)
     table.add(
         "  of which suspect -> fence requested (arbiter, incl. settle)",
-        f"{sorted(decide)[len(decide) // 2]:.1f}", "ms", "p50",
+        f"{percentile(decide, 50):.1f}", "ms", "p50",
     )
-    table.add("  of which confirmed off -> last VmStart ack", f"{sorted(restart)[len(restart) // 2]:.1f}", "ms", "p50")
-    table.add("  power device time (simulated IPMI BMC, excluded)", f"{sorted(device)[len(device) // 2]:.1f}", "ms", "p50")
+    table.add("  of which confirmed off -> last VmStart ack", f"{percentile(restart, 50):.1f}", "ms", "p50")
+    table.add("  power device time (simulated IPMI BMC, excluded)", f"{percentile(device, 50):.1f}", "ms", "p50")
 
 
 async def reset(lab: Lab, victim: str, names: set[str]) -> None:
     """Stop the victim's VMs on the survivors, power it on, boot it with them again."""
     nc = lab.observer.nc
     assert nc is not None
-    latest: dict[str, Inventory] = {}
-    for r in lab.observer.records:
-        if isinstance(m := r.decode(), Inventory):
-            latest[m.host] = m
-    for host, inv in latest.items():
+    for host, inv in lab.latest_inventories().items():
         if host == victim:
             continue
         for vm in inv.vms:

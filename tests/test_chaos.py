@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from hafence.contracts import FenceResult, HostEvent, Inventory
+from hafence.contracts import FenceResult, HostEvent
 from hafence.lab.cluster import Lab, LabSpec
 from hafence.lab.demo import failover_done
 
@@ -56,18 +56,9 @@ async def test_killing_a_service_mid_incident_loses_nothing(victim: str) -> None
         await lab.stop()
 
 
-def _latest_inventories(lab: Lab) -> dict[str, Inventory]:
-    latest: dict[str, Inventory] = {}
-    for r in lab.observer.records:
-        msg = r.decode()
-        if isinstance(msg, Inventory):
-            latest[msg.host] = msg
-    return latest
-
-
 def _running_once(lab: Lab, dead: str, expected: set[str]) -> bool:
     counts: dict[str, int] = {}
-    for host, inv in _latest_inventories(lab).items():
+    for host, inv in lab.latest_inventories().items():
         if host == dead:
             continue
         for vm in inv.vms:
@@ -77,4 +68,4 @@ def _running_once(lab: Lab, dead: str, expected: set[str]) -> bool:
 
 
 def _where(lab: Lab) -> dict[str, list[str]]:
-    return {h: [v.spec.name for v in inv.vms] for h, inv in _latest_inventories(lab).items()}
+    return {h: [v.spec.name for v in inv.vms] for h, inv in lab.latest_inventories().items()}

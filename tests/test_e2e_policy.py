@@ -13,6 +13,7 @@ import pytest
 from hafence.contracts import FenceResult, HostEvent
 from hafence.lab.cluster import Lab, LabSpec
 from hafence.lab.netns import netns_available
+from tests.conftest import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -73,12 +74,12 @@ async def test_s3_a_stale_arbiter_is_refused_and_nothing_is_fenced_twice() -> No
     try:
         await lab.start(services=("heartbeat", "fencer", "scheduler"))
         stale = lab.start_service("arbiter", "arbiter-a", env={"HAFENCE_FAULT_STALE_LEASE": "1"})
-        await _until(lambda: lab.lease_holder("arbiter"), "arbiter-a")
+        await eventually(lambda: _leads(lab, "arbiter-a"))
         lab.start_service("arbiter", "arbiter-b")
         await lab.wait_ready()
 
         stale.signal(signal.SIGSTOP)
-        await _until(lambda: lab.lease_holder("arbiter"), "arbiter-b", timeout=15)
+        await eventually(lambda: _leads(lab, "arbiter-b"), timeout=15)
         lab.crash("lab-2")
         done = lambda h: [r for r in lab.fence_results(h) if r.outcome == "confirmed_off"]  # noqa: E731
         assert await lab.observer.wait_for(lambda: bool(done("lab-2")), 20), lab.diagnostics()
@@ -106,15 +107,6 @@ async def test_s3_a_stale_arbiter_is_refused_and_nothing_is_fenced_twice() -> No
             assert confirmed.term >= new_term
     finally:
         await lab.stop()
-
-
-async def _until(read, want: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while (got := await read()) != want:
-        if loop.time() > deadline:
-            raise AssertionError(f"waited for {want!r}, have {got!r}")
-        await asyncio.sleep(0.1)
 
 
 async def test_a_failed_fence_keeps_vms_down_until_an_operator_confirms() -> None:
@@ -197,3 +189,7 @@ async def test_status_hosts_vms_and_events_show_an_incident() -> None:
         assert "host lab-2      fence_skipped [storm]: storm guard" in events.stdout
     finally:
         await lab.stop()
+
+
+async def _leads(lab: Lab, instance: str) -> bool:
+    return await lab.lease_holder("arbiter") == instance

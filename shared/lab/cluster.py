@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 
 from hafence import natsconf
 from hafence.config import ClusterConfig, parse_config
-from hafence.contracts import Decoders
+from hafence.contracts import Decoders, Inventory
 from hafence.lab import netns
 from hafence.lab.natsserver import NatsServer, free_port
 from hafence.lab.netns import NetNamespace
@@ -353,6 +353,14 @@ class Lab:
                 if msg is not None:
                     out.append(msg)
         return out
+
+    def latest_inventories(self) -> dict[str, Inventory]:
+        latest: dict[str, Inventory] = {}
+        for r in self.observer.records:
+            msg = r.decode()
+            if isinstance(msg, Inventory):
+                latest[msg.host] = msg
+        return latest
 
     def fence_results(self, host: str = "") -> list[msgspec.Struct]:
         return [m for r in self.observer.records if ".fence.result." in r.subject

@@ -13,7 +13,7 @@ import asyncio
 import sys
 import time
 
-from hafence.contracts import FenceResult, HostEvent, Inventory, VmEvent
+from hafence.contracts import FenceResult, HostEvent, VmEvent
 from hafence.lab.cluster import Lab, LabSpec, Record
 from hafence.telemetry import trace_id_of
 
@@ -88,7 +88,8 @@ async def run_demo(victim: str, timeout: float, keep: bool, stuck_bmc: bool = Fa
                 print(f"  fencing   (suspect -> confirmed off):  {first - suspect.at:.3f}s")
                 print(f"  restart   (confirmed off -> last VM):  {last_start - first:.3f}s")
         print(f"  trace id: {trace or '(none)'}  ({len([s for s in lab.spans() if s['trace_id'] == trace])} spans)")
-        running_elsewhere = _running_elsewhere(records, victim)
+        running_elsewhere = {vm.spec.name for h, inv in lab.latest_inventories().items() if h != victim
+                             for vm in inv.vms if vm.state == "running"}
         missing = expected - running_elsewhere
         if ok and not missing:
             print(f"\nfailover complete: host {victim}, {len(expected)}/{len(expected)} HA VMs restarted on "
@@ -103,15 +104,6 @@ async def run_demo(victim: str, timeout: float, keep: bool, stuck_bmc: bool = Fa
         bad = {k: v for k, v in codes.items() if v not in (0, None, -9, -15)}
         if bad:
             print(f"  note: services exited with {bad}", file=sys.stderr)
-
-
-def _running_elsewhere(records: list[Record], victim: str) -> set[str]:
-    latest: dict[str, Inventory] = {}
-    for r in records:
-        msg = r.decode()
-        if isinstance(msg, Inventory):
-            latest[msg.host] = msg
-    return {vm.spec.name for h, inv in latest.items() if h != victim for vm in inv.vms if vm.state == "running"}
 
 
 def main(argv: list[str] | None = None) -> int:
