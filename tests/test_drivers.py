@@ -91,6 +91,13 @@ async def test_apc_driver_switches_an_outlet_with_every_outlet_table(devices: La
     await cycle(driver, devices, "h2")
 
 
+async def test_apc_driver_addresses_a_masterswitch_plus_outlet_by_switch_and_outlet(devices: Lab) -> None:
+    driver = make_driver("pdu", apc(devices, model="masterswitch_plus", snmp_version="2c"), "1:2")
+    await cycle(driver, devices, "h2")
+    with pytest.raises(DeviceError, match="not a number"):
+        make_driver("pdu", apc(devices, model="masterswitch_plus"), "one:2")
+
+
 async def test_apc_driver_speaks_snmp_v3_with_auth_and_privacy(devices: Lab) -> None:
     device = apc(devices, snmp_version="3", community_file="", username="fence", auth_protocol="sha",
                  auth_password_file=str(devices.v3_auth_file), priv_protocol="aes",

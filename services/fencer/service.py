@@ -20,6 +20,7 @@ from opentelemetry.context import Context
 from hafence import metrics
 from hafence.bus import Reject
 from hafence.contracts import Decoders, FenceRequest, FenceResult, HostEvent
+from hafence.fencer.admission import admit
 from hafence.fencer.executor import Executor
 from hafence.fencer.journal import FenceJournal
 from hafence.fencer.protection import protection
@@ -55,14 +56,10 @@ async def run(rt: Runtime) -> None:
         span.set_attributes({"hafence.host": request.host, "hafence.request_id": request.request_id,
                              "hafence.term": request.term})
         started = time.time()
-        highest = await journal.highest_term()
-        if request.term < highest or request.host not in hosts:
+        admission = admit(request.term, await journal.highest_term())
+        if not admission.admitted or request.host not in hosts:
             # S3 before S4: a stale leader is told so, even for a request id that ran.
-            reason = (
-                f"stale leader term {request.term}: a newer arbiter (term {highest}) has acted"
-                if request.host in hosts
-                else f"host {request.host!r} is not in the fencer's configuration"
-            )
+            reason = admission.reason or f"host {request.host!r} is not in the fencer's configuration"
             log.error("refusing fence request", extra=fields(request_id=request.request_id, reason=reason))
             result = FenceResult(
                 request_id=request.request_id, incident=request.incident, host=request.host, term=request.term,

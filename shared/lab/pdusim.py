@@ -6,8 +6,9 @@ switches the power-state file the lab's agents obey.
     python -m hafence.lab.pdusim --port 16100 --power-dir DIR --community-file F \\
         --outlet 1=lab-1 --outlet 2=lab-2 [--v3-user fence --v3-auth-file A --v3-priv-file P]
 
-Tables served: sPDUOutletCtl (MasterSwitch), rPDUOutletControl/Status (rack PDU),
-rPDU2OutletSwitchedControl/Status, and the outlet name tables; sysObjectID says
+Tables served: sPDUOutletCtl (MasterSwitch), the MasterSwitch Plus tables (as
+switch 1), rPDUOutletControl/Status (rack PDU), rPDU2OutletSwitchedControl/Status,
+and the outlet name tables; sysObjectID says
 "rack PDU" (or ``--sys-object-id``).
 """
 
@@ -83,6 +84,11 @@ class PduMib(AbstractMibInstrumController):
         self.writers[_oid(f"{APC}.1.1.12.3.3.1.1.4.{n}")] = control(1, 2)
         self.readers[_oid(f"{APC}.1.1.12.3.5.1.1.2.{n}")] = name
         self.readers[_oid(f"{APC}.1.1.12.3.5.1.1.4.{n}")] = state(1, 2)
+        # MasterSwitch Plus, outlets addressed by switch and outlet (this PDU is switch 1):
+        # status (1 on, 2 off), control (1 on, 3 off).
+        self.readers[_oid(f"{APC}.1.1.6.7.1.1.5.1.1.{n}")] = state(1, 2)
+        self.readers[_oid(f"{APC}.1.1.6.5.1.1.5.1.1.{n}")] = state(1, 2)
+        self.writers[_oid(f"{APC}.1.1.6.5.1.1.5.1.1.{n}")] = control(1, 3)
         # Rack PDU 2: rPDU2OutletSwitchedStatusName/State (1 off, 2 on), ...ControlCommand (1 on, 2 off).
         self.readers[_oid(f"{APC}.1.1.26.9.2.3.1.3.{n}")] = name
         self.readers[_oid(f"{APC}.1.1.26.9.2.3.1.5.{n}")] = state(2, 1)
