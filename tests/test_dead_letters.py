@@ -58,6 +58,8 @@ async def test_every_consumed_subject_dead_letters_garbage_and_failover_still_wo
     ):
         async with running("agent", config, agent, host="h2", instance="agent-h2", **agent_args):
             await eventually(lambda: _leaders(nc))
+            # Agents only publish (they may not create streams): wait until both have reported.
+            await eventually(lambda: _inventories(nc, {"h1", "h2"}), timeout=15)
             js = nc.jetstream()
             for service, subjects in CONSUMED.items():
                 for subject in subjects:
@@ -97,6 +99,14 @@ async def _leaders(nc: NatsClient) -> bool:
         return {"heartbeat", "arbiter", "scheduler"} <= set(await kv.keys())
     except Exception:
         return False
+
+
+async def _inventories(nc: NatsClient, hosts: set[str]) -> bool:
+    try:
+        reports = await read_stream(nc, "HAFENCE_EVENTS", "hafence.inventory.*", Decoders.inventory)
+    except Exception:
+        return False
+    return hosts <= {r.host for r in reports}
 
 
 async def _dead_lettered(nc: NatsClient, expected: set[tuple[str, str]]) -> bool:
