@@ -140,6 +140,11 @@ class Bus:
 
     # --- provisioning -------------------------------------------------------
 
+    def event_subjects(self) -> list[str]:
+        """Every subject of the events stream."""
+        p = self.subjects.prefix
+        return [f"{p}.host.>", f"{p}.vm.>", f"{p}.fence.result.>", f"{p}.inventory.*"]
+
     async def provision(self) -> None:
         """Create or update the streams and the lease bucket; safe to run from every service."""
         s, n = self.subjects, self.streams
@@ -150,12 +155,7 @@ class Bus:
                 name=n.events,
                 # One stream, so that a service replaying it sees inventories,
                 # host events and fence results in the order they happened.
-                subjects=[
-                    f"{s.prefix}.host.>",
-                    f"{s.prefix}.vm.>",
-                    f"{s.prefix}.fence.result.>",
-                    f"{s.prefix}.inventory.*",
-                ],
+                subjects=self.event_subjects(),
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
                 max_age=30 * day,
@@ -346,6 +346,7 @@ class Bus:
         decoder: msgspec.json.Decoder[Any],
         handler: Callable[[Any, Msg], Awaitable[None]],
         caught_up: asyncio.Event,
+        dead_letters: bool = True,
     ) -> None:
         """Fold the events stream into a service's state, from the beginning, then follow it.
 
@@ -356,7 +357,11 @@ class Bus:
         sub = await self.js.subscribe(filters[0], stream=self.streams.events, config=config, ordered_consumer=True)
         try:
             info = await sub.consumer_info()
-            if info.num_pending == 0:
+            # Delivery starts at once, so num_pending may already read 0 while the
+            # history sits unread in our buffer: only "nothing pending and nothing
+            # delivered" means there is no history. Otherwise the message that
+            # carries num_pending == 0 is the last of it.
+            if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
                 caught_up.set()
             async for msg in sub.messages:
                 headers = dict(msg.headers or {})
@@ -364,11 +369,13 @@ class Bus:
                 try:
                     event = decoder.decode(msg.data)
                 except (msgspec.DecodeError, msgspec.ValidationError) as err:
-                    # The id makes a replay after a restart not dead-letter it twice.
-                    await self.dead_letter(
-                        msg.subject, msg.data, f"undecodable message: {err}", headers,
-                        msg_id=f"{self.service}:{self.streams.events}:{seq}",
-                    )
+                    # A reader (the CLI) skips it; a consumer dead-letters it, with an id
+                    # that keeps a replay after a restart from dead-lettering it twice.
+                    if dead_letters:
+                        await self.dead_letter(
+                            msg.subject, msg.data, f"undecodable message: {err}", headers,
+                            msg_id=f"{self.service}:{self.streams.events}:{seq}",
+                        )
                 else:
                     try:
                         await handler(event, msg)

@@ -21,7 +21,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 
@@ -231,50 +231,53 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _read_view(config: ClusterConfig, follow_events: bool = False, as_json: bool = False,
-                     printer: object = None) -> ClusterView:
-    """Replay the events stream into a ClusterView; with ``follow_events``, keep
-    printing events as they arrive (until interrupted)."""
-    from nats.js.api import ConsumerConfig, DeliverPolicy
+async def _read_view(config: ClusterConfig, follow_events: bool = False,
+                     printer: Callable[[float, object], None] | None = None) -> ClusterView:
+    """Replay the events stream into a ClusterView (the way the services do);
+    with ``follow_events``, keep printing events as they arrive until interrupted."""
+    from nats.aio.msg import Msg
 
     from hafence.bus import Bus
     from hafence.contracts import Decoders
 
     bus = await Bus.connect(config, "cli")
     view = ClusterView.of(config)
-    try:
-        heartbeats: dict[str, float] = {}
+    caught_up = asyncio.Event()
+    heartbeats: dict[str, float] = {}
 
-        async def on_hb(msg: object) -> None:
-            heartbeats[msg.subject.rsplit(".", 1)[1]] = time.time()  # type: ignore[attr-defined]
+    async def on_event(event: object, msg: Msg) -> None:
+        view.apply(event)
+        if printer is not None:
+            stamp = msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else time.time()
+            printer(stamp, event)
 
-        hb_sub = await bus.nc.subscribe(bus.subjects.hb_all(), cb=on_hb)
-        sub = await bus.js.subscribe(
-            f"{bus.subjects.prefix}.>", stream=bus.streams.events, ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-        )
-        pending = (await sub.consumer_info()).num_pending
-        while pending > 0 or follow_events:
-            try:
-                msg = await sub.next_msg(timeout=3600 if follow_events else 5)
-            except TimeoutError:
-                break
-            try:
-                event = Decoders.any.decode(msg.data)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue
-            view.apply(event)
-            if printer is not None:
-                printer(msg.metadata.timestamp.timestamp() if msg.metadata.timestamp else time.time(), event)
-            pending = msg.metadata.num_pending
+    async def on_heartbeat(msg: Msg) -> None:
+        heartbeats[msg.subject.rsplit(".", 1)[1]] = time.time()
+
+    class _Done(Exception):
+        pass
+
+    async def until_read() -> None:
+        await caught_up.wait()
         # One heartbeat interval and a half: every live host has been heard.
         await asyncio.sleep(config.timings.heartbeat_interval_s * 1.5)
+        if not follow_events:
+            raise _Done
+
+    try:
+        hb_sub = await bus.nc.subscribe(bus.subjects.hb_all(), cb=on_heartbeat)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(bus.replay(bus.event_subjects(), Decoders.any, on_event, caught_up, dead_letters=False))
+                tg.create_task(until_read())
+        except* _Done:
+            pass
         await hb_sub.unsubscribe()
-        for host, at in heartbeats.items():
-            if host in view.hosts:
-                view.hosts[host].last_heartbeat = at
     finally:
         await bus.close()
+    for host, at in heartbeats.items():
+        if host in view.hosts:
+            view.hosts[host].last_heartbeat = at
     return view
 
 
