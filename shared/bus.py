@@ -35,7 +35,6 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from hafence import metrics
@@ -456,6 +455,3 @@ def _subject_kind(subject: str) -> str:
         return f"{parts[1]}.{parts[3]}"
     return parts[1] if len(parts) > 1 else subject
 
-
-def current_span() -> trace.Span:
-    return trace.get_current_span()

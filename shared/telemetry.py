@@ -104,11 +104,6 @@ def extract_context(headers: Mapping[str, str] | None) -> otel_context.Context:
     return propagate.extract(dict(headers or {}))
 
 
-def current_trace_id() -> str:
-    ctx = trace.get_current_span().get_span_context()
-    return format(ctx.trace_id, "032x") if ctx.is_valid else ""
-
-
 def trace_id_of(headers: Mapping[str, str] | None) -> str:
     """The trace id in a message's traceparent header, or ''."""
     parent = (headers or {}).get("traceparent", "")

@@ -44,7 +44,7 @@ def redfish(lab: Lab, host: str = "h1", **kw: object) -> RedfishDevice:
     return RedfishDevice(**args)  # type: ignore[arg-type]
 
 
-async def cycle(driver, lab: Lab, target: str) -> None:  # type: ignore[no-untyped-def]
+async def assert_switches_and_reads_back(driver, lab: Lab, target: str) -> None:  # type: ignore[no-untyped-def]
     """off, read back off; on, read back on — each checked against the simulated host too."""
     await driver.power_on()
     await _until(driver, "on")
@@ -67,7 +67,7 @@ async def _until(driver, want: str) -> None:  # type: ignore[no-untyped-def]
 
 
 async def test_ipmi_driver_switches_and_reads_back(devices: Lab) -> None:
-    await cycle(make_driver("bmc", ipmi(devices), "h1"), devices, "h1")
+    await assert_switches_and_reads_back(make_driver("bmc", ipmi(devices), "h1"), devices, "h1")
 
 
 async def test_ipmi_driver_reports_a_wrong_password_as_an_auth_error(devices: Lab, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -88,12 +88,12 @@ async def test_ipmi_driver_reports_a_silent_bmc_as_unreachable(devices: Lab) -> 
 @pytest.mark.parametrize("version", ["1", "2c"])
 async def test_apc_driver_switches_an_outlet_with_every_outlet_table(devices: Lab, model: str, version: str) -> None:
     driver = make_driver("pdu", apc(devices, model=model, snmp_version=version), "2")
-    await cycle(driver, devices, "h2")
+    await assert_switches_and_reads_back(driver, devices, "h2")
 
 
 async def test_apc_driver_addresses_a_masterswitch_plus_outlet_by_switch_and_outlet(devices: Lab) -> None:
     driver = make_driver("pdu", apc(devices, model="masterswitch_plus", snmp_version="2c"), "1:2")
-    await cycle(driver, devices, "h2")
+    await assert_switches_and_reads_back(driver, devices, "h2")
     with pytest.raises(DeviceError, match="not a number"):
         make_driver("pdu", apc(devices, model="masterswitch_plus"), "one:2")
 
@@ -102,7 +102,7 @@ async def test_apc_driver_speaks_snmp_v3_with_auth_and_privacy(devices: Lab) -> 
     device = apc(devices, snmp_version="3", community_file="", username="fence", auth_protocol="sha",
                  auth_password_file=str(devices.v3_auth_file), priv_protocol="aes",
                  priv_password_file=str(devices.v3_priv_file))
-    await cycle(make_driver("pdu", device, "1"), devices, "h1")
+    await assert_switches_and_reads_back(make_driver("pdu", device, "1"), devices, "h1")
 
 
 async def test_apc_driver_v3_wrong_key_is_an_auth_error(devices: Lab, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -127,7 +127,7 @@ async def test_apc_driver_names_a_missing_outlet(devices: Lab) -> None:
 
 
 async def test_redfish_driver_switches_and_reads_back_over_verified_tls(devices: Lab) -> None:
-    await cycle(make_driver("rf", redfish(devices), "h1"), devices, "h1")
+    await assert_switches_and_reads_back(make_driver("rf", redfish(devices), "h1"), devices, "h1")
 
 
 async def test_redfish_driver_refuses_an_untrusted_certificate(devices: Lab) -> None:
@@ -150,7 +150,7 @@ async def test_fence_agent_driver_runs_fence_ipmilan_over_stdin(devices: Lab) ->
         options={"ip": "127.0.0.1", "ipport": str(devices.bmc_ports["h2"]), "username": "admin", "lanplus": "1",
                  "cipher": "3", "power_wait": "0"},
     )
-    await cycle(make_driver("agent", device, ""), devices, "h2")
+    await assert_switches_and_reads_back(make_driver("agent", device, ""), devices, "h2")
 
 
 async def test_fence_agent_driver_reports_failures_without_the_password(devices: Lab, tmp_path) -> None:  # type: ignore[no-untyped-def]
