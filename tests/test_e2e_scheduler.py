@@ -35,3 +35,36 @@ async def test_high_priority_vms_start_first_and_a_failed_start_moves_on() -> No
         assert reservation, "the scheduler announces the HA reservation state"
     finally:
         await lab.stop()
+
+
+async def test_a_start_answered_too_late_is_asked_again_on_the_same_host_never_moved() -> None:
+    """lab-4 boots VMs slower than the scheduler waits for an answer. Moving such a
+    VM to another host would run it twice (lab-4 does start it, late); the
+    scheduler asks lab-4 again and gets "already running"."""
+    victim = "lab-2"
+    lab = Lab(LabSpec(heartbeat_interval_s=0.3, slow_start_hosts={"lab-4": 1.5}, agent_command_timeout_s=1.0))
+    try:
+        await lab.start()
+        await lab.wait_ready()
+        assert lab.config is not None
+        ha = {vm.name for vm in lab.config.vms_of(victim) if vm.ha}
+        lab.crash(victim)
+        assert await lab.observer.wait_for(lambda: failover_done(lab, victim, ha), 60), lab.diagnostics()
+        events = [m for r in lab.observer.records if isinstance(m := r.decode(), VmEvent)]
+        unanswered = [e for e in events if e.kind == "failed" and "will ask it again" in e.reason]
+        assert unanswered and all(e.target == "lab-4" for e in unanswered)
+        for e in unanswered:
+            [started] = [s for s in events if s.kind == "started" and s.vm == e.vm]
+            assert started.target == "lab-4"  # the same host, never another
+
+        def running_once() -> bool:
+            counts: dict[str, int] = {}
+            for host, inv in lab.latest_inventories().items():
+                if host != victim:
+                    for vm in inv.vms:
+                        counts[vm.spec.name] = counts.get(vm.spec.name, 0) + (vm.state == "running")
+            return all(counts.get(vm) == 1 for vm in ha)
+
+        assert await lab.observer.wait_for(running_once, 10)
+    finally:
+        await lab.stop()

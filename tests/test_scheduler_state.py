@@ -61,3 +61,15 @@ def test_a_late_report_from_the_fenced_boot_is_ignored_but_a_new_boot_counts() -
     assert "vm1" in s.lost and s.phases["a"] == "fenced"
     s.on_inventory(inv("a", "b9"))
     assert s.phases["a"] == "up" and "vm1" in s.lost
+
+
+def test_starts_sent_to_a_host_that_is_then_fenced_are_void() -> None:
+    s = SchedulerState()
+    s.on_inventory(inv("a", "b1", ("vm1", True)))
+    s.on_inventory(inv("b", "b2"))
+    s.on_fence_result(result("a", "confirmed_off"))
+    spec = s.lost["vm1"].spec
+    s.reserved[("vm1", "b")] = spec  # a start sent to b, unanswered
+    s.on_fence_result(result("b", "confirmed_off", incident="i2"))
+    assert ("vm1", "b") not in s.reserved
+    assert "vm1" in s.lost  # still to be restarted, now elsewhere

@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--driver", choices=["sim", "libvirt"], default="sim", help="hypervisor driver")
     parser.add_argument("--libvirt-uri", default="qemu:///system", help="libvirt connection URI")
     parser.add_argument("--fail-starts", action="store_true", help="lab: every VM start on this host fails")
+    parser.add_argument("--start-delay", type=float, default=0.0, help="lab: seconds every VM start takes")
     parser.add_argument("--sim-power", default="", help="lab: directory of the simulated power switch")
     parser.add_argument("--boot-vms", action="store_true", help="lab: start the host's configured VMs at boot")
 
@@ -176,5 +177,6 @@ async def run(rt: Runtime) -> None:
         hypervisor = await asyncio.to_thread(LibvirtHypervisor, rt.args.libvirt_uri)
     else:
         boot = [vm.spec() for vm in rt.config.vms_of(host)] if rt.args.boot_vms else []
-        hypervisor = SimHypervisor(boot, fail_starts=getattr(rt.args, "fail_starts", False))
+        hypervisor = SimHypervisor(boot, fail_starts=getattr(rt.args, "fail_starts", False),
+                                   start_delay_s=getattr(rt.args, "start_delay", 0.0))
     await Agent(rt, host, hypervisor, power).run()

@@ -14,6 +14,7 @@ import logging
 import time
 
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -117,6 +118,7 @@ async def run(rt: Runtime) -> None:
                 await record(lost.spec.name, lost.incident, target, "sending")
                 await vm_event(lost, "placed", target)
                 error = ""
+                unanswered = False
                 try:
                     raw = await bus.request(
                         subjects.agent_cmd(target), VmStart(vm=lost.spec, incident=lost.incident),
@@ -127,9 +129,22 @@ async def run(rt: Runtime) -> None:
                         error = reply.error or "agent refused"
                 except (msgspec.DecodeError, msgspec.ValidationError):
                     error = f"agent answered with an error: {raw[:200]!r}"
+                except nats.errors.NoRespondersError:
+                    error = f"no agent listens on {target}"  # nobody got the command: safe to move on
                 except Exception as err:
-                    error = f"no answer from agent {target}: {type(err).__name__}"
-                if error:
+                    # The agent may have got it and be starting the VM: moving it elsewhere
+                    # now could run it twice. Ask the same host again; only a fence of
+                    # that host (which kills whatever it started) frees the VM to move.
+                    unanswered = True
+                    error = f"no answer from agent {target} ({type(err).__name__}); will ask it again"
+                if unanswered:
+                    span.set_status(Status(StatusCode.ERROR, error))
+                    log.warning("VM start unanswered", extra=fields(vm=lost.spec.name, target=target))
+                    # Its "sending" record stays: the next round asks this host again (or,
+                    # once the host is fenced, moves the VM on).
+                    state.reserved.pop((lost.spec.name, target), None)
+                    await vm_event(lost, "failed", target, error)
+                elif error:
                     span.set_status(Status(StatusCode.ERROR, error))
                     log.error("VM start failed", extra=fields(vm=lost.spec.name, target=target, error=error))
                     state.reserved.pop((lost.spec.name, target), None)
@@ -168,15 +183,18 @@ async def run(rt: Runtime) -> None:
             if lost.spec.name in in_flight or lost.spec.priority != priority:
                 continue
             history = await start_history(lost.spec.name, lost.incident)
-            done = [t for t, s in history if s in ("sending", "started")]
+            for t, s in history:
+                # A host fenced since we asked it is off: whatever it started is gone.
+                if s == "failed" or (s in ("sending", "started") and state.phases.get(t) == "fenced"):
+                    failed_on.setdefault(lost.spec.name, set()).add(t)
+            done = [t for t, s in history if s in ("sending", "started") and t not in failed_on.get(lost.spec.name, ())]
+            if done and state.phases.get(done[-1]) == "suspect":
+                continue  # it may be running there: wait for that host's fate
             if done:
-                # Chosen before (perhaps by a scheduler that died): ask the same host again.
+                # Chosen before (perhaps by a scheduler that died, or unanswered): ask the same host again.
                 resend.append((lost, done[-1]))
             else:
                 todo.append(lost)
-            for t, s in history:
-                if s == "failed":
-                    failed_on.setdefault(lost.spec.name, set()).add(t)
         by_name = {lost.spec.name: lost for lost in todo}
         # A VM whose start failed on start_attempts hosts waits for capacity to change.
         exhausted = {vm for vm, hosts in failed_on.items() if len(hosts) >= config.scheduler.start_attempts}

@@ -85,6 +85,9 @@ class SchedulerState:
 
     def _fenced(self, host: str, incident: str) -> None:
         self.phases[host] = "fenced"
+        # Starts sent to this host are void: it is off, and so is anything it started.
+        for key in [k for k in self.reserved if k[1] == host]:
+            del self.reserved[key]
         inv = self.inventories.get(host)
         if inv is None:
             return

@@ -68,6 +68,9 @@ class LabSpec:
     mixed_priorities: bool = False
     # Hosts whose hypervisor fails every VM start.
     fail_start_hosts: tuple[str, ...] = ()
+    # Hosts whose VM starts take this long (answers may come after the scheduler gave up).
+    slow_start_hosts: dict[str, float] = field(default_factory=dict)
+    agent_command_timeout_s: float = 10.0
     fence_retry_backoff_s: float = 15.0
 
     def host_names(self) -> list[str]:
@@ -93,6 +96,7 @@ def render_config(spec: LabSpec, nats_url: str, lab_dir: Path, ports: LabPorts |
         f"missed_heartbeats = {spec.missed_heartbeats}",
         f"lease_ttl_s = {spec.lease_ttl_s}",
         "inventory_interval_s = 10.0",
+        f"agent_command_timeout_s = {spec.agent_command_timeout_s}",
         "",
         "[arbiter]",
         f"storm_share = {spec.storm_share}",
@@ -327,6 +331,7 @@ class Lab:
             "-m", "hafence.agent", "--config", str(self.config_path), "--host", host,
             "--sim-power", str(self.dir / "power"), "--boot-vms", "--instance", f"agent-{host}",
             *(["--fail-starts"] if host in self.spec.fail_start_hosts else []),
+            *(["--start-delay", str(self.spec.slow_start_hosts[host])] if host in self.spec.slow_start_hosts else []),
         ]
         prefix = self.netns.exec_prefix() if self.netns and host == self.spec.netns_host else []
         env = {**self.service_env(), **self.identity(f"agent-{host}")}
