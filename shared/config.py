@@ -75,8 +75,10 @@ class ArbiterSection(_Section):
     max_concurrent_fences: Annotated[int, msgspec.Meta(ge=1)] = 4
     # "off" leaves the host off for an operator to inspect; "reboot" powers it on again after confirming off.
     action: Literal["off", "reboot"] = "off"
-    # More than this share of (non-maintenance) hosts lost at once is a storm: fence nobody.
+    # More than this share of (non-maintenance) hosts lost together is a storm: fence nobody.
     storm_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    # Hosts lost (suspect, or fenced) within this window count together for the storm guard.
+    storm_window_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     # Two-host clusters: wait this long before fencing the peer, so two halves of a split
     # cannot shoot each other at the same moment (Pacemaker's pcmk_delay).
     two_host_delay_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0

@@ -34,13 +34,32 @@ def test_storm_of_lost_hosts_fences_nobody_and_alerts_once() -> None:
     out = p.decide(11.0)
     assert all(isinstance(d, SkipFence) and d.rule == "storm" for d in out)
     assert {d.host for d in out} == {"a", "b", "c"}
-    assert "3 of 4 hosts lost at once" in out[0].reason
+    assert "3 of 4 hosts lost within 60s" in out[0].reason
     assert p.decide(12.0) == []  # announced once, not every tick
     # The storm passes: two come back, the one still dead is fenced.
     p.alive("b")
     p.alive("c")
     [d] = p.decide(13.0)
     assert isinstance(d, RequestFence) and d.host == "a"
+
+
+def test_fencing_the_first_host_of_a_storm_does_not_make_room_to_fence_the_next() -> None:
+    """Suspicions of one storm arrive spread out: the first host is fenced before
+    the others are seen. Its fence must still count, or the others follow."""
+    p = make()
+    p.suspect("c", "c-1", now=10.0)
+    [d] = p.decide(10.6)
+    p.fence_requested("c", "c-1", d.request_id, 10.6)
+    p.fence_result("c", d.request_id, "confirmed_off", "ok", now=10.8)
+    p.suspect("a", "a-1", now=10.9)
+    p.suspect("b", "b-1", now=11.0)
+    out = p.decide(12.0)
+    assert {(type(d).__name__, d.host) for d in out} == {("SkipFence", "a"), ("SkipFence", "b")}
+    # Long after, an unrelated loss is not part of that storm.
+    p.alive("a")
+    p.alive("b")
+    p.suspect("b", "b-2", now=200.0)
+    assert [type(d) for d in p.decide(201.0)] == [RequestFence]
 
 
 def test_half_the_hosts_lost_is_not_a_storm() -> None:
@@ -128,7 +147,8 @@ def test_policy_never_breaks_its_rules(seq: list[tuple[str, str, float]], limit:
             case "maint_on" | "maint_off":
                 p.set_maintenance(host, kind == "maint_on")
         watched = [v for v in p.views.values() if not v.maintenance]
-        lost = [v for v in watched if v.phase in ("suspect", "fencing")]
+        lost = [v for v in watched if v.phase in ("suspect", "fencing")
+                or (v.phase in ("fenced", "fence_failed") and now - v.lost_at <= p.storm_window_s)]
         storm = bool(watched) and len(lost) / len(watched) > share
         fences = [d for d in p.decide(now) if isinstance(d, RequestFence)]
         if now < 3.0 or storm:

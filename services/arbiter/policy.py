@@ -13,10 +13,11 @@ Rules, in the order they are checked for each suspect host:
    together are seen together and two halves of a split do not fence each
    other at the same moment;
 3. maintenance: a host in maintenance is never fenced;
-4. storm guard: if more than ``storm_share`` of the (non-maintenance) hosts are
-   suspect or being fenced at once, the network or the monitor is sick, not the
-   hosts: nobody is fenced, an alert is raised, and fencing resumes when the
-   share drops;
+4. storm guard: if more than ``storm_share`` of the (non-maintenance) hosts
+   were lost within ``storm_window_s`` (suspect, being fenced, or fenced in that
+   window: fencing the first host of a storm must not make room to fence the
+   next), the network or the monitor is sick, not the hosts: nobody is fenced, an
+   alert is raised, and fencing resumes when the share drops;
 5. isolation: a host still renewing its storage lease is alive on the storage
    it shares with its VMs; it is isolated from the network, not dead. With
    ``isolated_action = "skip"`` (the default) it is not fenced, and an alert
@@ -82,6 +83,8 @@ class HostView:
     held_by: str = ""
     announced_at: float = float("-inf")
     outcome_reason: str = ""
+    # When the host was last lost (declared suspect): the storm guard's clock.
+    lost_at: float = float("-inf")
 
 
 @dataclass
@@ -92,6 +95,7 @@ class Policy:
     settle_s: float = 0.0
     max_concurrent: int = 4
     storm_share: float = 0.5
+    storm_window_s: float = 60.0
     two_host_delay_s: float = 0.0
     isolated_action: Literal["skip", "fence"] = "skip"
     fence_attempts: int = 3
@@ -110,7 +114,7 @@ class Policy:
             return  # the same incident seen again (a replay, another replica)
         if view.phase in ("fencing", "fence_failed"):
             return  # an unresolved fence is not superseded by a new suspicion
-        view.phase, view.incident, view.since = "suspect", incident, now
+        view.phase, view.incident, view.since, view.lost_at = "suspect", incident, now, now
         view.held_by, view.request_id, view.attempt = "", "", 0
 
     def alive(self, host: str) -> None:
@@ -165,7 +169,8 @@ class Policy:
             return []
         storage_live = storage_live or {}
         watched = [v for v in self.views.values() if not v.maintenance]
-        lost = [v for v in watched if v.phase in ("suspect", "fencing")]
+        lost = [v for v in watched if v.phase in ("suspect", "fencing")
+                or (v.phase in ("fenced", "fence_failed") and now - v.lost_at <= self.storm_window_s)]
         share = len(lost) / len(watched) if watched else 0.0
         slots = self.max_concurrent - len(self.in_flight())
         settle = max(self.settle_s, self.two_host_delay_s if len(self.views) == 2 else 0.0)
@@ -189,7 +194,7 @@ class Policy:
                 self._hold(out, host, view, now, "maintenance", reason="host is in maintenance mode: never fenced")
             elif share > self.storm_share:
                 self._hold(out, host, view, now, "storm", alert=True, reason=(
-                    f"storm guard: {len(lost)} of {len(watched)} hosts lost at once "
+                    f"storm guard: {len(lost)} of {len(watched)} hosts lost within {self.storm_window_s:g}s "
                     f"({share:.0%} > {self.storm_share:.0%}); suspecting the network, not the hosts"
                 ))
             elif storage_live.get(host) and self.isolated_action == "skip":

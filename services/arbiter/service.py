@@ -56,9 +56,12 @@ async def run(rt: Runtime) -> None:
         [h.name for h in config.hosts],
         detection_window_s=timings.detection_window_s,
         started_at=time.monotonic(),
-        settle_s=timings.heartbeat_interval_s,
+        # Two intervals: hosts that die together are last heard up to one interval
+        # apart, and the monitor notices them up to a tick apart.
+        settle_s=2 * timings.heartbeat_interval_s,
         max_concurrent=settings.max_concurrent_fences,
         storm_share=settings.storm_share,
+        storm_window_s=settings.storm_window_s,
         two_host_delay_s=settings.two_host_delay_s,
         isolated_action=settings.isolated_host_action,
         fence_attempts=settings.fence_attempts,
