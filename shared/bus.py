@@ -126,15 +126,22 @@ class Bus:
         async def on_reconnect() -> None:
             log.info("reconnected to NATS")
 
+        errors: list[str] = []
+
         async def on_error(err: Exception) -> None:
-            log.warning("NATS error: %s", err)
+            errors.append(str(err) or type(err).__name__)
+            if holder:  # before the first connection, the caller reports it
+                log.warning("NATS error: %s", err)
 
         options.update(disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, error_cb=on_error)
         try:
-            nc = await nats.connect(**options)
+            # nats-py retries the first connection forever when reconnecting is on;
+            # bound it, so a CLI or a starting service can say what is wrong.
+            nc = await asyncio.wait_for(nats.connect(**options), timeout=connect_timeout * 2)
             holder.append(nc)
-        except (OSError, nats.errors.NoServersError, TimeoutError) as err:
-            raise ConnectionError(f"cannot connect to NATS at {settings.url}: {err or type(err).__name__}") from None
+        except (OSError, nats.errors.Error, TimeoutError) as err:
+            reason = errors[-1] if errors else (str(err) or type(err).__name__)
+            raise ConnectionError(f"cannot connect to NATS at {settings.url}: {reason}") from None
         return cls(nc, config, service)
 
     # --- provisioning -------------------------------------------------------
