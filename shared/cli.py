@@ -45,17 +45,13 @@ def _evidence_rows(evidence: Sequence[DeviceEvidence]) -> list[str]:
 
 async def _fence(config: ClusterConfig, host: str, action: str, as_json: bool) -> int:
     from hafence.fencer.executor import Executor
-    from hafence.fencer.protection import protection
 
     executor = Executor(config)
     try:
         hc = config.host(host)
         if action in ("test", "status"):
-            levels = executor.targets(hc)
-            evidence = []
-            for number, targets in enumerate(levels, start=1):
-                evidence += await asyncio.gather(*(executor.check(t, number) for t in targets))
-            verdict = protection(hc.name, evidence, len(levels))
+            verdict = await executor.check_host(hc)
+            evidence = verdict.checks
             if as_json:
                 print(json.dumps({"host": host, "action": action, "protected": verdict.protected,
                                   "working_levels": verdict.working_levels, "reason": verdict.reason,

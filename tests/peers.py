@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from hafence.lab.peers import Peer, bmc_sim, free_tcp_port, free_udp_port, pdu_sim, redfish_sim
+from hafence.lab.natsserver import free_port
+from hafence.lab.peers import Peer, bmc_sim, free_udp_port, pdu_sim, redfish_sim
 from hafence.lab.power import SimPowerSwitch
 from hafence.lab.tlscert import make_self_signed
 
@@ -64,7 +65,7 @@ def devices(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     power_dir = tmp_path / "power"
     hosts = ["h1", "h2", "stuck"]
     bmc_ports = {h: free_udp_port() for h in hosts}
-    redfish_ports = {h: free_tcp_port() for h in hosts}
+    redfish_ports = {h: free_port() for h in hosts}
     pdu_port = free_udp_port()
     cert, _ = make_self_signed(tmp_path / "certs")
     peers: list[Peer] = [

@@ -21,6 +21,7 @@ from opentelemetry.trace import Status, StatusCode
 from hafence.config import ClusterConfig, ConfigError, Device, HostConfig, LevelDevice
 from hafence.contracts import DeviceEvidence
 from hafence.fencer.drivers import DeviceAuthError, DeviceError, DeviceUnreachable, PowerDriver, make_driver
+from hafence.fencer.protection import Protection, protection
 from hafence.fencer.topology import StatusPollSchedule, Verdict, level_confirmed, verdict
 from hafence.telemetry import tracer
 
@@ -127,6 +128,14 @@ class Executor:
             power_read=state, confirmed=not error and state != "unknown", status_reads=0 if error else 1,
             elapsed_s=round(time.monotonic() - started, 4), error=error,
         )
+
+    async def check_host(self, host: HostConfig) -> Protection:
+        """Check every device of every level; is the host protected, and is it on?"""
+        levels = self.targets(host)
+        checks: list[DeviceEvidence] = []
+        for number, targets in enumerate(levels, start=1):
+            checks += await asyncio.gather(*(self.check(t, number) for t in targets))
+        return protection(host.name, checks, len(levels))
 
     async def operate(self, target: Target, level: int, action: str) -> DeviceEvidence:
         """Switch one device and read back until it reports the wanted state."""

@@ -13,7 +13,7 @@ import time
 import aiosqlite
 import msgspec
 
-from hafence.contracts import FenceRequest, FenceResult
+from hafence.contracts import Decoders, FenceRequest, FenceResult
 from hafence.store import open_store
 
 MIGRATIONS = [
@@ -44,7 +44,6 @@ MIGRATIONS = [
     """,
 ]
 
-_result_decoder = msgspec.json.Decoder(FenceResult)
 
 
 class FenceJournal:
@@ -61,7 +60,7 @@ class FenceJournal:
     async def recorded(self, request_id: str) -> FenceResult | None:
         async with self.db.execute("SELECT result FROM requests WHERE request_id = ?", (request_id,)) as cur:
             row = await cur.fetchone()
-        return _result_decoder.decode(row[0]) if row and row[0] is not None else None
+        return Decoders.fence_result.decode(row[0]) if row and row[0] is not None else None
 
     async def highest_term(self) -> int:
         async with self.db.execute("SELECT term FROM highest_term WHERE id = 1") as cur:

@@ -17,11 +17,12 @@ class Protection:
     working_levels: list[int]
     power: str
     reason: str
+    checks: list[DeviceEvidence]
 
 
 def protection(host: str, checks: Sequence[DeviceEvidence], level_count: int) -> Protection:
     if level_count == 0:
-        return Protection(host, False, [], "unknown", "not protected: no fence levels configured")
+        return Protection(host, False, [], "unknown", "not protected: no fence levels configured", list(checks))
     working = []
     for level in range(1, level_count + 1):
         devices = [c for c in checks if c.level == level]
@@ -35,4 +36,4 @@ def protection(host: str, checks: Sequence[DeviceEvidence], level_count: int) ->
     else:
         broken = "; ".join(f"level {c.level}: {c.device}: {c.error}" for c in checks if c.error) or "no level answered"
         reason = f"not protected: {broken}"
-    return Protection(host, bool(working), working, power, reason)
+    return Protection(host, bool(working), working, power, reason, list(checks))

@@ -23,7 +23,6 @@ from hafence.contracts import Decoders, FenceRequest, FenceResult, HostEvent
 from hafence.fencer.admission import admit
 from hafence.fencer.executor import Executor
 from hafence.fencer.journal import FenceJournal
-from hafence.fencer.protection import protection
 from hafence.logs import fields
 from hafence.service import Runtime
 from hafence.telemetry import tracer
@@ -112,11 +111,7 @@ async def run(rt: Runtime) -> None:
         while True:
             for host in config.hosts:
                 with tracer().start_as_current_span(f"check protection {host.name}", context=Context()):
-                    levels = executor.targets(host)
-                    checks = []
-                    for number, targets in enumerate(levels, start=1):
-                        checks += await asyncio.gather(*(executor.check(t, number) for t in targets))
-                    verdict = protection(host.name, checks, len(levels))
+                    verdict = await executor.check_host(host)
                 metrics.PROTECTED.labels(host.name).set(1 if verdict.protected else 0)
                 if known.get(host.name) != verdict.protected:
                     known[host.name] = verdict.protected

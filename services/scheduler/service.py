@@ -20,7 +20,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from hafence import metrics
-from hafence.contracts import AgentReply, Decoders, FenceResult, HostEvent, Inventory, VmEvent, VmStart
+from hafence.contracts import Decoders, FenceResult, HostEvent, Inventory, VmEvent, VmStart
 from hafence.lease import LeaderLease
 from hafence.logs import fields
 from hafence.scheduler.placement import Pending, largest_host_loss_absorbed, place
@@ -45,7 +45,6 @@ MIGRATIONS = [
     """,
 ]
 
-_reply_decoder = msgspec.json.Decoder(AgentReply)
 
 
 async def run(rt: Runtime) -> None:
@@ -124,7 +123,7 @@ async def run(rt: Runtime) -> None:
                         subjects.agent_cmd(target), VmStart(vm=lost.spec, incident=lost.incident),
                         timeout=config.timings.agent_command_timeout_s,
                     )
-                    reply = _reply_decoder.decode(raw)
+                    reply = Decoders.agent_reply.decode(raw)
                     if not reply.ok:
                         error = reply.error or "agent refused"
                 except (msgspec.DecodeError, msgspec.ValidationError):

@@ -18,12 +18,6 @@ def free_udp_port() -> int:
         return int(s.getsockname()[1])
 
 
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Peer:
     """A simulator process; ready once it has printed its 'serving' line."""
 
