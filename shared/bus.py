@@ -300,13 +300,23 @@ class Bus:
         finally:
             slots.release()
 
+    async def _decode(
+        self, msg: Msg, decoder: msgspec.json.Decoder[Any], msg_id: str = "", dead_letters: bool = True
+    ) -> tuple[Any, str]:
+        """(event, "") or (None, the error), the message dead-lettered unless told otherwise."""
+        try:
+            return decoder.decode(msg.data), ""
+        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+            error = f"undecodable message: {err}"
+            if dead_letters:
+                await self.dead_letter(msg.subject, msg.data, error, dict(msg.headers or {}), msg_id=msg_id)
+            return None, error
+
     async def _handle_jetstream(self, msg: Msg, decoder: msgspec.json.Decoder[Any], handler: Handler) -> None:
         headers = dict(msg.headers or {})
-        try:
-            event = decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as err:
-            await self.dead_letter(msg.subject, msg.data, f"undecodable message: {err}", headers)
-            await msg.ack()
+        event, error = await self._decode(msg, decoder)
+        if error:
+            await msg.ack()  # kept in the dead-letter stream; redelivering it cannot help
             return
         with tracer().start_as_current_span(
             f"{self.service} process {_subject_kind(msg.subject)}",
@@ -370,25 +380,16 @@ class Bus:
             if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
                 caught_up.set()
             async for msg in sub.messages:
-                headers = dict(msg.headers or {})
-                seq = msg.metadata.sequence.stream
-                try:
-                    event = decoder.decode(msg.data)
-                except (msgspec.DecodeError, msgspec.ValidationError) as err:
-                    # A reader (the CLI) skips it; a consumer dead-letters it, with an id
-                    # that keeps a replay after a restart from dead-lettering it twice.
-                    if dead_letters:
-                        await self.dead_letter(
-                            msg.subject, msg.data, f"undecodable message: {err}", headers,
-                            msg_id=f"{self.service}:{self.streams.events}:{seq}",
-                        )
-                else:
+                # A reader (the CLI) skips what does not decode; a consumer dead-letters
+                # it, with an id that keeps a replay after a restart from doing it twice.
+                msg_id = f"{self.service}:{self.streams.events}:{msg.metadata.sequence.stream}"
+                event, error = await self._decode(msg, decoder, msg_id, dead_letters)
+                if not error:
                     try:
                         await handler(event, msg)
                     except Reject as err:
                         await self.dead_letter(
-                            msg.subject, msg.data, f"rejected: {err}", headers,
-                            msg_id=f"{self.service}:{self.streams.events}:{seq}",
+                            msg.subject, msg.data, f"rejected: {err}", dict(msg.headers or {}), msg_id=msg_id
                         )
                 if msg.metadata.num_pending == 0:
                     caught_up.set()
@@ -423,12 +424,10 @@ class Bus:
         handler: Callable[[Any, Msg], Awaitable[msgspec.Struct | None]],
     ) -> None:
         headers = dict(msg.headers or {})
-        try:
-            event = decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as err:
-            await self.dead_letter(msg.subject, msg.data, f"undecodable message: {err}", headers)
+        event, error = await self._decode(msg, decoder)
+        if error:
             if msg.reply:
-                await msg.respond(encode_error(f"undecodable message: {err}"))
+                await msg.respond(encode_error(error))
             return
         try:
             reply = await handler(event, msg)
