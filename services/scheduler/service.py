@@ -248,11 +248,14 @@ async def run(rt: Runtime) -> None:
                 await asyncio.wait_for(wake.wait(), timeout=1.0)
             except TimeoutError:
                 pass
+            changed = wake.is_set()
             wake.clear()
             metrics.PENDING.set(len(state.lost))
             if lease.held() and state.lost:
                 await schedule_once()
-            if lease.held():
+            # The reservation is a function of the state: recheck it when the state moved
+            # (or while no verdict has been given yet), not every second.
+            if lease.held() and (changed or reservation["ok"] is None):
                 await check_reservation()
 
     filters = [
