@@ -1,0 +1,27 @@
+"""What every part of the bus shares: the connection, the config and the names."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from hafence.bus.names import StreamNames
+from hafence.config import ClusterConfig
+from hafence.subjects import Subjects
+
+Handler = Callable[[Any, Msg], Awaitable[None]]
+
+
+class BusBase:
+    def __init__(self, nc: NatsClient, config: ClusterConfig, service: str) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.config = config
+        self.service = service
+        self.subjects = Subjects(config.cluster.subject_prefix)
+        self.streams = StreamNames.for_prefix(config.cluster.subject_prefix)
+        self.dead_letters = 0

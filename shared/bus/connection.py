@@ -1,0 +1,69 @@
+"""The connection to NATS: one identity per service, reconnect forever once up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+from typing import Any
+
+import nats
+import nats.errors
+from nats.aio.client import Client as NatsClient
+
+from hafence.config import ClusterConfig, read_secret
+
+log = logging.getLogger("hafence.bus")
+
+
+async def open_connection(config: ClusterConfig, service: str, connect_timeout: float = 5.0) -> NatsClient:
+    settings = config.nats
+    # One cluster file serves every service; each has its own NATS identity.
+    user = os.environ.get("HAFENCE_NATS_USER", settings.user)
+    password_file = os.environ.get("HAFENCE_NATS_PASSWORD_FILE", settings.password_file)
+    options: dict[str, Any] = {
+        "servers": [u.strip() for u in settings.url.split(",")],
+        "name": f"hafence-{service}",
+        "connect_timeout": connect_timeout,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "allow_reconnect": True,
+    }
+    if user:
+        options["user"] = user
+        options["password"] = read_secret(password_file, settings.password_env, "nats.password")
+    if settings.creds_file:
+        options["user_credentials"] = settings.creds_file
+    if settings.tls_ca_file or settings.tls_cert_file:
+        ctx = ssl.create_default_context(cafile=settings.tls_ca_file or None)
+        if settings.tls_cert_file:
+            ctx.load_cert_chain(settings.tls_cert_file, settings.tls_key_file or None)
+        options["tls"] = ctx
+
+    holder: list[NatsClient] = []
+
+    async def on_disconnect() -> None:
+        if holder and not (holder[0].is_closed or holder[0].is_draining):
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def on_reconnect() -> None:
+        log.info("reconnected to NATS")
+
+    errors: list[str] = []
+
+    async def on_error(err: Exception) -> None:
+        errors.append(str(err) or type(err).__name__)
+        if holder:  # before the first connection, the caller reports it
+            log.warning("NATS error: %s", err)
+
+    options.update(disconnected_cb=on_disconnect, reconnected_cb=on_reconnect, error_cb=on_error)
+    try:
+        # nats-py retries the first connection forever when reconnecting is on;
+        # bound it, so a CLI or a starting service can say what is wrong.
+        nc = await asyncio.wait_for(nats.connect(**options), timeout=connect_timeout * 2)
+        holder.append(nc)
+    except (OSError, nats.errors.Error, TimeoutError) as err:
+        reason = errors[-1] if errors else (str(err) or type(err).__name__)
+        raise ConnectionError(f"cannot connect to NATS at {settings.url}: {reason}") from None
+    return nc

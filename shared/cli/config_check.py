@@ -1,0 +1,28 @@
+"""``hafence config check FILE``."""
+
+from __future__ import annotations
+
+import argparse
+
+from hafence.cli.common import EXIT_OK, EXIT_USAGE, _load
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    if config is None:
+        return EXIT_USAGE
+    levels = sum(len(h.levels) for h in config.hosts)
+    unprotected = [h.name for h in config.hosts if not h.levels]
+    print(f"{args.file}: ok — {len(config.hosts)} hosts, {len(config.devices)} power devices, {levels} fence levels, "
+          f"{len(config.vms)} VMs ({sum(vm.ha for vm in config.vms)} HA)")
+    if unprotected:
+        print(f"warning: hosts without fence levels (they cannot fail over): {', '.join(unprotected)}")
+    return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    config = sub.add_parser("config", help="configuration commands")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a configuration file, reporting every error")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_config_check)

@@ -1,0 +1,78 @@
+"""An operator's word on the bus: confirm-fenced and maintenance, audited with who and why."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+from hafence.cli.common import EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_USAGE, _load, operator
+from hafence.config import ClusterConfig
+from hafence.contracts import HostEvent
+
+
+async def _announce(config: ClusterConfig, event: HostEvent) -> None:
+    from hafence.bus import Bus
+
+    bus = await Bus.connect(config, "cli")
+    try:
+        await bus.publish(bus.subjects.host_event(event.host, event.kind), event)
+    finally:
+        await bus.close()
+
+
+def _host_event(args: argparse.Namespace, kind: str, reason: str) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_USAGE
+    try:
+        config.host(args.host)
+    except KeyError as err:
+        print(f"hafence: {err.args[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    now = time.time()
+    event = HostEvent(host=args.host, kind=kind, at=now, reason=reason, by=args.by or operator(),  # type: ignore[arg-type]
+                      incident=f"operator-{args.host}-{int(now)}" if kind == "confirmed_fenced" else "")
+    try:
+        asyncio.run(_announce(config, event))
+    except ConnectionError as err:
+        print(f"hafence: {err}", file=sys.stderr)
+        return EXIT_NOT_CONFIRMED
+    print(f"{kind} {args.host} by {event.by}: {reason}")
+    return EXIT_OK
+
+
+def cmd_confirm_fenced(args: argparse.Namespace) -> int:
+    if not args.reason.strip():
+        print("hafence: --reason must say how you made sure the host is off", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.yes:
+        print(f"This tells hafence that {args.host} is powered off, so its HA VMs will be started elsewhere.\n"
+              "If the host is in fact running, its VMs will run twice and their disks will be corrupted.\n"
+              "Re-run with --yes once you have checked the host is off.", file=sys.stderr)
+        return EXIT_USAGE
+    return _host_event(args, "confirmed_fenced", args.reason.strip())
+
+
+def cmd_maintenance(args: argparse.Namespace) -> int:
+    kind = "maintenance_on" if args.state == "on" else "maintenance_off"
+    return _host_event(args, kind, args.reason or f"maintenance {args.state}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    confirm = sub.add_parser("confirm-fenced", help="an operator confirms a host is off (its VMs restart)")
+    confirm.add_argument("host")
+    confirm.add_argument("--reason", required=True, help="how you made sure the host is off")
+    confirm.add_argument("--yes", action="store_true", help="I have checked: the host is powered off")
+    confirm.add_argument("--by", default="", help="who confirms (default: the login user)")
+    confirm.add_argument("--config", required=True)
+    confirm.set_defaults(func=cmd_confirm_fenced)
+
+    maint = sub.add_parser("maintenance", help="put a host in or out of maintenance (never fenced, VMs not moved)")
+    maint.add_argument("host")
+    maint.add_argument("state", choices=["on", "off"])
+    maint.add_argument("--reason", default="")
+    maint.add_argument("--by", default="")
+    maint.add_argument("--config", required=True)
+    maint.set_defaults(func=cmd_maintenance)
