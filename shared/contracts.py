@@ -70,6 +70,8 @@ class Inventory(Message, tag="inventory", kw_only=True):
     labels: list[str] = []
     vms: list[VmInfo] = []
     sent_at: float
+    # S6: a host that was fenced starts nothing on its own until it is cleared.
+    quarantined: bool = False
 
 
 HostEventKind = Literal[
@@ -86,6 +88,8 @@ HostEventKind = Literal[
     "maintenance_off",
     "ha_reservation_lost",
     "ha_reservation_ok",
+    # An operator clears a host that was fenced: it may take VMs again (S6).
+    "cleared",
 ]
 
 
@@ -102,8 +106,11 @@ class HostEvent(Message, tag="host_event", kw_only=True):
     attempt: int = 0
     rule: str = ""
     alert: bool = False
-    # confirmed_fenced, maintenance_*: who said so (an operator's audit trail).
+    # confirmed_fenced, maintenance_*, cleared: who said so (an operator's audit trail).
     by: str = ""
+    # suspect, fence_*, fenced: the boot of the host the incident is about (S6:
+    # a result is folded against that boot's inventory, not a later one).
+    boot_id: str = ""
 
 
 class FenceRequest(Message, tag="fence_request", kw_only=True):
@@ -114,6 +121,7 @@ class FenceRequest(Message, tag="fence_request", kw_only=True):
     term: Annotated[int, msgspec.Meta(ge=1)]
     requested_at: float
     reason: str = ""
+    boot_id: str = ""
 
 
 class DeviceEvidence(msgspec.Struct, frozen=True, kw_only=True):
@@ -144,6 +152,7 @@ class FenceResult(Message, tag="fence_result", kw_only=True):
     reason: str = ""
     started_at: float
     finished_at: float
+    boot_id: str = ""
 
 
 class VmStart(Message, tag="vm_start", kw_only=True):
@@ -168,7 +177,11 @@ class AgentReply(Message, tag="agent_reply", kw_only=True):
     error: str = ""
 
 
-VmEventKind = Literal["placed", "started", "failed", "pending"]
+VmEventKind = Literal[
+    "placed", "started", "failed", "pending",
+    # S0 watch: the VM is reported running on two hosts; the copy that must go was stopped.
+    "duplicate", "stopped",
+]
 
 
 class VmEvent(Message, tag="vm_event", kw_only=True):
@@ -179,6 +192,19 @@ class VmEvent(Message, tag="vm_event", kw_only=True):
     from_host: str = ""
     target: str = ""
     reason: str = ""
+
+
+class Alert(Message, tag="alert", kw_only=True):
+    """Something a person must look at that is not one host's or VM's event
+    (an overloaded monitor, a refused term, a fence past its deadline)."""
+
+    kind: Name
+    at: float
+    service: str
+    reason: str
+    host: str = ""
+    vm: str = ""
+    term: int = 0
 
 
 class DeadLetter(Message, tag="dead_letter", kw_only=True):
@@ -209,10 +235,11 @@ class Decoders:
     agent_command = msgspec.json.Decoder(AgentCommand)
     agent_reply = msgspec.json.Decoder(AgentReply)
     vm_event = msgspec.json.Decoder(VmEvent)
+    alert = msgspec.json.Decoder(Alert)
     dead_letter = msgspec.json.Decoder(DeadLetter)
     scheduler_input = msgspec.json.Decoder(Inventory | HostEvent | FenceResult)
     arbiter_input = msgspec.json.Decoder(HostEvent | FenceResult)
     any = msgspec.json.Decoder(
         Heartbeat | Inventory | HostEvent | FenceRequest | FenceResult | VmStart | VmStop
-        | AgentReply | VmEvent | DeadLetter
+        | AgentReply | VmEvent | Alert | DeadLetter
     )

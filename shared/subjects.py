@@ -41,8 +41,9 @@ HOST_EVENT_KINDS = (
     "maintenance_off",
     "ha_reservation_lost",
     "ha_reservation_ok",
+    "cleared",
 )
-VM_EVENT_KINDS = ("placed", "started", "failed", "pending")
+VM_EVENT_KINDS = ("placed", "started", "failed", "pending", "duplicate", "stopped")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,12 @@ class Subjects:
 
     def agent_cmd(self, host: str) -> str:
         return f"{self.prefix}.agent.{check_name('host', host)}.cmd"
+
+    def alert(self, kind: str) -> str:
+        return f"{self.prefix}.alert.{check_name('alert kind', kind)}"
+
+    def alerts(self) -> str:
+        return f"{self.prefix}.alert.*"
 
     def dlq(self, service: str) -> str:
         return f"{self.prefix}.dlq.{check_name('service', service)}"

@@ -20,7 +20,7 @@ class Provisioning(BusBase):
     def event_subjects(self) -> list[str]:
         """Every subject of the events stream."""
         p = self.subjects.prefix
-        return [f"{p}.host.>", f"{p}.vm.>", f"{p}.fence.result.>", f"{p}.inventory.*"]
+        return [f"{p}.host.>", f"{p}.vm.>", f"{p}.fence.result.>", f"{p}.inventory.*", f"{p}.alert.*"]
 
     async def provision(self) -> None:
         """Create or update the streams and the lease bucket; safe to run from every service."""
