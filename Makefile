@@ -3,16 +3,21 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# The extras the venv is built with depend on the machine: the libvirt driver builds only
+# where libvirt's headers are (CI installs them). The stamp's name records that, so a venv
+# made before the headers arrived is brought up to date instead of silently lacking libvirt.
+comma  := ,
+LIBVIRT := $(shell pkg-config --exists libvirt 2>/dev/null && echo 1)
+EXTRAS := test$(if $(LIBVIRT),$(comma)libvirt)
+STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: demo test bench lint clean secrets nats-conf
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
-	# The libvirt driver builds only where libvirt's headers are (CI installs them).
-	if pkg-config --exists libvirt 2>/dev/null; then $(BIN)/pip install --quiet -e '.[libvirt]'; fi
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
+	rm -f $(VENV)/.installed $(VENV)/.installed-*
 	touch $(STAMP)
 
 demo: $(STAMP)

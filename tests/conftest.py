@@ -28,6 +28,27 @@ from hafence.service import Body, run_service
 pytest_plugins = ["tests.peers"]
 
 
+# Python modules the interop tests need when HAFENCE_REQUIRE_PEERS=1 (CI), and how to get them.
+REQUIRED_MODULES = {
+    "libvirt": "`make test` (it installs the libvirt extra once pkg-config finds libvirt) or "
+               "`.venv/bin/pip install -e '.[libvirt]'` (needs libvirt-dev and pkg-config)",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A required peer missing from the venv stops the run with one line naming the fix,
+    not with an import error in the middle of collection (a venv made before the peer
+    became installable)."""
+    if os.environ.get("HAFENCE_REQUIRE_PEERS") != "1":
+        return
+    for module, fix in REQUIRED_MODULES.items():
+        try:
+            __import__(module)
+        except ImportError:
+            pytest.exit(f"HAFENCE_REQUIRE_PEERS=1 but Python module {module!r} is not in this venv: run {fix}",
+                        returncode=4)
+
+
 def docker_engine_reachable() -> bool:
     sock = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     if not sock.startswith("unix://"):
