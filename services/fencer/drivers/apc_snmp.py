@@ -32,6 +32,8 @@ from hafence.config import ApcSnmpDevice, read_secret
 from hafence.fencer.drivers.base import DeviceAuthError, DeviceError, DeviceUnreachable, PowerRead
 
 SYS_OBJECT_ID = "1.3.6.1.2.1.1.2.0"
+# What a timeout means to the operator (hafence fence off/test print it).
+NO_ANSWER = "device down, or wrong community/credentials"
 _AUTH_HINTS = ("auth", "unknown user", "digest", "decrypt", "unknown security", "unknown engine")
 
 
@@ -123,8 +125,11 @@ class ApcSnmpDriver:
             text = str(error_indication)
             lowered = text.lower()
             if "timeout" in lowered or "no snmp response" in lowered:
+                # An agent drops a request with a wrong community (v1/v2c) without a word, so on
+                # the wire a bad community and a dead PDU are the same silence: name both.
                 raise DeviceUnreachable(
-                    f"{self.name}: no SNMP answer from {self.config.address}:{self.config.port} ({what})"
+                    f"{self.name}: no SNMP answer from {self.config.address}:{self.config.port} to {what}: "
+                    f"{NO_ANSWER}"
                 )
             if any(w in lowered for w in _AUTH_HINTS):
                 raise DeviceAuthError(f"{self.name}: PDU refused our SNMP credentials: {text}")
