@@ -2,7 +2,8 @@
 
 ``python -m hafence.<service> --config FILE``: load the config (a bad file is a
 clear error and exit code 2), set up logs and traces, connect to NATS (waiting
-for it if it is not up yet), provision, then run the service's body inside one
+for it if it is not up yet), wait until the provisioner has created what it
+needs (``hafence deploy provision``), then run the service's body inside one
 TaskGroup until SIGTERM/SIGINT. On the way out: cancel the body, drain the NATS
 connection, flush the spans.
 """
@@ -124,6 +125,7 @@ async def run_service(
     metrics.serve(
         int(os.environ.get("HAFENCE_METRICS_PORT", config.metrics.port)),
         os.environ.get("HAFENCE_METRICS_ADDRESS", config.metrics.address),
+        service=name, config=config, host=getattr(args, "host", ""),
     )
     if stop is None:
         stop = asyncio.Event()
@@ -134,8 +136,10 @@ async def run_service(
     try:
         if bus is None:
             return
-        if name != "agent":  # agents only publish; they have no right to manage streams
-            await bus.provision()
+        # The provisioner creates streams, consumers and the bucket; a service only
+        # checks they exist (and says which is missing). Agents only publish.
+        if name != "agent" and not await bus.wait_provisioned(name, stop):
+            return
         runtime = Runtime(name=name, config=config, bus=bus, instance=instance, args=args)
         log.info("started", extra={"fields": {"instance": instance}})
         try:

@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind
 
+from hafence import metrics
 from hafence.agent.hypervisor import Hypervisor, SimHypervisor
 from hafence.bus import Reject
 from hafence.contracts import AgentReply, Decoders, Heartbeat, Inventory, VmStart, VmStop
@@ -79,12 +80,14 @@ class Agent:
                 log.warning("power is on: host booted", extra=fields(host=self.host, boot_id=self.boot_id))
                 self.changed.set()
             self.powered = on
+            metrics.AGENT_POWERED.labels(self.host).set(1 if on else 0)
             if on:
                 await self.bus.publish_core(  # buffered by nats-py while reconnecting
                     self.bus.subjects.hb(self.host),
                     Heartbeat(host=self.host, boot_id=self.boot_id, seq=self.seq, sent_at=time.time()),
                 )
                 self.seq += 1
+                metrics.AGENT_HEARTBEATS.labels(self.host).inc()
             await asyncio.sleep(interval)
 
     async def storage_lease(self) -> None:
@@ -97,6 +100,7 @@ class Agent:
         while True:
             if self.powered and self.power_is_on():
                 await asyncio.to_thread(path.write_text, f"{self.boot_id} {time.time():.3f}\n")
+                metrics.STORAGE_LEASE.labels(self.host).set(time.time())
             await asyncio.sleep(settings.renew_interval_s)
 
     async def inventories(self) -> None:
@@ -128,13 +132,17 @@ class Agent:
             try:
                 if isinstance(cmd, VmStart):
                     if name in running:
+                        metrics.AGENT_VM_STARTS.labels(self.host, "already").inc()
                         return AgentReply(host=self.host, vm=name, ok=True, state="running", already=True)
                     await self.hypervisor.start(cmd.vm)
+                    metrics.AGENT_VM_STARTS.labels(self.host, "started").inc()
                     state = "running"
                 else:
                     await self.hypervisor.stop(name)
                     state = "stopped"
             except Exception as err:
+                if isinstance(cmd, VmStart):
+                    metrics.AGENT_VM_STARTS.labels(self.host, "failed").inc()
                 log.error("VM command failed", extra=fields(vm=name, error=str(err)))
                 return AgentReply(host=self.host, vm=name, ok=False, state="unknown", error=str(err))
         self.changed.set()
