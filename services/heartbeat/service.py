@@ -81,7 +81,10 @@ async def run(rt: Runtime) -> None:
     async def ticker() -> None:
         nonlocal published_as_leader
         while True:
+            asleep_at = time.monotonic()
             await asyncio.sleep(timings.heartbeat_interval_s / 4)
+            # How late this tick ran: a starved monitor (L4) shows here before it misjudges anyone.
+            metrics.MONITOR_LAG.set(max(0.0, time.monotonic() - asleep_at - timings.heartbeat_interval_s / 4))
             transitions = core.tick(time.monotonic())
             for state in ("alive", "suspect", "unknown"):
                 metrics.HOSTS.labels(state).set(sum(1 for h in rt.config.hosts if core.state(h.name) == state))

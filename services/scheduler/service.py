@@ -98,6 +98,7 @@ async def run(rt: Runtime) -> None:
         await db.commit()
 
     async def vm_event(lost: LostVm, kind: str, target: str = "", reason: str = "") -> None:
+        metrics.VM_EVENTS.labels(kind).inc()
         await bus.publish(
             subjects.vm_event(lost.spec.name, kind),
             VmEvent(vm=lost.spec.name, kind=kind, at=time.time(), incident=lost.incident,  # type: ignore[arg-type]
