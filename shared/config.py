@@ -103,6 +103,9 @@ class StorageSection(_Section):
     renew_interval_s: PositiveSeconds = 2.0
     # A lease renewed within this window is live.
     live_window_s: PositiveSeconds = 10.0
+    # Directory on the shared storage holding <vm>.xml libvirt definitions: where a VM
+    # not defined on its new host is defined from (never from an agent's report).
+    definitions_dir: str = ""
 
 
 class FencerSection(_Section):
@@ -117,6 +120,14 @@ class SchedulerSection(_Section):
     cpu_overcommit: Annotated[float, msgspec.Meta(ge=0.1, le=16)] = 4.0
     # Hosts a VM's start is tried on before it is left pending (until capacity appears).
     start_attempts: Annotated[int, msgspec.Meta(ge=1)] = 3
+    # S6: a fenced host that comes back is quarantined until an operator clears it
+    # (hafence host clear); true: the scheduler clears it once it reports clean.
+    auto_clear: bool = False
+
+
+class AgentSection(_Section):
+    # VM starts an agent runs at once (a host receiving 50 starts boots them in parallel).
+    max_parallel_starts: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
 
 
 class _Device(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="driver"):
@@ -256,6 +267,7 @@ class ClusterConfig(_Section):
     storage: StorageSection = StorageSection()
     metrics: MetricsSection = MetricsSection()
     scheduler: SchedulerSection = SchedulerSection()
+    agent: AgentSection = AgentSection()
     devices: dict[Name, Device] = {}
     hosts: list[HostConfig] = []
     vms: list[VmConfig] = []
