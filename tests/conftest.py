@@ -138,7 +138,9 @@ def make_config(nats_server: NatsServer, tmp_path: Path) -> Callable[..., Cluste
 async def running(
     name: str, config: ClusterConfig, body: Body, **args: object
 ) -> AsyncIterator[asyncio.Task[None]]:
-    """Run a service in this event loop (its real shell, bus and store) until the block ends."""
+    """Run a service in this event loop (its real shell, bus and store) until the block ends.
+    The provisioner runs first, as in a deployment (services only check what exists)."""
+    await provision(config)
     stop = asyncio.Event()
     ns = argparse.Namespace(instance=args.pop("instance", f"test-{name}"), **args)
     task = asyncio.create_task(run_service(name, config, body, ns, stop))
@@ -147,6 +149,17 @@ async def running(
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=10)
+
+
+async def provision(config: ClusterConfig) -> None:
+    """``hafence deploy provision``, in-process: streams, the fencer's consumer, the bucket."""
+    from hafence.bus import Bus
+
+    bus = await Bus.connect(config, "provisioner")
+    try:
+        await bus.provision()
+    finally:
+        await bus.close()
 
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:

@@ -1,4 +1,10 @@
-"""The connection to NATS: one identity per service, reconnect forever once up."""
+"""The connection to NATS: one identity per service, reconnect forever once up.
+
+Each identity reads its replies (request replies, JetStream acks, pull
+deliveries, ordered-consumer deliveries, KV answers: nats-py takes them all
+from ``inbox_prefix``) under a prefix of its own, ``_INBOX_<user>``, and the
+generated permissions let it subscribe to that prefix only.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +19,14 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from hafence.config import ClusterConfig, read_secret
+from hafence.subjects import check_name
 
 log = logging.getLogger("hafence.bus")
+
+
+def inbox_prefix(identity: str) -> str:
+    """The reply-subject prefix of one identity; its permissions allow ``<prefix>.>`` only."""
+    return "_INBOX_" + check_name("NATS identity", identity)
 
 
 async def open_connection(config: ClusterConfig, service: str, connect_timeout: float = 5.0) -> NatsClient:
@@ -22,9 +34,14 @@ async def open_connection(config: ClusterConfig, service: str, connect_timeout: 
     # One cluster file serves every service; each has its own NATS identity.
     user = os.environ.get("HAFENCE_NATS_USER", settings.user)
     password_file = os.environ.get("HAFENCE_NATS_PASSWORD_FILE", settings.password_file)
+    # The compose file's 3-node profile points every container at all three servers.
+    url = os.environ.get("HAFENCE_NATS_URL") or settings.url
     options: dict[str, Any] = {
-        "servers": [u.strip() for u in settings.url.split(",")],
+        "servers": [u.strip() for u in url.split(",")],
         "name": f"hafence-{service}",
+        # Without a user (a lab with no auth, a creds file) the service name keeps
+        # replies apart all the same.
+        "inbox_prefix": inbox_prefix(user or service),
         "connect_timeout": connect_timeout,
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 0.5,
@@ -65,5 +82,5 @@ async def open_connection(config: ClusterConfig, service: str, connect_timeout: 
         holder.append(nc)
     except (OSError, nats.errors.Error, TimeoutError) as err:
         reason = errors[-1] if errors else (str(err) or type(err).__name__)
-        raise ConnectionError(f"cannot connect to NATS at {settings.url}: {reason}") from None
+        raise ConnectionError(f"cannot connect to NATS at {url}: {reason}") from None
     return nc

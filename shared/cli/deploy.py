@@ -1,10 +1,11 @@
-"""``hafence deploy …``: the NATS server config and the stack's secrets."""
+"""``hafence deploy …``: the NATS server config, the stack's secrets, and the
+provisioner that creates the streams, the fencer's consumer and the lease bucket."""
 
 from __future__ import annotations
 
 import argparse
 
-from hafence.cli.common import EXIT_OK, EXIT_USAGE, _load
+from hafence.cli.common import EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_USAGE, _load
 
 
 def cmd_nats_conf(args: argparse.Namespace) -> int:
@@ -31,6 +32,7 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     services read, and the env file the NATS server reads. Existing ones are kept."""
     import os
     import secrets
+    import sys
     from pathlib import Path
 
     from hafence import natsconf
@@ -42,10 +44,16 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     env_lines = []
     names = [*natsconf.permissions(config)]
-    for name in [*(f"nats_{u.replace('-', '_')}" for u in names), "bmc_password", "pdu_community"]:
+    nats_files = [f"nats_{u.replace('-', '_')}" for u in names]
+    for name in [*nats_files, "bmc_password", "pdu_community"]:
         path = directory / name
+        if name in nats_files and path.exists() and not natsconf.is_safe_password(path.read_text().strip()):
+            # nats-server reads the env file's value as config text: one starting
+            # with a digit or '-' is a number or a date, and the server won't start.
+            print(f"replacing {path}: nats-server cannot read it as a password", file=sys.stderr)
+            path.unlink()
         if not path.exists():
-            path.write_text(secrets.token_urlsafe(18) + "\n")
+            path.write_text((natsconf.new_password() if name in nats_files else secrets.token_urlsafe(18)) + "\n")
             os.chmod(path, 0o600)
     for user in names:
         value = (directory / f"nats_{user.replace('-', '_')}").read_text().strip()
@@ -53,6 +61,53 @@ def cmd_secrets(args: argparse.Namespace) -> int:
     Path(args.env).write_text("\n".join(env_lines) + "\n")
     os.chmod(args.env, 0o600)
     print(f"secrets in {directory}/, NATS server environment in {args.env}")
+    return EXIT_OK
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    """Create or update the streams, the fencer's durable consumer and the lease
+    bucket, as the provisioner identity (the only one with those rights)."""
+    import asyncio
+    import os
+    import sys
+    import time
+
+    from hafence.bus import Bus
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_USAGE
+    if args.user:
+        os.environ["HAFENCE_NATS_USER"] = args.user
+    if args.password_file:
+        os.environ["HAFENCE_NATS_PASSWORD_FILE"] = args.password_file
+
+    async def provision() -> list[str]:
+        deadline = time.monotonic() + args.wait
+        while True:
+            try:
+                bus = await Bus.connect(config, "provisioner")
+                break
+            except ConnectionError as err:
+                if time.monotonic() >= deadline:
+                    raise
+                print(f"{err}; retrying", file=sys.stderr)
+                await asyncio.sleep(1.0)
+        try:
+            return await bus.provision(args.replicas or None)
+        finally:
+            await bus.close()
+
+    try:
+        done = asyncio.run(provision())
+    except ConnectionError as err:
+        print(f"hafence deploy provision: {err}", file=sys.stderr)
+        return EXIT_NOT_CONFIRMED
+    except Exception as err:
+        print(f"hafence deploy provision: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_NOT_CONFIRMED
+    for line in done:
+        print(line)
     return EXIT_OK
 
 
@@ -68,3 +123,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     secrets_cmd.add_argument("--dir", default="deploy/secrets")
     secrets_cmd.add_argument("--env", default="deploy/secrets.env")
     secrets_cmd.set_defaults(func=cmd_secrets)
+    provision = deploy_sub.add_parser(
+        "provision", help="create or update the streams, the fencer's consumer and the lease bucket")
+    provision.add_argument("--config", required=True)
+    provision.add_argument("--replicas", type=int, default=0, choices=[0, 1, 3, 5],
+                           help="stream replicas (default: [nats] stream_replicas)")
+    provision.add_argument("--user", default="", help="NATS user (default: HAFENCE_NATS_USER, else [nats] user)")
+    provision.add_argument("--password-file", default="", help="its password (default: HAFENCE_NATS_PASSWORD_FILE)")
+    provision.add_argument("--wait", type=float, default=0.0, help="keep trying to connect this many seconds")
+    provision.set_defaults(func=cmd_provision)

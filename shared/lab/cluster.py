@@ -196,7 +196,8 @@ class Observer:
         self.changed = asyncio.Event()
 
     async def start(self, url: str, prefix: str = "hafence", user: str = "", password: str = "") -> None:
-        auth = {"user": user, "password": password} if user else {}
+        # An identity reads replies only under its own inbox prefix (natsconf).
+        auth = {"user": user, "password": password, "inbox_prefix": natsconf.inbox_prefix(user)} if user else {}
         self.nc = await nats.connect(url, name="hafence-lab-observer", **auth)
 
         async def cb(msg: Msg) -> None:
@@ -270,11 +271,27 @@ class Lab:
         self.nats.start()
         observer_auth = ("operator", self.nats_passwords["operator"]) if self.spec.secure else ("", "")
         await self.observer.start(self.nats.url, user=observer_auth[0], password=observer_auth[1])
+        await self.provision()
         for name in services:
             self.start_service(name)
         for host in self.spec.host_names():
             self.start_agent(host)
         return self
+
+    async def provision(self) -> None:
+        """``hafence deploy provision`` as the provisioner identity: the services
+        only check that their streams, consumer and bucket exist."""
+        import os
+        import sys
+
+        env = {**os.environ, **self.identity("provisioner")}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "hafence.cli", "deploy", "provision", "--config", str(self.config_path),
+            "--wait", "10", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        (self.log_dir / "provision.log").write_bytes(out)
+        if proc.returncode != 0:
+            raise RuntimeError(f"hafence deploy provision failed ({proc.returncode}): {out.decode(errors='replace')}")
 
     def write_nats_conf(self) -> Path:
         """Per-service NATS users with the deploy's permissions, passwords in files."""
