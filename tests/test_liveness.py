@@ -3,8 +3,8 @@ import pytest
 from hafence.heartbeat.liveness import Alive, Liveness, Suspect, UnknownHost
 
 
-def make(now: float = 0.0) -> Liveness:
-    return Liveness(["a", "b"], interval=1.0, missed=3, now=now)
+def make(now: float = 0.0, nonce: str = "n1") -> Liveness:
+    return Liveness(["a", "b"], interval=1.0, missed=3, now=now, nonce=nonce)
 
 
 def test_a_host_that_misses_k_intervals_becomes_suspect_once() -> None:
@@ -33,7 +33,7 @@ def test_start_up_grace_no_suspect_before_one_full_window() -> None:
     assert live.tick(102.9) == []
     out = live.tick(103.1)
     assert {s.host for s in out} == {"a", "b"}
-    assert all(s.incident.endswith("never-seen") for s in out)
+    assert all(s.incident.endswith("never-seen-n1") for s in out)
 
 
 def test_incident_ids_are_the_same_on_every_replica() -> None:
@@ -47,3 +47,34 @@ def test_incident_ids_are_the_same_on_every_replica() -> None:
 def test_unknown_hosts_are_reported() -> None:
     with pytest.raises(UnknownHost):
         make().heartbeat("zz", "b", 0, now=0.0)
+
+
+def test_s4_a_host_silent_since_start_gets_a_new_incident_in_every_monitor_lifetime() -> None:
+    """Before: ``<host>-never-seen`` in every lifetime, so the stream dropped the
+    second suspicion as a duplicate and the fencer answered it from its journal."""
+    first = make(now=0.0, nonce="lifetime1").tick(10.0)
+    second = make(now=100.0, nonce="lifetime2").tick(110.0)
+    assert {s.incident for s in first}.isdisjoint({s.incident for s in second})
+    with pytest.raises(ValueError, match="nonce"):
+        make(nonce="")
+
+
+def test_a_replayed_heartbeat_neither_revives_a_host_nor_moves_its_incident_back() -> None:
+    live = make()
+    live.heartbeat("a", "boot1", 5, now=1.0)
+    live.heartbeat("b", "boot2", 0, now=1.0)
+    [first] = [s for s in live.tick(5.0) if s.host == "a"]
+    assert live.heartbeat("a", "boot1", 3, now=5.5) == []  # old news of life
+    assert live.state("a") == "suspect"
+    live.heartbeat("a", "boot1", 6, now=6.0)
+    [second] = [s for s in live.tick(10.0) if s.host == "a"]
+    assert (first.incident, second.incident) == ("a-boot1-5", "a-boot1-6")
+    # A new boot starts its sequence again: that is news.
+    assert live.heartbeat("a", "boot9", 0, now=10.5) == [Alive("a", was_suspect=True)]
+
+
+def test_an_agents_boot_id_cannot_break_a_message_id() -> None:
+    live = make()
+    live.heartbeat("a", "x\r\nNats-Msg-Id: forged " + "y" * 500, 1, now=0.0)
+    [s] = [s for s in live.tick(5.0) if s.host == "a"]
+    assert s.incident == "a-xNatsMsgIdforged-1"

@@ -7,10 +7,25 @@ in the service, a virtual one in tests); nothing here does I/O.
 Start-up grace: a host never heard from counts as last seen when the monitor
 started, so a freshly started monitor observes one full detection window
 before it suspects anybody.
+
+Incident ids are never reused (S4), yet every replica names the same suspicion
+the same way where it can, so a new leader's re-announcement is de-duplicated
+by the stream:
+
+* a host that was heard from: ``<host>-<boot>-<seq>`` of its last heartbeat. A
+  boot id is new at every boot and ``seq`` only grows within one, so the pair
+  names one moment of one boot; a heartbeat that does not move it forward (a
+  replayed or reordered one) is ignored, so the last one heard never goes back;
+* a host never heard from in this monitor's lifetime: ``<host>-never-seen-<nonce>``,
+  where ``nonce`` is given by the shell, random per lifetime (the core draws no
+  randomness of its own). Without it every lifetime named its silent hosts
+  alike, the stream dropped the second suspicion as a duplicate, and the fencer
+  answered the next incident from its journal.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -48,18 +63,32 @@ class UnknownHost(KeyError):
     pass
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9]")
+
+
+def _token(value: str, limit: int) -> str:
+    """Part of an id that goes into message ids and headers: the agent's boot id is
+    its word, so only letters and digits survive, and a bounded number of them."""
+    return _UNSAFE.sub("", value)[:limit] or "none"
+
+
 class Liveness:
-    def __init__(self, hosts: Iterable[str], interval: float, missed: int, now: float) -> None:
+    def __init__(self, hosts: Iterable[str], interval: float, missed: int, now: float, *, nonce: str) -> None:
         if interval <= 0 or missed < 1:
             raise ValueError("interval must be > 0 and missed >= 1")
+        if not _UNSAFE.sub("", nonce):
+            raise ValueError("nonce must hold letters or digits: it keeps never-seen incidents unique")
         self.window = interval * missed
         self.started_at = now
+        self.nonce = _token(nonce, 16)
         self._hosts = {h: _Host(state="unknown", last_seen=now) for h in hosts}
 
     def heartbeat(self, host: str, boot_id: str, seq: int, now: float) -> list[Transition]:
         entry = self._hosts.get(host)
         if entry is None:
             raise UnknownHost(host)
+        if boot_id == entry.boot_id and seq <= entry.seq:
+            return []  # replayed or reordered: not news of life, and the last one heard must not go back
         was = entry.state
         entry.state, entry.last_seen, entry.boot_id, entry.seq = "alive", now, boot_id, seq
         if was == "alive":
@@ -75,7 +104,8 @@ class Liveness:
                 entry.state = "suspect"
                 # The incident id is derived from what was last heard, so every
                 # replica of the monitor names the same incident the same way.
-                last = f"{entry.boot_id[:8]}-{entry.seq}" if entry.seq >= 0 else "never-seen"
+                last = (f"{_token(entry.boot_id, 16)}-{entry.seq}" if entry.seq >= 0
+                        else f"never-seen-{self.nonce}")
                 entry.incident = f"{host}-{last}"
                 out.append(Suspect(host, entry.incident, entry.last_seen, silent_for))
         return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 
 from nats.aio.msg import Msg
@@ -31,9 +32,10 @@ async def run(rt: Runtime) -> None:
     bus, timings = rt.bus, rt.config.timings
     kv = await bus.js.key_value(bus.streams.leases)
     lease = LeaderLease(kv, "heartbeat", rt.instance, timings.lease_ttl_s)
+    # A fresh nonce per lifetime: a host silent since start gets a new incident every time (S4).
     core = Liveness(
         [h.name for h in rt.config.hosts], timings.heartbeat_interval_s, timings.missed_heartbeats,
-        time.monotonic(),
+        time.monotonic(), nonce=secrets.token_hex(8),
     )
     wall_offset = time.time() - time.monotonic()
     warned: set[str] = set()
