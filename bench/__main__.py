@@ -10,6 +10,7 @@ import asyncio
 import sys
 
 from bench.fence_latency import fence_latency
+from bench.nats_sync import nats_sync
 from bench.pipeline import pipeline_overhead
 from bench.placement import placement
 from bench.report import Table
@@ -18,6 +19,7 @@ BENCHES = {
     "pipeline": pipeline_overhead,
     "fence": fence_latency,
     "placement": placement,
+    "nats-sync": nats_sync,
 }
 
 
