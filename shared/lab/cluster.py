@@ -351,7 +351,11 @@ class Lab:
             *(["--start-delay", str(self.spec.slow_start_hosts[host])] if host in self.spec.slow_start_hosts else []),
         ]
         prefix = self.netns.exec_prefix() if self.netns and host == self.spec.netns_host else []
-        env = {**self.service_env(), **self.identity(f"agent-{host}")}
+        # Agents serve /metrics too (a network-namespaced agent's port is reachable only inside it).
+        self.metrics_ports[f"agent-{host}"] = free_port()
+        metrics_env = {"HAFENCE_METRICS_PORT": str(self.metrics_ports[f"agent-{host}"]),
+                       "HAFENCE_METRICS_ADDRESS": "127.0.0.1"}
+        env = {**self.service_env(), **metrics_env, **self.identity(f"agent-{host}")}
         svc = Service(f"agent-{host}", args, self.log_dir, env, prefix=prefix).start()
         self.services[f"agent-{host}"] = svc
         return svc
