@@ -1,5 +1,7 @@
+import msgspec
+
 from hafence.contracts import FenceResult, HostEvent, Inventory, VmInfo, VmSpec
-from hafence.scheduler.state import SchedulerState
+from hafence.scheduler.state import ClearHost, Duplicate, SchedulerState, StopCopy
 
 
 def inv(host: str, boot: str, *vms: tuple[str, bool]) -> Inventory:
@@ -60,7 +62,7 @@ def test_a_late_report_from_the_fenced_boot_is_ignored_but_a_new_boot_counts() -
     s.on_inventory(inv("a", "b1", ("vm1", True)))
     assert "vm1" in s.lost and s.phases["a"] == "fenced"
     s.on_inventory(inv("a", "b9"))
-    assert s.phases["a"] == "up" and "vm1" in s.lost
+    assert s.phases["a"] == "quarantined" and "vm1" in s.lost  # S6: back, but not yet cleared
 
 
 def test_starts_sent_to_a_host_that_is_then_fenced_are_void() -> None:
@@ -73,3 +75,129 @@ def test_starts_sent_to_a_host_that_is_then_fenced_are_void() -> None:
     s.on_fence_result(result("b", "confirmed_off", incident="i2"))
     assert ("vm1", "b") not in s.reserved
     assert "vm1" in s.lost  # still to be restarted, now elsewhere
+
+
+# --- VM definitions never come from an agent's word (issue 10, item 1) ---------------
+
+EVIL_XML = "<domain type='kvm'><name>vm1</name><devices><disk><source file='/etc/shadow'/></disk></devices></domain>"
+
+
+def test_a_lost_vm_keeps_no_definition_an_agent_reported() -> None:
+    s = SchedulerState(definitions_dir="/shared/defs")
+    forged = VmSpec(name="vm1", memory_mb=1, ha=True, definition=EVIL_XML)
+    s.on_inventory(Inventory(host="a", boot_id="b1", memory_mb=10000, vcpus=8, sent_at=0.0,
+                             vms=[VmInfo(spec=forged, state="running")]))
+    s.on_inventory(inv("b", "b2"))
+    assert s.on_fence_result(result("a", "confirmed_off"))
+    assert s.lost["vm1"].spec.definition == "/shared/defs/vm1.xml"
+    # Without a definitions directory the target must have the domain defined already.
+    bare = SchedulerState()
+    bare.on_inventory(Inventory(host="a", boot_id="b1", memory_mb=10000, vcpus=8, sent_at=0.0,
+                                vms=[VmInfo(spec=forged, state="running")]))
+    bare.on_fence_result(result("a", "confirmed_off"))
+    assert bare.lost["vm1"].spec.definition == ""
+
+
+def test_the_config_entry_wins_over_what_the_agent_reports() -> None:
+    configured = VmSpec(name="vm1", memory_mb=8192, ha=True, priority="high", definition="/defs/vm1-prod.xml")
+    s = SchedulerState(config_vms={"vm1": configured, "vm2": VmSpec(name="vm2", memory_mb=512, ha=False)},
+                       definitions_dir="/shared/defs")
+    lying = [VmInfo(spec=VmSpec(name="vm1", memory_mb=1, ha=True, priority="low", definition=EVIL_XML),
+                    state="running"),
+             # The config says vm2 is not HA: an agent cannot make it one.
+             VmInfo(spec=VmSpec(name="vm2", memory_mb=1, ha=True), state="running")]
+    s.on_inventory(Inventory(host="a", boot_id="b1", memory_mb=10000, vcpus=8, sent_at=0.0, vms=lying))
+    s.on_fence_result(result("a", "confirmed_off"))
+    assert set(s.lost) == {"vm1"}
+    assert s.lost["vm1"].spec == configured
+
+
+# --- S6: results fold against the fenced boot; quarantine; duplicates ------------------
+
+
+def test_a_result_after_the_new_boot_reported_folds_against_the_boot_that_was_fenced() -> None:
+    """action = "reboot": the host is back (boot b9, empty) before the result is read."""
+    s = SchedulerState()
+    s.on_inventory(inv("a", "b1", ("vm1", True)))
+    s.on_inventory(inv("b", "b2"))
+    s.on_host_event(HostEvent(host="a", kind="suspect", at=0.0, incident="i1"))
+    s.on_inventory(inv("a", "b9"))
+    assert s.on_fence_result(result("a", "confirmed_off"))
+    assert set(s.lost) == {"vm1"}
+    assert s.phases["a"] == "quarantined"  # back already, but it takes nothing
+    assert [c.name for c in s.candidates()] == ["b"]
+
+
+def test_the_incidents_boot_id_names_the_inventory_to_fold() -> None:
+    s = SchedulerState()
+    s.on_inventory(inv("a", "b1", ("vm1", True)))
+    s.on_inventory(inv("a", "b2", ("vm2", True)))
+    s.on_fence_result(FenceResult(request_id="r", incident="i1", host="a", term=1, outcome="confirmed_off",
+                                  started_at=0.0, finished_at=1.0, boot_id="b1"))
+    assert set(s.lost) == {"vm1"}
+
+
+def test_a_fenced_host_that_comes_back_is_quarantined_until_clean_and_cleared() -> None:
+    s = SchedulerState()
+    s.on_inventory(inv("a", "b1", ("vm1", True)))
+    s.on_inventory(inv("b", "b2"))
+    s.on_fence_result(result("a", "confirmed_off"))
+    s.on_inventory(inv("b", "b2", ("vm1", True)))  # restarted on b
+    s.on_inventory(inv("a", "b3", ("vm1", True)))  # a came back running it too (autostart, by hand)
+    assert s.phases["a"] == "quarantined" and "a" not in [c.name for c in s.candidates()]
+    effects = s.effects(now=100.0)
+    assert Duplicate("vm1", ("a", "b"), ("a",)) in effects
+    assert StopCopy("vm1", "a", ("b",)) in effects
+    assert s.effects(now=101.0) == []  # announced once, stop not re-sent at once
+    assert StopCopy("vm1", "a", ("b",)) in s.effects(now=106.0)  # ... but again if nothing changed
+    s.on_host_event(HostEvent(host="a", kind="cleared", at=0.0, by="alice"))
+    assert s.phases["a"] == "quarantined"  # cleared, but not clean
+    s.on_inventory(inv("a", "b3"))  # the copy was stopped
+    assert s.phases["a"] == "up" and "a" in [c.name for c in s.candidates()]
+    assert s.effects(now=107.0) == []
+
+
+def test_clean_but_not_cleared_stays_quarantined_unless_auto_clear() -> None:
+    for auto in (False, True):
+        s = SchedulerState(auto_clear=auto)
+        s.on_inventory(inv("a", "b1", ("vm1", True)))
+        s.on_fence_result(result("a", "confirmed_off"))
+        s.on_inventory(inv("a", "b2"))
+        assert s.phases["a"] == "quarantined"
+        effects = s.effects(now=0.0)
+        assert effects == ([ClearHost("a", "b2", "auto_clear", "reported clean after the fence of boot b1")]
+                           if auto else [])
+
+
+def test_a_duplicate_between_hosts_in_good_standing_is_announced_but_nothing_is_stopped() -> None:
+    s = SchedulerState()
+    s.on_inventory(inv("a", "b1", ("vm1", True)))
+    s.on_inventory(inv("b", "b2", ("vm1", True)))
+    assert s.effects(now=0.0) == [Duplicate("vm1", ("a", "b"), ())]
+
+
+def test_an_agent_that_reports_itself_quarantined_is_told_when_it_is_not() -> None:
+    s = SchedulerState()
+    s.on_inventory(msgspec.structs.replace(inv("a", "b1"), quarantined=True))
+    assert s.effects(now=0.0) == [ClearHost("a", "b1", "not_quarantined",
+                                            "this host is not quarantined by the scheduler")]
+    assert s.effects(now=1.0) == []
+    s.on_inventory(inv("a", "b1"))
+    assert s.effects(now=10.0) == []
+
+
+def test_next_step_resends_to_the_same_host_moves_off_failed_or_fenced_ones_and_waits_for_suspects() -> None:
+    s = SchedulerState(start_attempts=2)
+    for h in ("a", "b", "c"):
+        s.on_inventory(inv(h, f"boot-{h}", *([("vm1", True)] if h == "a" else [])))
+    s.on_fence_result(result("a", "confirmed_off"))
+    lost = s.lost["vm1"]
+    assert s.next_step(lost, []) == ("place", "")
+    assert s.next_step(lost, [("b", "sending")]) == ("resend", "b")
+    assert s.next_step(lost, [("b", "failed")]) == ("place", "")
+    assert not s.exhausted("vm1")
+    s.on_host_event(HostEvent(host="c", kind="suspect", at=0.0, incident="i2"))
+    assert s.next_step(lost, [("b", "failed"), ("c", "sending")]) == ("wait", "c")
+    s.on_fence_result(result("c", "confirmed_off", incident="i2"))
+    assert s.next_step(lost, [("b", "failed"), ("c", "sending")]) == ("place", "")
+    assert s.exhausted("vm1")

@@ -5,6 +5,12 @@ Every start is keyed by (VM, incident) in the scheduler's database and written
 before the command is sent, so a scheduler restarted mid-failover sends a start
 again only to the host it chose before, and the agent answers "already
 running" if it did start. VMs of one failover start in parallel.
+
+The rules (which host to ask again, when a VM moves on, S6's quarantine and
+duplicates) are the pure core's (``state.py``); this shell feeds it the events
+stream and carries out its effects: VmStart, VmStop of a duplicate copy on a
+quarantined host, ``duplicate``/``stopped`` VM events, ``vm_duplicate`` alerts and
+``cleared`` host events.
 """
 
 from __future__ import annotations
@@ -20,11 +26,11 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from hafence import metrics
-from hafence.contracts import Decoders, FenceResult, HostEvent, Inventory, VmEvent, VmStart
+from hafence.contracts import Alert, Decoders, FenceResult, HostEvent, Inventory, VmEvent, VmStart, VmStop
 from hafence.lease import LeaderLease
 from hafence.logs import fields
 from hafence.scheduler.placement import Pending, largest_host_loss_absorbed, place
-from hafence.scheduler.state import LostVm, SchedulerState
+from hafence.scheduler.state import ClearHost, Duplicate, Effect, LostVm, SchedulerState, StopCopy
 from hafence.service import Runtime
 from hafence.store import open_store
 from hafence.telemetry import extract_context, tracer
@@ -53,12 +59,11 @@ async def run(rt: Runtime) -> None:
     kv = await bus.js.key_value(bus.streams.leases)
     lease = LeaderLease(kv, "scheduler", rt.instance, config.timings.lease_ttl_s)
     db = await open_store(rt.db_path("scheduler.db"), MIGRATIONS)
-    state = SchedulerState(maintenance={h.name for h in config.hosts if h.maintenance})
+    state = SchedulerState.from_config(config)
     caught_up = asyncio.Event()
     wake = asyncio.Event()
     incident_context: dict[str, Context] = {}
     announced_pending: dict[str, str] = {}
-    failed_on: dict[str, set[str]] = {}
     slots = asyncio.Semaphore(32)
     fence_confirmed_at: dict[str, float] = {}
     failover_remaining: dict[str, set[str]] = {}
@@ -142,17 +147,17 @@ async def run(rt: Runtime) -> None:
                     log.warning("VM start unanswered", extra=fields(vm=lost.spec.name, target=target))
                     # Its "sending" record stays: the next round asks this host again (or,
                     # once the host is fenced, moves the VM on).
-                    state.reserved.pop((lost.spec.name, target), None)
+                    state.on_start_result(lost.spec.name, target, "unanswered")
                     await vm_event(lost, "failed", target, error)
                 elif error:
                     span.set_status(Status(StatusCode.ERROR, error))
                     log.error("VM start failed", extra=fields(vm=lost.spec.name, target=target, error=error))
-                    state.reserved.pop((lost.spec.name, target), None)
-                    failed_on.setdefault(lost.spec.name, set()).add(target)
+                    state.on_start_result(lost.spec.name, target, "failed")
                     metrics.PLACEMENTS.labels("failed").inc()
                     await record(lost.spec.name, lost.incident, target, "failed", error)
                     await vm_event(lost, "failed", target, error)
                 else:
+                    state.on_start_result(lost.spec.name, target, "started")
                     log.info("VM started", extra=fields(vm=lost.spec.name, target=target))
                     metrics.PLACEMENTS.labels("started").inc()
                     await record(lost.spec.name, lost.incident, target, "started")
@@ -170,9 +175,9 @@ async def run(rt: Runtime) -> None:
         failed starts retried on other hosts, before any medium one; then low."""
         for priority in ("high", "medium", "low"):
             for _ in range(config.scheduler.start_attempts):
-                failures = sum(len(hosts) for hosts in failed_on.values())
+                failures = state.failures()
                 await wave(priority)
-                if sum(len(hosts) for hosts in failed_on.values()) == failures:
+                if state.failures() == failures:
                     break
 
     async def wave(priority: str) -> None:
@@ -182,31 +187,22 @@ async def run(rt: Runtime) -> None:
         for lost in list(state.lost.values()):
             if lost.spec.name in in_flight or lost.spec.priority != priority:
                 continue
-            history = await start_history(lost.spec.name, lost.incident)
-            for t, s in history:
-                # A host fenced since we asked it is off: whatever it started is gone.
-                if s == "failed" or (s in ("sending", "started") and state.phases.get(t) == "fenced"):
-                    failed_on.setdefault(lost.spec.name, set()).add(t)
-            done = [t for t, s in history if s in ("sending", "started") and t not in failed_on.get(lost.spec.name, ())]
-            if done and state.phases.get(done[-1]) == "suspect":
-                continue  # it may be running there: wait for that host's fate
-            if done:
-                # Chosen before (perhaps by a scheduler that died, or unanswered): ask the same host again.
-                resend.append((lost, done[-1]))
-            else:
+            step, target = state.next_step(lost, await start_history(lost.spec.name, lost.incident))
+            if step == "resend":
+                resend.append((lost, target))
+            elif step == "place":
                 todo.append(lost)
         by_name = {lost.spec.name: lost for lost in todo}
-        # A VM whose start failed on start_attempts hosts waits for capacity to change.
-        exhausted = {vm for vm, hosts in failed_on.items() if len(hosts) >= config.scheduler.start_attempts}
+        exhausted = {lost.spec.name for lost in todo if state.exhausted(lost.spec.name)}
         placements, pending = place(
             [lost.spec for lost in todo if lost.spec.name not in exhausted], state.candidates(),
             config.scheduler.strategy, config.scheduler.memory_overcommit,
-            {vm: hosts for vm, hosts in failed_on.items() if vm in by_name},
+            {vm: hosts for vm, hosts in state.failed_on.items() if vm in by_name},
             cpu_overcommit=config.scheduler.cpu_overcommit,
         )
-        pending += [Pending(by_name[vm].spec, f"start failed on {len(failed_on[vm])} hosts "
-                            f"({', '.join(sorted(failed_on[vm]))}); waiting for capacity to change")
-                    for vm in exhausted if vm in by_name]
+        pending += [Pending(by_name[vm].spec, f"start failed on {len(state.failed_on[vm])} hosts "
+                            f"({', '.join(sorted(state.failed_on[vm]))}); waiting for capacity to change")
+                    for vm in sorted(exhausted)]
         for p in pending:
             lost = by_name[p.vm.name]
             if announced_pending.get(p.vm.name) != p.reason:
@@ -220,6 +216,51 @@ async def run(rt: Runtime) -> None:
             async with asyncio.TaskGroup() as tg:
                 for lost, target in jobs:
                     tg.create_task(start(lost, target))
+
+    async def stop_copy(effect: StopCopy) -> None:
+        """S6: stop the copy of a duplicate VM on the host that was fenced."""
+        reason = f"duplicate: also running on {', '.join(effect.keep)}; {effect.host} was fenced"
+        try:
+            raw = await bus.request(subjects.agent_cmd(effect.host), VmStop(vm=effect.vm, reason=reason),
+                                    timeout=config.timings.agent_command_timeout_s)
+            reply = Decoders.agent_reply.decode(raw)
+            error = "" if reply.ok else (reply.error or "agent refused")
+        except Exception as err:  # no answer, garbage: the core sends it again later
+            error = f"{type(err).__name__}: {err}"
+        if error:
+            log.error("stopping a duplicate failed", extra=fields(vm=effect.vm, host=effect.host, error=error))
+            return
+        log.warning("duplicate copy stopped", extra=fields(vm=effect.vm, host=effect.host))
+        await bus.publish(subjects.vm_event(effect.vm, "stopped"),
+                          VmEvent(vm=effect.vm, kind="stopped", at=time.time(), target=effect.host, reason=reason))
+
+    async def carry_out(effect: Effect) -> None:
+        match effect:
+            case Duplicate(vm=vm, hosts=hosts, stop_on=stop_on):
+                action = (f"stopping the copy on {', '.join(stop_on)} (fenced, quarantined)" if stop_on
+                          else "no host is known to hold the wrong copy: a person must decide")
+                reason = f"running on {', '.join(hosts)}; {action}"
+                log.error("VM runs on two hosts", extra=fields(vm=vm, hosts=list(hosts)))
+                await bus.publish(subjects.vm_event(vm, "duplicate"),
+                                  VmEvent(vm=vm, kind="duplicate", at=time.time(), target=",".join(stop_on),
+                                          reason=reason))
+                await bus.publish(subjects.alert("vm_duplicate"),
+                                  Alert(kind="vm_duplicate", at=time.time(), service="scheduler", reason=reason,
+                                        host=stop_on[0] if stop_on else hosts[0], vm=vm))
+            case StopCopy():
+                await stop_copy(effect)
+            case ClearHost(host=host, boot_id=boot_id, rule=rule, reason=reason):
+                log.info("clearing host", extra=fields(host=host, rule=rule))
+                await bus.publish(subjects.host_event(host, "cleared"),
+                                  HostEvent(host=host, kind="cleared", at=time.time(), reason=reason, rule=rule,
+                                            by="scheduler", boot_id=boot_id))
+
+    async def carry_out_effects() -> None:
+        effects = state.effects(time.time())
+        if effects:
+            async with asyncio.TaskGroup() as tg:
+                for effect in effects:
+                    tg.create_task(carry_out(effect))
 
     reservation: dict[str, object] = {"ok": None}
     started_at = time.monotonic()
@@ -252,6 +293,8 @@ async def run(rt: Runtime) -> None:
             changed = wake.is_set()
             wake.clear()
             metrics.PENDING.set(len(state.lost))
+            if lease.held():
+                await carry_out_effects()
             if lease.held() and state.lost:
                 await schedule_once()
             # The reservation is a function of the state: recheck it when the state moved
@@ -266,6 +309,7 @@ async def run(rt: Runtime) -> None:
         subjects.host_events("confirmed_fenced"),
         subjects.host_events("maintenance_on"),
         subjects.host_events("maintenance_off"),
+        subjects.host_events("cleared"),
         subjects.fence_results(),
     ]
     try:

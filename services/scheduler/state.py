@@ -1,5 +1,5 @@
 """What the scheduler knows: inventories, host phases, and the HA VMs lost with
-a fenced host. A fold over the events stream; pure, no I/O.
+a fenced host. A fold over the events stream; pure, no I/O, time is an argument.
 
 S1 lives here: a VM enters ``lost`` (the only set the scheduler restarts from)
 only when its host's fence is confirmed off, or when an operator confirms by
@@ -8,17 +8,45 @@ enforced atomically, by the fencer, which runs no request older than the newest
 term it has seen: a ``confirmed_off`` is a power reading, true whatever arbiter
 asked for it, so the scheduler does not second-guess it (doing so would strand
 the VMs of a host fenced just before a leader change).
+
+S6 lives here too. A fence is folded against the inventory of the boot that was
+fenced (the boot id the incident names, else the one the host reported before it
+became suspect), never a later boot's. A fenced host that reports again is
+``quarantined``: it takes no VM until it reports clean (no HA VM that runs on
+another host) *and* is cleared (an operator's ``cleared`` event, or the
+scheduler's own under ``[scheduler] auto_clear``). A VM reported running on two
+hosts is a duplicate: announced, and the copy on a quarantined host is stopped.
+
+A VM's definition and placement attributes are never taken from an agent's
+word when the cluster config knows the VM; a definition is never an agent's at
+all (``resolve``).
 """
 
 from __future__ import annotations
 
+import posixpath
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+import msgspec
 
 from hafence.contracts import FenceResult, HostEvent, Inventory, VmSpec
 from hafence.scheduler.placement import Candidate
+from hafence.subjects import check_name
 
-HostPhase = Literal["up", "suspect", "fenced"]
+if TYPE_CHECKING:
+    from hafence.config import ClusterConfig
+
+HostPhase = Literal["up", "suspect", "fenced", "quarantined"]
+
+# Boots remembered per host (their last inventory each): enough for a fence result
+# that arrives after the host's next boot has reported, bounded against an agent
+# that invents a boot id per message.
+BOOTS_KEPT = 4
+# A stop of a duplicate copy, or a "cleared" for an agent that still reports itself
+# quarantined, is sent again after this long if nothing changed.
+RESEND_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,81 +56,308 @@ class LostVm:
     incident: str
 
 
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """Effect: a VM is reported running on several hosts (S0 is broken): announce it."""
+
+    vm: str
+    hosts: tuple[str, ...]
+    stop_on: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StopCopy:
+    """Effect: stop the VM on a quarantined (once fenced) host; it runs on ``keep``."""
+
+    vm: str
+    host: str
+    keep: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClearHost:
+    """Effect: publish a ``cleared`` host event for this boot (``rule`` says why)."""
+
+    host: str
+    boot_id: str
+    rule: str
+    reason: str
+
+
+Effect = Duplicate | StopCopy | ClearHost
+StartOutcome = Literal["started", "failed", "unanswered"]
+Step = Literal["place", "resend", "wait"]
+
+
+@dataclass
+class Quarantine:
+    fenced_boot: str
+    cleared_by: str = ""
+
+
 @dataclass
 class SchedulerState:
     maintenance: set[str] = field(default_factory=set)
+    # The cluster config's VMs (the word that counts for placement) and the shared
+    # storage directory holding <vm>.xml definitions.
+    config_vms: dict[str, VmSpec] = field(default_factory=dict)
+    definitions_dir: str = ""
+    # Clear a quarantined host by itself once it reports clean (documented rule, off by default).
+    auto_clear: bool = False
+    start_attempts: int = 3
     inventories: dict[str, Inventory] = field(default_factory=dict)
+    boots: dict[str, OrderedDict[str, Inventory]] = field(default_factory=dict)
     phases: dict[str, HostPhase] = field(default_factory=dict)
-    fenced_boot: dict[str, str] = field(default_factory=dict)
+    # The boot an open incident is about (from the suspect event, else the last report before it).
+    suspect_boot: dict[str, str] = field(default_factory=dict)
+    fenced_boots: dict[str, set[str]] = field(default_factory=dict)
+    quarantine: dict[str, Quarantine] = field(default_factory=dict)
     lost: dict[str, LostVm] = field(default_factory=dict)
     # VMs started but not yet in their new host's inventory: (vm, host) -> spec.
     reserved: dict[tuple[str, str], VmSpec] = field(default_factory=dict)
+    # Hosts a VM's start failed on (or that were fenced since we asked them).
+    failed_on: dict[str, set[str]] = field(default_factory=dict)
+    # Effects already emitted: duplicates announced, stops and clears sent (with when).
+    announced: dict[str, frozenset[str]] = field(default_factory=dict)
+    stops_sent: dict[tuple[str, str], float] = field(default_factory=dict)
+    clears_sent: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: ClusterConfig) -> SchedulerState:
+        return cls(
+            maintenance={h.name for h in config.hosts if h.maintenance},
+            config_vms={vm.name: vm.spec() for vm in config.vms},
+            definitions_dir=config.storage.definitions_dir,
+            auto_clear=config.scheduler.auto_clear,
+            start_attempts=config.scheduler.start_attempts,
+        )
+
+    # -- what a VM is -----------------------------------------------------------------
+
+    def resolve(self, reported: VmSpec) -> VmSpec:
+        """The spec to start a VM from. The config's entry wins where there is one
+        (memory, HA flag, groups: an agent must not talk its way onto a host); the
+        definition comes from the config or ``<definitions_dir>/<vm>.xml`` on shared
+        storage, never from the agent that reported the VM (it could hand another
+        host any domain XML it likes)."""
+        configured = self.config_vms.get(reported.name)
+        spec = configured if configured is not None else reported
+        definition = configured.definition if configured is not None else ""
+        if not definition and self.definitions_dir:
+            # The name is a validated token (no '/', no '..'), so this stays inside the directory.
+            definition = posixpath.join(self.definitions_dir, f"{check_name('VM', reported.name)}.xml")
+        return msgspec.structs.replace(spec, definition=definition)
+
+    def attributes(self, reported: VmSpec) -> VmSpec:
+        """What placement reads (memory, HA flag, groups): the config's entry where
+        there is one. Cheaper than ``resolve`` (no copy), for the hot paths."""
+        return self.config_vms.get(reported.name, reported)
+
+    # -- the fold ---------------------------------------------------------------------
 
     def running_on(self) -> dict[str, str]:
-        where: dict[str, str] = {}
-        for host, inv in self.inventories.items():
+        """One host per running VM (the last seen); see ``copies`` for all of them."""
+        return {vm: hosts[-1] for vm, hosts in self.copies().items()}
+
+    def copies(self) -> dict[str, list[str]]:
+        """Every host (not fenced) whose latest report has the VM running."""
+        where: dict[str, list[str]] = {}
+        for host, inv in sorted(self.inventories.items()):
             if self.phases.get(host) == "fenced":
                 continue
             for vm in inv.vms:
-                if vm.state == "running":
-                    where[vm.spec.name] = host
+                if vm.state == "running" and host not in where.setdefault(vm.spec.name, []):
+                    where[vm.spec.name].append(host)
         return where
 
     def on_inventory(self, inv: Inventory) -> None:
-        if self.phases.get(inv.host) == "fenced" and self.fenced_boot.get(inv.host) == inv.boot_id:
-            return  # a late report from before the fence: that host is off
-        if self.phases.get(inv.host) == "fenced":
-            self.phases[inv.host] = "up"  # it booted again
-        self.phases.setdefault(inv.host, "up")
-        self.inventories[inv.host] = inv
+        host = inv.host
+        if inv.boot_id in self.fenced_boots.get(host, ()):
+            return  # a late report from a boot that was fenced: that boot is off
+        boots = self.boots.setdefault(host, OrderedDict())
+        boots[inv.boot_id] = inv
+        boots.move_to_end(inv.boot_id)
+        while len(boots) > BOOTS_KEPT:
+            boots.popitem(last=False)
+        if self.phases.get(host) == "fenced":
+            self.phases[host] = "quarantined"  # it booted again: S6
+        self.phases.setdefault(host, "up")
+        self.inventories[host] = inv
         for vm in inv.vms:
             if vm.state == "running":
+                # Running is a fact wherever it is reported: restarting it elsewhere now
+                # would run it twice. A copy on a quarantined host is dealt with as a
+                # duplicate if another copy appears.
                 self.lost.pop(vm.spec.name, None)
-                self.reserved.pop((vm.spec.name, inv.host), None)
+                self.reserved.pop((vm.spec.name, host), None)
+        self._maybe_rejoin(host)
 
     def on_host_event(self, event: HostEvent) -> None:
-        if event.kind == "suspect" and self.phases.get(event.host) != "fenced":
-            self.phases[event.host] = "suspect"
-        elif event.kind == "alive" and self.phases.get(event.host) == "suspect":
-            self.phases[event.host] = "up"
+        host = event.host
+        if event.kind == "suspect" and self.phases.get(host) not in ("fenced", "quarantined"):
+            self.phases[host] = "suspect"
+            inv = self.inventories.get(host)
+            self.suspect_boot[host] = event.boot_id or (inv.boot_id if inv else "")
+        elif event.kind == "alive" and self.phases.get(host) == "suspect":
+            self.phases[host] = "up"
+            self.suspect_boot.pop(host, None)
         elif event.kind == "confirmed_fenced":
-            self._fenced(event.host, event.incident)
+            self._fenced(host, event.incident, event.boot_id)
         elif event.kind == "maintenance_on":
-            self.maintenance.add(event.host)
+            self.maintenance.add(host)
         elif event.kind == "maintenance_off":
-            self.maintenance.discard(event.host)
+            self.maintenance.discard(host)
+        elif event.kind == "cleared":
+            q = self.quarantine.get(host)
+            if q is not None and (not event.boot_id or event.boot_id not in self.fenced_boots.get(host, ())):
+                q.cleared_by = event.by or "unknown"
+                self._maybe_rejoin(host)
 
     def on_fence_result(self, result: FenceResult) -> bool:
         """True when this result releases the host's VMs for restart."""
         if result.outcome != "confirmed_off":
             return False
-        if self.phases.get(result.host) == "fenced" and any(
+        if self.phases.get(result.host) in ("fenced", "quarantined") and any(
             lost.incident == result.incident for lost in self.lost.values()
         ):
             return False
-        self._fenced(result.host, result.incident)
-        return True
+        return self._fenced(result.host, result.incident, result.boot_id)
 
-    def _fenced(self, host: str, incident: str) -> None:
-        self.phases[host] = "fenced"
+    def _fenced(self, host: str, incident: str, boot_id: str = "") -> bool:
+        boot = boot_id or self.suspect_boot.get(host, "")
+        if not boot and host in self.inventories:
+            boot = self.inventories[host].boot_id
+        if boot and boot in self.fenced_boots.get(host, ()):
+            return False  # that boot was fenced already and its VMs released
+        self.suspect_boot.pop(host, None)
         # Starts sent to this host are void: it is off, and so is anything it started.
         for key in [k for k in self.reserved if k[1] == host]:
             del self.reserved[key]
+            self.failed_on.setdefault(key[0], set()).add(host)
+        latest = self.inventories.get(host)
+        inv = self.boots.get(host, {}).get(boot) if boot else latest
+        if boot:
+            fenced = self.fenced_boots.setdefault(host, set())
+            fenced.add(boot)
+            if len(fenced) > 4 * BOOTS_KEPT:
+                fenced.discard(next(iter(fenced - {boot})))
+        self.quarantine[host] = Quarantine(fenced_boot=boot)
+        # The host may have reported a newer boot already (action "reboot"): it is back, quarantined.
+        back = latest is not None and bool(boot) and latest.boot_id != boot
+        self.phases[host] = "quarantined" if back else "fenced"
+        if inv is None:
+            return True
+        elsewhere = {vm for vm, hosts in self.copies().items() if set(hosts) - {host}}
+        for vm in inv.vms:
+            spec = self.resolve(vm.spec)
+            if vm.state == "running" and spec.ha and vm.spec.name not in elsewhere:
+                self.lost[vm.spec.name] = LostVm(spec, host, incident)
+        return True
+
+    def clean(self, host: str) -> bool:
+        """No HA VM runs on this host that also runs on another one."""
         inv = self.inventories.get(host)
         if inv is None:
-            return
-        self.fenced_boot[host] = inv.boot_id
-        elsewhere = {vm: h for vm, h in self.running_on().items() if h != host}
-        for vm in inv.vms:
-            if vm.state == "running" and vm.spec.ha and vm.spec.name not in elsewhere:
-                self.lost[vm.spec.name] = LostVm(vm.spec, host, incident)
+            return True
+        copies = self.copies()
+        return not any(
+            vm.state == "running" and self.attributes(vm.spec).ha and set(copies.get(vm.spec.name, ())) - {host}
+            for vm in inv.vms
+        )
+
+    def _maybe_rejoin(self, host: str) -> None:
+        q = self.quarantine.get(host)
+        if self.phases.get(host) == "quarantined" and q is not None and q.cleared_by and self.clean(host):
+            self.phases[host] = "up"
+            del self.quarantine[host]
+        # A stop on another host may have made this one clean: let every cleared one try.
+        for other, oq in list(self.quarantine.items()):
+            if other != host and oq.cleared_by and self.phases.get(other) == "quarantined" and self.clean(other):
+                self.phases[other] = "up"
+                del self.quarantine[other]
+
+    # -- effects (what the shell must do; only the leader asks) -----------------------
+
+    def effects(self, now: float) -> list[Effect]:
+        out: list[Effect] = []
+        copies = self.copies()
+        for vm, hosts in sorted(copies.items()):
+            if len(hosts) < 2:
+                continue
+            # Only a quarantined host's copy is known to be the wrong one, and only
+            # while a copy runs on a host in good standing.
+            quarantined = tuple(h for h in hosts if self.phases.get(h) == "quarantined")
+            stop_on = quarantined if len(quarantined) < len(hosts) else ()
+            if self.announced.get(vm) != frozenset(hosts):
+                self.announced[vm] = frozenset(hosts)
+                out.append(Duplicate(vm, tuple(hosts), stop_on))
+            for host in stop_on:
+                sent = self.stops_sent.get((vm, host))
+                if sent is None or now - sent >= RESEND_S:
+                    self.stops_sent[(vm, host)] = now
+                    out.append(StopCopy(vm, host, tuple(h for h in hosts if h not in stop_on)))
+        for vm in [vm for vm in self.announced if len(copies.get(vm, ())) < 2]:
+            del self.announced[vm]
+        for key in [k for k in self.stops_sent if k[1] not in copies.get(k[0], ())]:
+            del self.stops_sent[key]
+        for host, inv in sorted(self.inventories.items()):
+            phase = self.phases.get(host)
+            q = self.quarantine.get(host)
+            if phase == "quarantined" and q is not None and not q.cleared_by and self.auto_clear and self.clean(host):
+                rule, reason = "auto_clear", f"reported clean after the fence of boot {q.fenced_boot or '?'}"
+            elif phase in ("up", "suspect") and inv.quarantined:
+                # The agent starts every boot quarantined; it is told when it need not be.
+                rule, reason = "not_quarantined", "this host is not quarantined by the scheduler"
+            else:
+                continue
+            sent = self.clears_sent.get(host)
+            if sent is None or sent[0] != inv.boot_id or now - sent[1] >= RESEND_S:
+                self.clears_sent[host] = (inv.boot_id, now)
+                out.append(ClearHost(host, inv.boot_id, rule, reason))
+        return out
+
+    # -- starts: retry on the same host, move, give up (the rules the shell asks) ------
+
+    def voided(self, host: str) -> bool:
+        """Fenced since a start was sent there: whatever it started is gone."""
+        return self.phases.get(host) in ("fenced", "quarantined")
+
+    def next_step(self, lost: LostVm, history: list[tuple[str, str]]) -> tuple[Step, str]:
+        """From the recorded starts of this VM for this incident (target, state),
+        oldest first: place it afresh, ask the same host again, or wait."""
+        failed = self.failed_on.setdefault(lost.spec.name, set())
+        for target, status in history:
+            if status == "failed" or (status in ("sending", "started") and self.voided(target)):
+                failed.add(target)
+        asked = [t for t, s in history if s in ("sending", "started") and t not in failed]
+        if not asked:
+            return "place", ""
+        if self.phases.get(asked[-1]) == "suspect":
+            return "wait", asked[-1]  # it may be running there: wait for that host's fate
+        # Chosen before (perhaps by a scheduler that died, or unanswered): ask the same host again.
+        return "resend", asked[-1]
+
+    def exhausted(self, vm: str) -> bool:
+        """Its start failed on ``start_attempts`` hosts: it waits for capacity to change."""
+        return len(self.failed_on.get(vm, ())) >= self.start_attempts
+
+    def failures(self) -> int:
+        return sum(len(hosts) for hosts in self.failed_on.values())
+
+    def on_start_result(self, vm: str, target: str, outcome: StartOutcome) -> None:
+        if outcome != "started":
+            self.reserved.pop((vm, target), None)
+        if outcome == "failed":
+            self.failed_on.setdefault(vm, set()).add(target)
+
+    # -- placement inputs -------------------------------------------------------------
 
     def candidates(self) -> list[Candidate]:
         out = []
         for host, inv in sorted(self.inventories.items()):
             if self.phases.get(host) != "up" or host in self.maintenance:
                 continue
-            specs = [vm.spec for vm in inv.vms if vm.state == "running"]
+            specs = [self.attributes(vm.spec) for vm in inv.vms if vm.state == "running"]
             specs += [spec for (_vm, target), spec in self.reserved.items() if target == host]
             out.append(Candidate(
                 host, inv.memory_mb, inv.vcpus, sum(s.memory_mb for s in specs), sum(s.vcpus for s in specs),
@@ -113,7 +368,7 @@ class SchedulerState:
 
     def ha_vms_by_host(self) -> dict[str, list[VmSpec]]:
         return {
-            host: [vm.spec for vm in inv.vms if vm.state == "running" and vm.spec.ha]
+            host: [spec for vm in inv.vms if vm.state == "running" and (spec := self.attributes(vm.spec)).ha]
             for host, inv in self.inventories.items()
             if self.phases.get(host) == "up" and host not in self.maintenance
         }
