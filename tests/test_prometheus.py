@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import subprocess
 import time
 import urllib.parse
@@ -25,23 +23,13 @@ from hafence.lab.cluster import SERVICES, Lab, LabSpec
 from hafence.lab.demo import failover_done
 from hafence.lab.natsserver import free_port
 from hafence.lab.procs import die_with_parent
+from tests.prom import debian_tool
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "hafence.json"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
-
-
-def debian_tool(name: str, package: str = "prometheus") -> str:
-    """A binary of Debian's prometheus packages; a skip with the reason, or a failure under
-    HAFENCE_REQUIRE_PEERS=1 (CI installs it)."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("HAFENCE_REQUIRE_PEERS") == "1":
-            pytest.fail(f"{name} is required (HAFENCE_REQUIRE_PEERS=1) but not installed (apt-get install {package})")
-        pytest.skip(f"{name} not installed (Debian: apt-get install {package})")
-    return path
 
 
 def prometheus_binary() -> str:
@@ -181,5 +169,10 @@ async def test_every_dashboard_panel_shows_the_failover_prometheus_scraped(tmp_p
             # The frozen host is still "powered" (its agent hangs); after the fence its switch is off,
             # but the frozen agent cannot say so: it is not scraped (up == 0), not counted.
             assert prom.value(f'up{{instance="127.0.0.1:{lab.metrics_ports["agent-" + victim]}"}}') == 0
+
+            # The alerting rules ran against the lab's real series without an evaluation error.
+            with urllib.request.urlopen(f"{prom.url}/api/v1/rules", timeout=5) as resp:
+                rules = [r for g in json.loads(resp.read())["data"]["groups"] for r in g["rules"]]
+            assert len(rules) == 10 and all(r["health"] == "ok" for r in rules), rules
     finally:
         await lab.stop()
