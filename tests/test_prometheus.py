@@ -6,6 +6,7 @@ bad messages as 0, not "no data"."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import subprocess
@@ -49,9 +50,17 @@ class Prometheus:
         assert body["status"] == "success", (expr, body)
         return body["data"]["result"]  # type: ignore[no-any-return]
 
+    def rules(self) -> list[dict]:  # type: ignore[type-arg]
+        with urllib.request.urlopen(f"{self.url}/api/v1/rules", timeout=5) as resp:
+            return [r for g in json.loads(resp.read())["data"]["groups"] for r in g["rules"]]
+
     def value(self, expr: str) -> float | None:
         result = self.query(expr)
         return float(result[0]["value"][1]) if result else None
+
+    async def until(self, what: str, check: object, timeout: float = 30.0) -> None:
+        """Wait off the event loop (the lab's observer keeps recording meanwhile)."""
+        await asyncio.to_thread(self.wait, what, check, timeout)
 
     def wait(self, what: str, check: object, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -124,16 +133,17 @@ async def test_every_dashboard_panel_shows_the_failover_prometheus_scraped(tmp_p
             await lab.wait_ready()
             # Every target up and scraped a few times before the incident: the counters'
             # zeros are on record, so increase() sees the step to 1.
-            prom.wait("every target up", lambda: prom.value("count(up == 1)") == targets)
-            prom.wait("three scrapes of each", lambda: prom.value("min(count_over_time(up[1m]))") >= 3)
+            await prom.until("every target up", lambda: prom.value("count(up == 1)") == targets)
+            await prom.until("three scrapes of each", lambda: prom.value("min(count_over_time(up[1m]))") >= 3)
 
             victim = "lab-2"
             expected = {vm.name for vm in lab.config.vms_of(victim) if vm.ha}
             lab.crash(victim)
             assert await lab.observer.wait_for(lambda: failover_done(lab, victim, expected), 30), lab.diagnostics()
-            prom.wait("the failover scraped", lambda: prom.value("sum(hafence_failover_duration_seconds_count)") == 1
-                      and prom.value('sum(hafence_vm_starts_total{result="started"})') == len(expected)
-                      and prom.value('max(hafence_hosts{job="hafence",state="fenced"})') == 1)
+            await prom.until("the failover scraped", lambda: (
+                prom.value("sum(hafence_failover_duration_seconds_count)") == 1
+                and prom.value('sum(hafence_vm_starts_total{result="started"})') == len(expected)
+                and prom.value('max(hafence_hosts{job="hafence",state="fenced"})') == 1))
 
             panels = dashboard_exprs()
             results = {title: [prom.query(expr) for expr in exprs] for title, exprs in panels.items()}
@@ -171,8 +181,7 @@ async def test_every_dashboard_panel_shows_the_failover_prometheus_scraped(tmp_p
             assert prom.value(f'up{{instance="127.0.0.1:{lab.metrics_ports["agent-" + victim]}"}}') == 0
 
             # The alerting rules ran against the lab's real series without an evaluation error.
-            with urllib.request.urlopen(f"{prom.url}/api/v1/rules", timeout=5) as resp:
-                rules = [r for g in json.loads(resp.read())["data"]["groups"] for r in g["rules"]]
+            rules = prom.rules()
             assert len(rules) == 10 and all(r["health"] == "ok" for r in rules), rules
     finally:
         await lab.stop()
