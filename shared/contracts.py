@@ -153,6 +153,10 @@ class FenceResult(Message, tag="fence_result", kw_only=True):
     started_at: float
     finished_at: float
     boot_id: str = ""
+    # The highest leader term the fencer has admitted (S3): on a refusal, the term
+    # a new arbiter leader must exceed (terms never go back, even when the lease
+    # bucket was lost and its revisions started again).
+    highest_term: int = 0
 
 
 class VmStart(Message, tag="vm_start", kw_only=True):

@@ -1,10 +1,21 @@
 """The fencer service: a durable work-queue consumer of fence requests.
 
-For each request: refuse it if its term is older than the newest seen (S3);
-answer a redelivery from the journal (S4); otherwise run the host's topology,
-journal the result, publish it, and only then ack. A fencer killed mid-request
-gets the request redelivered and runs it again: the power state is read back
-from the devices, never assumed.
+For each request, in this order (S3 and S4 under concurrency):
+
+1. take the host's lock, telling JetStream the message is in progress while
+   waiting for it (so it is not redelivered to a second handler meanwhile);
+2. in one journal transaction: refuse the request if its term is older than the
+   newest admitted (S3), else raise the newest term, and answer from the journal
+   if this very request (id, incident and host) was recorded (S4), else record it;
+3. run the host's topology, journal the result, and only then publish and ack.
+
+A request redelivered, or re-issued with the same request id, while the first
+one runs waits at step 1 and gets the recorded result at step 2: the host is
+power-cycled once. A fencer killed mid-request gets the request redelivered and
+runs it again: the power state is read back from the devices, never assumed.
+
+A refusal carries the fencer's highest term (``highest_term``), so a new arbiter
+leader can take a term above it, and raises an alert (``alert.fence_refused``).
 """
 
 from __future__ import annotations
@@ -19,8 +30,8 @@ from opentelemetry.context import Context
 
 from hafence import metrics
 from hafence.bus import Reject
-from hafence.contracts import Decoders, FenceRequest, FenceResult, HostEvent
-from hafence.fencer.admission import admit
+from hafence.contracts import Alert, Decoders, FenceRequest, FenceResult, HostEvent
+from hafence.fencer.admission import Answer, Refuse, Run
 from hafence.fencer.executor import Executor
 from hafence.fencer.journal import FenceJournal
 from hafence.logs import fields
@@ -40,13 +51,60 @@ async def run(rt: Runtime) -> None:
     ack_wait = config.timings.fence_ack_wait_s
     await bus.ensure_consumer(bus.streams.fence_requests, "fencer", [subjects.fence_requests()], ack_wait=ack_wait)
 
-    async def publish(result: FenceResult) -> None:
-        await bus.publish(subjects.fence_result(result.host), result, msg_id=f"result:{result.request_id}")
-
     async def keep_alive(msg: Msg) -> None:
         while True:
             await asyncio.sleep(ack_wait / 3)
             await msg.in_progress()
+
+    async def alert(kind: str, request: FenceRequest, reason: str) -> None:
+        """Best effort: the result is what the arbiter acts on; an alert that cannot
+        be published (NATS permissions, a full stream) must not block it."""
+        try:
+            await bus.publish(subjects.alert(kind), Alert(kind=kind, at=time.time(), service="fencer",
+                                                           reason=reason, host=request.host, term=request.term),
+                              msg_id=f"{kind}:{request.request_id}:t{request.term}")
+        except Exception as err:
+            log.error("cannot publish alert", extra=fields(kind=kind, error=str(err)))
+
+    async def decide(request: FenceRequest) -> tuple[FenceResult, str]:
+        """Steps 1-3 under the host's lock; returns the result and its message id."""
+        started = time.time()
+        async with host_locks[request.host]:
+            verdict = await journal.admit(request)
+            match verdict:
+                case Refuse(reason=reason, highest=highest):
+                    log.error("refusing fence request", extra=fields(request_id=request.request_id, reason=reason))
+                    return FenceResult(
+                        request_id=request.request_id, incident=request.incident, host=request.host,
+                        term=request.term, outcome="refused", reason=reason, started_at=started,
+                        finished_at=time.time(), highest_term=highest,
+                    ), f"refused:{request.request_id}:t{request.term}"
+                case Answer(result=recorded):
+                    log.info("request seen before: answering from the journal",
+                             extra=fields(request_id=request.request_id, outcome=recorded.outcome))
+                    return recorded, f"result:{request.request_id}"
+                case Run(attempts=attempts, highest=highest):
+                    if attempts > 1:
+                        log.warning("resuming a fence interrupted before it was recorded; reading power state again",
+                                    extra=fields(request_id=request.request_id, attempts=attempts))
+            with tracer().start_as_current_span(
+                f"fence {request.host}",
+                attributes={"hafence.host": request.host, "hafence.action": request.action,
+                            "hafence.request_id": request.request_id},
+            ) as fence_span:
+                report = await executor.fence(hosts[request.host], request.action)
+                fence_span.set_attribute("hafence.outcome", report.verdict.outcome)
+            result = FenceResult(
+                request_id=request.request_id, incident=request.incident, host=request.host, term=request.term,
+                outcome=report.verdict.outcome, level=report.verdict.level, evidence=report.evidence,
+                reason=report.verdict.reason, started_at=started, finished_at=time.time(), boot_id=request.boot_id,
+                highest_term=highest,
+            )
+            await journal.record(request, result)
+        metrics.FENCES.labels(request.host, result.outcome).inc()
+        metrics.FENCE_SECONDS.labels(result.outcome).observe(result.finished_at - started)
+        log.warning("fence finished", extra=fields(host=request.host, outcome=result.outcome, reason=result.reason))
+        return result, f"result:{request.request_id}"
 
     async def on_request(request: FenceRequest, msg: Msg) -> None:
         if msg.subject != subjects.fence_request(request.host):
@@ -54,56 +112,29 @@ async def run(rt: Runtime) -> None:
         span = trace.get_current_span()
         span.set_attributes({"hafence.host": request.host, "hafence.request_id": request.request_id,
                              "hafence.term": request.term})
-        started = time.time()
-        admission = admit(request.term, await journal.highest_term())
-        if not admission.admitted or request.host not in hosts:
-            # S3 before S4: a stale leader is told so, even for a request id that ran.
-            reason = admission.reason or f"host {request.host!r} is not in the fencer's configuration"
-            log.error("refusing fence request", extra=fields(request_id=request.request_id, reason=reason))
-            result = FenceResult(
+        if request.host not in hosts:
+            # Not a matter of terms: this fencer cannot fence the host. A failure, so the
+            # arbiter retries and escalates, instead of re-issuing into the same wall.
+            reason = f"host {request.host!r} is not in the fencer's configuration"
+            log.error("cannot fence", extra=fields(request_id=request.request_id, reason=reason))
+            now = time.time()
+            await bus.publish(subjects.fence_result(request.host), FenceResult(
                 request_id=request.request_id, incident=request.incident, host=request.host, term=request.term,
-                outcome="refused", reason=reason, started_at=started, finished_at=time.time(),
-            )
-            span.set_attribute("hafence.outcome", "refused")
-            await journal.record_refusal(request, reason)
-            await bus.publish(subjects.fence_result(request.host), result,
-                              msg_id=f"refused:{request.request_id}:t{request.term}")
+                outcome="failed", reason=reason, started_at=now, finished_at=now,
+            ), msg_id=f"result:{request.request_id}")
             return
-        recorded = await journal.recorded(request.request_id)
-        if recorded is not None:
-            log.info("redelivered request: answering from the journal",
-                     extra=fields(request_id=request.request_id, outcome=recorded.outcome))
-            span.set_attribute("hafence.outcome", recorded.outcome)
-            await publish(recorded)
-            return
-        attempts = await journal.admit(request)
-        if attempts > 1:
-            log.warning("resuming a fence interrupted before it was recorded; reading power state again",
-                        extra=fields(request_id=request.request_id, attempts=attempts))
-        async with host_locks[request.host]:
-            with tracer().start_as_current_span(
-                f"fence {request.host}",
-                attributes={"hafence.host": request.host, "hafence.action": request.action,
-                            "hafence.request_id": request.request_id},
-            ) as fence_span:
-                async with asyncio.TaskGroup() as tg:
-                    pinger = tg.create_task(keep_alive(msg))
-                    try:
-                        report = await executor.fence(hosts[request.host], request.action)
-                    finally:
-                        pinger.cancel()
-                fence_span.set_attribute("hafence.outcome", report.verdict.outcome)
-        result = FenceResult(
-            request_id=request.request_id, incident=request.incident, host=request.host, term=request.term,
-            outcome=report.verdict.outcome, level=report.verdict.level, evidence=report.evidence,
-            reason=report.verdict.reason, started_at=started, finished_at=time.time(),
-        )
-        await journal.record(request, result)
-        metrics.FENCES.labels(request.host, result.outcome).inc()
-        metrics.FENCE_SECONDS.labels(result.outcome).observe(result.finished_at - started)
-        log.warning("fence finished", extra=fields(host=request.host, outcome=result.outcome, reason=result.reason))
+        async with asyncio.TaskGroup() as tg:
+            # In progress while waiting for the host's lock too: a request that waits
+            # behind another must not be redelivered to a second handler.
+            pinger = tg.create_task(keep_alive(msg))
+            try:
+                result, msg_id = await decide(request)
+            finally:
+                pinger.cancel()
         span.set_attribute("hafence.outcome", result.outcome)
-        await publish(result)
+        await bus.publish(subjects.fence_result(request.host), result, msg_id=msg_id)
+        if result.outcome == "refused":
+            await alert("fence_refused", request, result.reason)
 
     async def health() -> None:
         """Check every host's devices; announce changes of protection."""
