@@ -95,6 +95,7 @@ def _provisioner() -> list[str]:
     (the NATS CLI with an account that has the rights)."""
     return [f"{API}.INFO", f"{API}.STREAM.NAMES", f"{API}.STREAM.LIST", f"{API}.STREAM.INFO.*",
             f"{API}.STREAM.CREATE.*", f"{API}.STREAM.UPDATE.*", f"{API}.CONSUMER.INFO.*.*",
+            f"{API}.CONSUMER.LIST.*", f"{API}.CONSUMER.NAMES.*",
             f"{API}.CONSUMER.CREATE.*.*", f"{API}.CONSUMER.CREATE.*.*.>", f"{API}.CONSUMER.DURABLE.CREATE.*.*"]
 
 
