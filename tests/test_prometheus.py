@@ -140,8 +140,11 @@ async def test_every_dashboard_panel_shows_the_failover_prometheus_scraped(tmp_p
             expected = {vm.name for vm in lab.config.vms_of(victim) if vm.ha}
             lab.crash(victim)
             assert await lab.observer.wait_for(lambda: failover_done(lab, victim, expected), 30), lab.diagnostics()
+            # Each process is scraped at its own phase: wait until every one was, after the incident.
             await prom.until("the failover scraped", lambda: (
                 prom.value("sum(hafence_failover_duration_seconds_count)") == 1
+                and prom.value('sum(hafence_fence_operations_total{outcome="confirmed_off"})') == 1
+                and prom.value('sum(hafence_agent_vm_starts_total{result="started"})') == len(expected)
                 and prom.value('sum(hafence_vm_starts_total{result="started"})') == len(expected)
                 and prom.value('max(hafence_hosts{job="hafence",state="fenced"})') == 1))
 
