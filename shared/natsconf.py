@@ -130,6 +130,8 @@ def permissions(config: ClusterConfig) -> dict[str, dict[str, list[str]]]:
             *_kv_reader(n.leases)]),
         "scheduler": service("scheduler", [
             s.vm_events(), s.host_events("ha_reservation_ok"), s.host_events("ha_reservation_lost"),
+            # The automatic rule clears a host that reports clean (S6).
+            s.host_events("cleared"),
             f"{s.prefix}.agent.*.cmd", *events, *_kv_writer(n.leases)]),
         OPERATOR: {
             # The CLI: confirmations, maintenance, clearing a fenced host; reading
@@ -151,7 +153,8 @@ def permissions(config: ClusterConfig) -> dict[str, dict[str, list[str]]]:
             # it (messages per subject, discard old), so one agent cannot push
             # another service's dead letters out.
             "publish": [s.hb(host.name), s.inventory(host.name), s.dlq("agent")],
-            "subscribe": [s.agent_cmd(host.name), inbox(user)],
+            # Its own host's "cleared" ends its quarantine (S6).
+            "subscribe": [s.agent_cmd(host.name), s.host_event(host.name, "cleared"), inbox(user)],
         }
     return users
 
