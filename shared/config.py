@@ -366,22 +366,84 @@ def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
     return parse_config(text, str(p))
 
 
-def check_consistency(config: ClusterConfig) -> list[ConfigIssue]:
+def has_ports(device: Device) -> bool:
+    """Whether a level entry's ``port`` chooses what the device powers: an outlet,
+    a plug, a sim port. A BMC (ipmi, redfish) powers exactly one machine."""
+    match device:
+        case IpmiDevice() | RedfishDevice():
+            return False
+        case FenceAgentDevice():
+            return bool(device.port_option)
+    return True
+
+
+_OUTLET_RE = re.compile(r"(?:(\d+):)?(\d+)")
+
+
+def power_target(name: str, device: Device, port: str, host: str) -> tuple[object, ...]:
+    """What a level entry really switches, as one key: the same machine or outlet
+    reached through two device names (or two spellings of an outlet) is one target."""
+    match device:
+        case IpmiDevice():
+            return ("ipmi", device.address.lower(), device.port)
+        case RedfishDevice():
+            return ("redfish", device.address.lower(), device.port, device.system_id)
+        case ApcSnmpDevice():
+            m = _OUTLET_RE.fullmatch(port)
+            outlet = (int(m.group(1) or 1), int(m.group(2))) if m else port
+            return ("apc_snmp", device.address.lower(), device.port, outlet)
+        case SimDevice():
+            return ("sim", device.state_dir, port or host)
+        case FenceAgentDevice():
+            return ("agent", name, port or host) if device.port_option else ("agent", name)
+    return (name, port or host)
+
+
+def check_power_targets(config: ClusterConfig) -> list[ConfigIssue]:
+    """The right host: every level entry names an existing device, a port only
+    where the device has ports (a BMC's port was silently ignored), an outlet
+    where it needs one, and no two hosts share a target (a copy-pasted BMC
+    fences the wrong host)."""
     issues: list[ConfigIssue] = []
+    owner: dict[tuple[object, ...], tuple[str, str]] = {}
+    for i, host in enumerate(config.hosts):
+        for j, level in enumerate(host.levels):
+            for k, ref in enumerate(level.devices):
+                key = f"hosts[{i}].levels[{j}].devices[{k}]"
+                device = config.devices.get(ref.device)
+                if device is None:
+                    issues.append(ConfigIssue(f"{key}.device",
+                                              f"unknown power device {ref.device!r} (not in [devices])"))
+                    continue
+                driver = type(device).__struct_config__.tag
+                if ref.port and not has_ports(device):
+                    issues.append(ConfigIssue(f"{key}.port", (
+                        f"device {ref.device!r} ({driver}) powers one machine and has no ports; port "
+                        f"{ref.port!r} would be ignored: remove it, or name the device of this host's own BMC")))
+                    continue
+                if isinstance(device, ApcSnmpDevice) and not _OUTLET_RE.fullmatch(ref.port):
+                    issues.append(ConfigIssue(f"{key}.port", (
+                        f"device {ref.device!r} (apc_snmp) needs the host's outlet: a number or switch:number, "
+                        f"not {ref.port!r}")))
+                    continue
+                target = power_target(ref.device, device, ref.port, host.name)
+                first = owner.setdefault(target, (host.name, key))
+                if first[0] != host.name:
+                    what = (f"device {ref.device!r} ({driver}) powers one machine" if not has_ports(device)
+                            else f"port {ref.port or host.name!r} of device {ref.device!r} ({driver})")
+                    issues.append(ConfigIssue(key, (
+                        f"{what} is already the fence target of host {first[0]!r} ({first[1]}): fencing host "
+                        f"{host.name!r} would power off {first[0]!r}; each host needs its own BMC or outlet")))
+    return issues
+
+
+def check_consistency(config: ClusterConfig) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = check_power_targets(config)
     seen_hosts: set[str] = set()
     for i, host in enumerate(config.hosts):
         if host.name in seen_hosts:
             issues.append(ConfigIssue(f"hosts[{i}].name", f"host {host.name!r} is defined twice"))
         seen_hosts.add(host.name)
-        for j, level in enumerate(host.levels):
-            for k, ref in enumerate(level.devices):
-                if ref.device not in config.devices:
-                    issues.append(
-                        ConfigIssue(
-                            f"hosts[{i}].levels[{j}].devices[{k}].device",
-                            f"unknown power device {ref.device!r} (not in [devices])",
-                        )
-                    )
     seen_vms: set[str] = set()
     for i, vm in enumerate(config.vms):
         if vm.name in seen_vms:

@@ -97,3 +97,89 @@ def test_every_structural_error_is_reported_in_one_pass() -> None:
         "timings.heartbeat_interval_s", "hosts[0].name", "devices.q.driver", "bogus",
     ]
     assert "use one of sim, ipmi, apc_snmp, redfish, agent" in str(err.value)
+
+
+BMCS = """
+[devices.bmc-a]
+driver = "ipmi"
+address = "10.0.0.1"
+username = "admin"
+
+[devices.bmc-a-again]
+driver = "ipmi"
+address = "10.0.0.1"
+username = "fence"
+
+[devices.rf-b]
+driver = "redfish"
+address = "10.0.0.2"
+username = "admin"
+
+[devices.pdu]
+driver = "apc_snmp"
+address = "10.0.0.9"
+
+[devices.pdu-alias]
+driver = "apc_snmp"
+address = "10.0.0.9"
+"""
+
+
+def hosts(*levels: str) -> str:
+    return "".join(
+        f'\n[[hosts]]\nname = "h{i}"\nmemory_mb = 1\nlevels = [{lv}]\n' for i, lv in enumerate(levels, start=1)
+    )
+
+
+def issues_of(text: str) -> dict[str, str]:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "c.toml")
+    return {issue.key: issue.message for issue in err.value.issues}
+
+
+def test_a_bmc_given_to_two_hosts_is_refused_naming_both_keys() -> None:
+    """Before: accepted, and fencing h2 powered off h1 (the copy-paste slip of issue 10.9)."""
+    found = issues_of(BMCS + hosts('{ devices = [{ device = "bmc-a" }] }', '{ devices = [{ device = "bmc-a" }] }'))
+    message = found["hosts[1].levels[0].devices[0]"]
+    assert "'bmc-a' (ipmi) powers one machine" in message
+    assert "host 'h1' (hosts[0].levels[0].devices[0])" in message and "fencing host 'h2'" in message
+
+
+def test_one_bmc_behind_two_device_names_is_still_one_target() -> None:
+    found = issues_of(BMCS + hosts('{ devices = [{ device = "bmc-a" }] }',
+                                   '{ devices = [{ device = "bmc-a-again" }] }'))
+    assert "hosts[1].levels[0].devices[0]" in found
+
+
+def test_a_port_on_a_device_without_ports_is_refused() -> None:
+    """Before: ipmi and redfish ignored the port, so 'port = "2"' looked like it chose a machine."""
+    found = issues_of(BMCS + hosts('{ devices = [{ device = "rf-b", port = "2" }] }'))
+    assert "has no ports" in found["hosts[0].levels[0].devices[0].port"]
+    assert "'rf-b' (redfish)" in found["hosts[0].levels[0].devices[0].port"]
+
+
+def test_an_outlet_is_one_target_however_it_is_spelled_and_a_pdu_needs_one() -> None:
+    found = issues_of(BMCS + hosts('{ devices = [{ device = "pdu", port = "3" }] }',
+                                   '{ devices = [{ device = "pdu-alias", port = "1:3" }] }',
+                                   '{ devices = [{ device = "pdu" }] }'))
+    assert "port '1:3' of device 'pdu-alias' (apc_snmp)" in found["hosts[1].levels[0].devices[0]"]
+    assert "needs the host's outlet" in found["hosts[2].levels[0].devices[0].port"]
+
+
+def test_one_host_may_use_its_bmc_twice_and_hosts_may_share_a_pdu() -> None:
+    config = parse_config(BMCS + hosts(
+        '{ devices = [{ device = "bmc-a" }] }, { devices = [{ device = "bmc-a" }] }',
+        '{ devices = [{ device = "rf-b" }] }, { devices = [{ device = "pdu", port = "1" }, '
+        '{ device = "pdu-alias", port = "2" }] }',
+        '{ devices = [{ device = "pdu", port = "2:1" }] }',
+    ))
+    assert [h.name for h in config.hosts] == ["h1", "h2", "h3"]
+
+
+def test_config_check_refuses_a_shared_bmc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hafence.cli import main
+
+    path = tmp_path / "cluster.toml"
+    path.write_text(BMCS + hosts('{ devices = [{ device = "bmc-a" }] }', '{ devices = [{ device = "bmc-a" }] }'))
+    assert main(["config", "check", str(path)]) == 2
+    assert "hosts[1].levels[0].devices[0]" in capsys.readouterr().err

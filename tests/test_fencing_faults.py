@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,16 @@ password_file = "{pw}"
 ca_file = "{lab.cert}"
 power_timeout_s = 3.0
 
+[devices.rf-stuck]
+driver = "redfish"
+address = "127.0.0.1"
+port = {lab.redfish_ports["stuck"]}
+username = "admin"
+password_file = "{pw}"
+ca_file = "{lab.cert}"
+power_timeout_s = 1.0
+retries = 0
+
 [[hosts]]
 name = "ipmi-ok"
 memory_mb = 1
@@ -119,7 +130,7 @@ levels = [{{ devices = [{{ device = "bmc-stuck" }}] }}]
 [[hosts]]
 name = "two-levels"
 memory_mb = 1
-levels = [{{ devices = [{{ device = "bmc-stuck" }}] }}, {{ devices = [{{ device = "pdu-a", port = "1" }}] }}]
+levels = [{{ devices = [{{ device = "rf-stuck" }}] }}, {{ devices = [{{ device = "pdu-a", port = "1" }}] }}]
 
 [[hosts]]
 name = "psu-pair-one-stuck"
@@ -181,7 +192,7 @@ async def test_a_device_that_answers_on_forever_is_never_confirmed(devices: Lab)
 async def test_the_second_level_succeeds_after_the_first_fails(devices: Lab) -> None:
     outcome, level, _, evidence = await fence(devices, "two-levels")
     assert (outcome, level) == ("confirmed_off", 2)
-    assert [(e.device, e.confirmed) for e in evidence] == [("bmc-stuck", False), ("pdu-a", True)]
+    assert [(e.device, e.confirmed) for e in evidence] == [("rf-stuck", False), ("pdu-a", True)]
     assert devices.power.read("h1") == "off"
 
 
@@ -196,6 +207,39 @@ async def test_redfish_level_confirms_off(devices: Lab) -> None:
     outcome, level, _, _ = await fence(devices, "redfish")
     assert (outcome, level) == ("confirmed_off", 1)
     assert devices.power.read("h2") == "off"
+
+
+def ipmi_workers() -> list[int]:
+    """Our own children that are IPMI worker processes (alive, or dead but not reaped)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            ppid = int(next(line.split()[1] for line in (proc / "status").read_text().splitlines()
+                            if line.startswith("PPid:")))
+        except (OSError, StopIteration, ValueError):
+            continue
+        if ppid == os.getpid() and b"hafence.fencer.drivers.ipmi_worker" in cmdline:
+            found.append(int(proc.name))
+    return found
+
+
+async def test_a_failed_health_check_closes_its_ipmi_driver_and_no_worker_survives(devices: Lab) -> None:
+    """Before: a failed check dropped the driver without closing it; its worker
+    process was still counted as used, so even closing the executor left it running."""
+    config = topology(devices)
+    executor = Executor(config)
+    try:
+        for _ in range(3):
+            verdict = await executor.check_host(config.host("wrong-password"))
+            assert not verdict.protected
+        assert (await executor.check_host(config.host("ipmi-ok"))).protected
+        assert ipmi_workers(), "the checks ran through worker processes"
+    finally:
+        await executor.close()
+    assert ipmi_workers() == []
 
 
 async def test_no_credential_appears_in_logs_spans_events_or_journal(

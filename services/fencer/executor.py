@@ -11,6 +11,7 @@ order; a reboot is off for every device of the level, confirm, then on.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -24,6 +25,8 @@ from hafence.fencer.drivers import DeviceAuthError, DeviceError, DeviceUnreachab
 from hafence.fencer.protection import Protection, protection
 from hafence.fencer.topology import StatusPollSchedule, Verdict, level_confirmed, verdict
 from hafence.telemetry import tracer
+
+log = logging.getLogger("hafence.fencer")
 
 
 def describe(err: BaseException) -> str:
@@ -111,18 +114,34 @@ class Executor:
             tasks = [tg.create_task(self.operate(t, number, action)) for t in targets]
         return [t.result() for t in tasks]
 
+    async def drop(self, target: Target) -> None:
+        """Forget a target's driver and close it (an IPMI driver's worker process
+        goes with it); the next use makes a fresh one. Call under the device's lock,
+        so that nobody is in the middle of using it."""
+        driver = self._drivers.pop((target.name, target.port), None)
+        if driver is not None:
+            try:
+                await driver.close()
+            except Exception as err:
+                log.warning("closing driver of %s: %s", target.name, describe(err))
+
     async def check(self, target: Target, level: int) -> DeviceEvidence:
         """Log in and read status; power nothing (oVirt's "Test" button)."""
         started = time.monotonic()
         with tracer().start_as_current_span(f"check {target.name}", attributes={"hafence.device": target.name}):
             try:
                 driver = self.driver(target)
-                async with self._locks[driver.lock_key]:
-                    state = await asyncio.wait_for(driver.status(), timeout=target.device.power_timeout_s)
-                error = ""
             except Exception as err:
                 state, error = "unknown", describe(err)
-                self._drivers.pop((target.name, target.port), None)
+            else:
+                async with self._locks[driver.lock_key]:
+                    try:
+                        driver = self.driver(target)  # a failed check may have replaced it while we waited
+                        state = await asyncio.wait_for(driver.status(), timeout=target.device.power_timeout_s)
+                        error = ""
+                    except Exception as err:
+                        state, error = "unknown", describe(err)
+                        await self.drop(target)  # start afresh next time; closed, never leaked
         return DeviceEvidence(
             device=target.name, driver=_driver_name(target.device), level=level, action_sent="status",
             power_read=state, confirmed=not error and state != "unknown", status_reads=0 if error else 1,
@@ -154,7 +173,13 @@ class Executor:
                 driver = None
             if driver is not None:
                 async with self._locks[driver.lock_key]:
-                    for attempt in range(1 + settings.retries):
+                    try:
+                        # A failed health check may have closed and replaced it while we waited.
+                        driver = self.driver(target)
+                        attempts = 1 + settings.retries
+                    except Exception as err:
+                        error, attempts = describe(err), 0
+                    for attempt in range(attempts):
                         attempt_started = time.monotonic()
                         command = driver.power_off if action == "off" else driver.power_on
                         try:
