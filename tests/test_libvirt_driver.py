@@ -7,7 +7,7 @@ import os
 import pytest
 
 from hafence.agent.hypervisor import HypervisorError
-from hafence.contracts import VmSpec
+from hafence.contracts import VmSpec, VmStart
 
 try:
     import libvirt  # noqa: F401
@@ -64,3 +64,32 @@ async def test_a_vm_without_definition_is_a_clear_error() -> None:
 def test_a_bad_uri_is_a_clear_error() -> None:
     with pytest.raises(HypervisorError, match="cannot connect to libvirt at"):
         LibvirtHypervisor("test:///nonexistent-file.xml")
+
+
+async def test_autostart_is_turned_off_for_hafence_domains_and_config_vms_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    hv = LibvirtHypervisor("test:///default")
+    dom = hv.conn.defineXML(XML)  # carries hafence metadata
+    dom.setAutostart(1)
+    hv.conn.lookupByName("test").setAutostart(1)  # not ours: left alone
+    assert await hv.disable_autostart(set()) == ["db-7"]
+    assert not dom.autostart() and hv.conn.lookupByName("test").autostart()
+    assert await hv.disable_autostart({"test"}) == ["test"]  # known to the config: ours
+    definition = tmp_path / "web-1.xml"
+    definition.write_text(XML.replace("db-7", "web-1").replace("4dea22b3", "5dea22b3"))
+    await hv.start(VmSpec(name="web-1", memory_mb=1, definition=str(definition)))
+    assert not hv.conn.lookupByName("web-1").autostart()  # defined by us: never at boot
+
+
+async def test_the_agent_starts_a_defined_but_shut_off_domain(nc, make_config) -> None:  # type: ignore[no-untyped-def]
+    """Agent truth (issue 10, item 8): a domain that ran here once is started again."""
+    from hafence.agent.service import run as agent
+    from tests.conftest import running
+    from tests.test_agent import ask
+
+    hv = LibvirtHypervisor("test:///default")
+    hv.conn.defineXML(XML)  # defined, shut off
+    async with running("agent", make_config(), agent, host="h1", hypervisor=hv):
+        reply = await ask(nc, VmStart(vm=VmSpec(name="db-7", memory_mb=2048)))
+        assert reply.ok and not reply.already  # old agent: already=True, the VM stayed off
+        assert hv.conn.lookupByName("db-7").isActive()
+        assert (await ask(nc, VmStart(vm=VmSpec(name="db-7", memory_mb=2048)))).already

@@ -15,32 +15,86 @@ class HypervisorError(Exception):
 class Hypervisor(Protocol):
     async def list_vms(self) -> list[VmInfo]: ...
 
+    async def is_running(self, name: str) -> bool:
+        """Running now: a VM that is defined but shut off is not."""
+        ...
+
     async def start(self, spec: VmSpec) -> None: ...
 
     async def stop(self, name: str) -> None: ...
 
     async def stop_all(self) -> None: ...
 
+    async def boot(self) -> None:
+        """The host powered on (lab hosts): whatever starts at boot starts now."""
+        ...
+
+    async def disable_autostart(self, names: set[str]) -> list[str]:
+        """S6: nothing of ours starts at boot on its own. ``names`` are the VMs the
+        cluster config knows; drivers add the ones they can tell are hafence's.
+        Returns the VMs whose autostart was turned off."""
+        ...
+
 
 class SimHypervisor:
-    """VMs as entries in a dict: a lab host. ``fail_starts`` makes every start fail."""
+    """VMs as entries in a dict: a lab host.
+
+    Like libvirt, a VM stays defined when it stops (``list_vms`` reports it
+    ``stopped``), and VMs marked autostart run again when the host boots. The
+    VMs a host is created with run and are marked autostart, as a libvirt host's
+    usually are. ``fail_starts`` makes every start fail; ``gate`` (tests) holds
+    starts until set; ``max_starting`` records how many starts ran at once.
+    """
 
     def __init__(self, vms: list[VmSpec] | None = None, fail_starts: bool = False, start_delay_s: float = 0.0) -> None:
-        self._vms: dict[str, VmSpec] = {vm.name: vm for vm in vms or []}
+        self._defined: dict[str, VmSpec] = {vm.name: vm for vm in vms or []}
+        self._running: set[str] = set(self._defined)
+        self.autostart: set[str] = set(self._defined)
         self.fail_starts = fail_starts
         self.start_delay_s = start_delay_s
+        self.gate: asyncio.Event | None = None
+        self.starting = 0
+        self.max_starting = 0
+        self.starts = 0
+
+    def define(self, spec: VmSpec, autostart: bool = False) -> None:
+        """A VM defined on this host but not running (tests, and a stopped VM's state)."""
+        self._defined[spec.name] = spec
+        if autostart:
+            self.autostart.add(spec.name)
 
     async def list_vms(self) -> list[VmInfo]:
-        return [VmInfo(spec=spec, state="running") for spec in self._vms.values()]
+        return [VmInfo(spec=spec, state="running" if name in self._running else "stopped")
+                for name, spec in self._defined.items()]
+
+    async def is_running(self, name: str) -> bool:
+        return name in self._running
 
     async def start(self, spec: VmSpec) -> None:
         if self.fail_starts:
             raise HypervisorError(f"simulated start failure for {spec.name}")
-        await asyncio.sleep(self.start_delay_s)  # a slow boot: the answer may come too late
-        self._vms[spec.name] = spec
+        self.starting += 1
+        self.max_starting = max(self.max_starting, self.starting)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            await asyncio.sleep(self.start_delay_s)  # a slow boot: the answer may come too late
+        finally:
+            self.starting -= 1
+        self._defined.setdefault(spec.name, spec)
+        self._running.add(spec.name)
+        self.starts += 1
 
     async def stop(self, name: str) -> None:
-        self._vms.pop(name, None)
+        self._running.discard(name)
 
     async def stop_all(self) -> None:
-        self._vms.clear()
+        self._running.clear()
+
+    async def boot(self) -> None:
+        self._running |= self.autostart & set(self._defined)
+
+    async def disable_autostart(self, names: set[str]) -> list[str]:
+        changed = sorted(self.autostart & (names | set(self._defined)))
+        self.autostart.difference_update(changed)
+        return changed

@@ -9,8 +9,14 @@ their own, so they travel with the definition on shared storage:
     </metadata>
 
 A VM this host never ran is defined from ``VmSpec.definition`` (the XML itself,
-or a path to it on shared storage) and started. libvirt blocks, so every call
-runs in a worker thread. Tested against libvirt's built-in ``test:///default``.
+or a path to it on shared storage; the agent lets only paths under the cluster's
+definitions directory through) and started; a VM defined here but shut off is
+started, and only a running one is "already running". S6: autostart is turned
+off for every VM this driver defines and, at the agent's start, for every
+domain carrying hafence metadata or known to the config. libvirt blocks, so
+every call runs in a worker thread of the driver's own pool (sized for the
+agent's parallel starts; the loop's default pool has cores + 4 threads). Tested
+against libvirt's built-in ``test:///default``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from hafence.agent.hypervisor import HypervisorError
@@ -51,8 +59,14 @@ def spec_of(xml: str) -> VmSpec:
     )
 
 
+def _managed(xml: str) -> bool:
+    """The domain carries hafence's metadata element."""
+    meta = ET.fromstring(xml).find(f"metadata/{{{NS}}}vm")
+    return meta is not None
+
+
 class LibvirtHypervisor:
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, workers: int = 8) -> None:
         import libvirt
 
         self._libvirt = libvirt
@@ -61,6 +75,11 @@ class LibvirtHypervisor:
             self.conn: Any = libvirt.open(uri)
         except libvirt.libvirtError as err:
             raise HypervisorError(f"cannot connect to libvirt at {uri}: {err}") from None
+        # libvirt connections are thread-safe; each start blocks a thread for its whole boot.
+        self._pool = ThreadPoolExecutor(max_workers=workers + 2, thread_name_prefix="libvirt")
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def _domain(self, name: str) -> Any | None:
         try:
@@ -86,10 +105,11 @@ class LibvirtHypervisor:
                 raise HypervisorError(f"{spec.name} is not defined here and has no definition to define it from")
             try:
                 dom = self.conn.defineXML(xml)
+                dom.setAutostart(0)  # S6: it starts on command only, never at the host's next boot
             except self._libvirt.libvirtError as err:
                 raise HypervisorError(f"cannot define {spec.name}: {err}") from None
         if dom.isActive():
-            return
+            return  # started meanwhile (the agent serializes starts of one VM; this is belt and braces)
         try:
             dom.create()
         except self._libvirt.libvirtError as err:
@@ -105,14 +125,35 @@ class LibvirtHypervisor:
             if dom.isActive():
                 dom.destroy()
 
+    def _is_running(self, name: str) -> bool:
+        dom = self._domain(name)
+        return dom is not None and bool(dom.isActive())
+
+    def _disable_autostart(self, names: set[str]) -> list[str]:
+        changed = []
+        for dom in self.conn.listAllDomains():
+            if dom.autostart() and (dom.name() in names or _managed(dom.XMLDesc(0))):
+                dom.setAutostart(0)
+                changed.append(dom.name())
+        return sorted(changed)
+
     async def list_vms(self) -> list[VmInfo]:
-        return await asyncio.to_thread(self._list)
+        return await self._call(self._list)  # type: ignore[no-any-return]
+
+    async def is_running(self, name: str) -> bool:
+        return await self._call(self._is_running, name)  # type: ignore[no-any-return]
 
     async def start(self, spec: VmSpec) -> None:
-        await asyncio.to_thread(self._start, spec)
+        await self._call(self._start, spec)
 
     async def stop(self, name: str) -> None:
-        await asyncio.to_thread(self._stop, name)
+        await self._call(self._stop, name)
 
     async def stop_all(self) -> None:
-        await asyncio.to_thread(self._stop_all)
+        await self._call(self._stop_all)
+
+    async def boot(self) -> None:
+        """A real host boots by itself; libvirtd runs autostart before the agent starts."""
+
+    async def disable_autostart(self, names: set[str]) -> list[str]:
+        return await self._call(self._disable_autostart, names)  # type: ignore[no-any-return]
