@@ -40,12 +40,14 @@ def free_port() -> int:
 
 class NatsServer:
     def __init__(self, store_dir: str | os.PathLike[str], port: int = 0, config_file: str = "",
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", env: dict[str, str] | None = None) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port or free_port()
         self.config_file = config_file
         self.proc: subprocess.Popen[bytes] | None = None
+        # Added to the server's environment: a generated config's passwords ($HAFENCE_NATS_PW_*).
+        self.env = env or {}
         self.log_path = self.store_dir / "nats-server.log"
 
     @property
@@ -59,7 +61,8 @@ class NatsServer:
         cmd += ["-c", self.config_file] if self.config_file else ["-js", "-sd", str(self.store_dir)]
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
+            env={**os.environ, **self.env},
         )
         log.close()
         deadline = time.monotonic() + timeout
