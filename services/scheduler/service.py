@@ -231,6 +231,7 @@ async def run(rt: Runtime) -> None:
             log.error("stopping a duplicate failed", extra=fields(vm=effect.vm, host=effect.host, error=error))
             return
         log.warning("duplicate copy stopped", extra=fields(vm=effect.vm, host=effect.host))
+        metrics.VM_EVENTS.labels("stopped").inc()
         await bus.publish(subjects.vm_event(effect.vm, "stopped"),
                           VmEvent(vm=effect.vm, kind="stopped", at=time.time(), target=effect.host, reason=reason))
 
@@ -241,6 +242,7 @@ async def run(rt: Runtime) -> None:
                           else "no host is known to hold the wrong copy: a person must decide")
                 reason = f"running on {', '.join(hosts)}; {action}"
                 log.error("VM runs on two hosts", extra=fields(vm=vm, hosts=list(hosts)))
+                metrics.VM_EVENTS.labels("duplicate").inc()
                 await bus.publish(subjects.vm_event(vm, "duplicate"),
                                   VmEvent(vm=vm, kind="duplicate", at=time.time(), target=",".join(stop_on),
                                           reason=reason))
