@@ -458,6 +458,19 @@ def test_a_cut_node_misses_core_messages_then_is_resubscribed_on_heal() -> None:
     assert got == [b"after"]
 
 
+def test_what_is_in_flight_when_a_node_is_cut_off_is_lost_even_if_it_heals_before_arrival() -> None:
+    s, net = make(faults=Faults(latency_min=0.5, latency_max=0.5, reconnect_delay=0.01))
+    got: list[bytes] = []
+    net.connect("h1").subscribe("x", lambda m: got.append(m.data))
+    p = net.connect("p")
+    s.run(until=1.0)
+    p.publish("x", b"in flight")  # at the server at 1.5, at h1 at 2.0
+    s.call_at(1.7, net.cut, "h1")
+    s.call_at(1.8, net.heal, "h1")
+    s.run(until=5.0)
+    assert got == []
+
+
 def test_a_nats_restart_keeps_streams_and_pending_messages_and_drops_what_was_in_flight() -> None:
     s, net = make()
     work_queue(net, ack_wait=5.0)
@@ -597,6 +610,28 @@ def test_the_same_seed_gives_the_same_log_byte_for_byte() -> None:
                    "deliver REQ#", "lease rev=", "lost ack", "lost reply"):
         assert needle in first, needle  # the workload really exercised it
     assert random_workload(8) != first
+
+
+def test_the_log_does_not_depend_on_the_process_hash_seed() -> None:
+    # String hashing is randomized per process: a set or dict ordered by hash would show here.
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, sys; sys.path.insert(0, '.');"
+        "from tests.test_sim_transport import random_workload;"
+        "print(hashlib.sha256(random_workload(11, 30.0).encode()).hexdigest())"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)}, cwd=os.path.dirname(os.path.dirname(__file__)),
+        ).stdout.strip()
+        for seed in (1, 2)
+    }
+    assert digests == {hashlib.sha256(random_workload(11, 30.0).encode()).hexdigest()}
 
 
 def test_no_real_time_is_read_during_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
