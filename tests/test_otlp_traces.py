@@ -173,6 +173,6 @@ async def test_one_failover_is_one_trace_with_the_documented_span_tree_over_otlp
         assert under(power.name, "fence level 1")
         assert power.attributes["hafence.driver"] == "ipmi" and power.attributes["hafence.power_read"] == "off"
         for vm in expected:
-            assert under(f"start vm {vm}", root_name)
+            assert under(f"start vm {vm}", f"arbiter fence {victim}")  # started because of this fence
             assert under(f"agent start vm {vm}", f"start vm {vm}")
             assert one(f"agent start vm {vm}").service == "hafence-agent"
