@@ -66,12 +66,49 @@ def test_every_nats_identity_has_a_user_and_its_secret(compose: dict) -> None:  
         assert {"bmc_password", "pdu_community"} <= set(compose["services"][name]["secrets"])
 
 
+def test_every_service_starts_after_the_provisioner(compose: dict) -> None:  # type: ignore[type-arg]
+    """Services may not create streams: the one-shot provisioner runs first, as its own identity."""
+    provision = compose["services"]["provision"]
+    assert provision["command"][:3] == ["hafence.cli", "deploy", "provision"]
+    assert provision["environment"]["HAFENCE_NATS_USER"] == "provisioner"
+    assert provision["depends_on"] == {"nats": {"condition": "service_healthy"}}
+    for name, svc in hafence_services(compose).items():
+        if name == "provision" or svc["command"][0] in ("hafence.lab.bmcsim", "hafence.lab.pdusim"):
+            continue
+        assert svc["depends_on"] == {"provision": {"condition": "service_completed_successfully"}}, name
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ``${VAR:-default}`` substitution, enough for our file."""
+    return re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: env.get(m[1]) or m[2], text)
+
+
+def test_the_nats_cluster_profile_points_everyone_at_three_nodes_with_three_replicas() -> None:
+    env = dict(line.split("=", 1) for line in (ROOT / "deploy" / "nats-cluster.env").read_text().splitlines()
+               if line and not line.startswith("#"))
+    compose = yaml.safe_load(_interpolate((ROOT / "docker-compose.yml").read_text(), env))
+    nodes = {name for name, svc in compose["services"].items() if "nats-cluster" in svc.get("profiles", [])}
+    assert len(nodes) == 3
+    command = compose["services"]["provision"]["command"]
+    assert command[command.index("--replicas") + 1] == "3"
+    for name, svc in hafence_services(compose).items():
+        if svc["command"][0] in ("hafence.lab.bmcsim", "hafence.lab.pdusim"):
+            continue
+        servers = {u.removeprefix("nats://").split(":")[0] for u in svc["environment"]["HAFENCE_NATS_URL"].split(",")}
+        assert servers == nodes, name
+    # Without the env file: the single server of cluster.toml, one replica.
+    plain = yaml.safe_load(_interpolate((ROOT / "docker-compose.yml").read_text(), {}))
+    assert plain["services"]["heartbeat"]["environment"]["HAFENCE_NATS_URL"] == ""
+    command = plain["services"]["provision"]["command"]
+    assert command[command.index("--replicas") + 1] == "1"
+
+
 def test_prometheus_scrapes_every_service_on_its_metrics_port(compose: dict) -> None:  # type: ignore[type-arg]
     prom = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     for name, svc in hafence_services(compose).items():
-        if svc["command"][0] in ("hafence.lab.bmcsim", "hafence.lab.pdusim"):
-            continue
+        if svc["command"][0] in ("hafence.lab.bmcsim", "hafence.lab.pdusim", "hafence.cli"):
+            continue  # simulators, and the one-shot provisioner
         assert f"{name}:{svc['environment']['HAFENCE_METRICS_PORT']}" in targets, name
 
 
@@ -98,7 +135,9 @@ def test_compose_config_is_valid_for_a_compose_implementation(tmp_path: Path) ->
                            str(tmp_path / "deploy" / "cluster.toml"), "--dir", str(tmp_path / "deploy" / "secrets"),
                            "--env", str(tmp_path / "deploy" / "secrets.env")], capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
-    for profile in ([], ["--profile", "lab"], ["--profile", "nats-cluster"]):
+    cluster_env = ["--env-file", str(tmp_path / "deploy" / "nats-cluster.env")]
+    for profile in ([], ["--profile", "lab"], ["--profile", "nats-cluster"],
+                    [*cluster_env, "--profile", "nats-cluster"]):
         result = subprocess.run([tool, "-f", str(tmp_path / "docker-compose.yml"), *profile, "config", "-q"],
                                 capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert result.returncode == 0, (profile, result.stderr)
