@@ -52,7 +52,7 @@ def test_fence_off_and_test_name_a_wrong_community_as_a_cause_of_silence(
     devices: Lab, tmp_path: Path, version: str
 ) -> None:
     config = str(config_with_wrong_community(devices, tmp_path, version))
-    off = hafence("fence", "off", "h1", "--config", config)
+    off = hafence("fence", "off", "h1", "--config", config, "--reason", "PDU test")
     assert off.returncode == 1, off.stdout + off.stderr
     assert "no SNMP answer" in off.stdout and NO_ANSWER in off.stdout, off.stdout
     assert "public" not in off.stdout + off.stderr  # the community never appears
