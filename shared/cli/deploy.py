@@ -9,12 +9,18 @@ from hafence.cli.common import EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_USAGE, _load
 
 
 def cmd_nats_conf(args: argparse.Namespace) -> int:
+    import sys
+
     from hafence import natsconf
 
     config = _load(args.config)
     if config is None:
         return EXIT_USAGE
-    text = natsconf.render(config)
+    try:
+        text = natsconf.render(config, sync=args.sync)
+    except ValueError as err:
+        print(f"hafence deploy nats-conf: {err}", file=sys.stderr)
+        return EXIT_USAGE
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
@@ -111,12 +117,21 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def natsconf_default_sync() -> str:
+    from hafence import natsconf
+
+    return natsconf.DEFAULT_SYNC
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     deploy = sub.add_parser("deploy", help="deployment helpers")
     deploy_sub = deploy.add_subparsers(dest="deploy_command", required=True)
     nats_conf = deploy_sub.add_parser("nats-conf", help="NATS server config with a user and permissions per service")
     nats_conf.add_argument("--config", required=True)
     nats_conf.add_argument("--out", default="", help="write here instead of stdout")
+    nats_conf.add_argument("--sync", default=natsconf_default_sync(),
+                           help="JetStream sync_interval: 'always' (fsync before each ack, the default) or a "
+                                "duration such as 1s (faster; acked messages may be lost on power loss)")
     nats_conf.set_defaults(func=cmd_nats_conf)
     secrets_cmd = deploy_sub.add_parser("secrets", help="generate the compose stack's passwords (kept if present)")
     secrets_cmd.add_argument("--config", required=True)
