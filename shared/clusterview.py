@@ -1,13 +1,21 @@
 """What an operator asks about: hosts and their state, VMs and where they run,
 open alerts. A fold over the events stream (the same history the services
-replay); pure, no I/O. The CLI feeds it and prints it."""
+replay); pure, no I/O. The CLI feeds it and prints it.
+
+S6 shows here: a host whose new boot reports after a fence is ``quarantined``
+until a ``cleared`` event (the scheduler also waits for it to report clean); a
+VM reported running on two hosts is a ``duplicate`` until the copy is stopped.
+Alerts other services raise (``<prefix>.alert.<kind>``) are listed for an hour."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from hafence.config import ClusterConfig
-from hafence.contracts import FenceResult, HostEvent, Inventory, VmEvent
+from hafence.contracts import Alert, FenceResult, HostEvent, Inventory, VmEvent
+
+# How long a raised alert stays listed (alerts repeat while their cause lasts).
+ALERT_WINDOW_S = 3600.0
 
 
 @dataclass
@@ -21,6 +29,12 @@ class HostRow:
     maintenance: bool = False
     vms: int = 0
     alert: str = ""
+    boot_id: str = ""
+    suspect_boot: str = ""
+    fenced_boot: str = ""
+    # S6: fenced, back, not yet cleared; or the agent says it has not been cleared yet.
+    quarantined: bool = False
+    agent_quarantined: bool = False
 
 
 @dataclass
@@ -37,6 +51,7 @@ class VmRow:
 class ClusterView:
     hosts: dict[str, HostRow] = field(default_factory=dict)
     vms: dict[str, VmRow] = field(default_factory=dict)
+    raised: dict[tuple[str, str, str], Alert] = field(default_factory=dict)
 
     @classmethod
     def of(cls, config: ClusterConfig) -> ClusterView:
@@ -51,13 +66,21 @@ class ClusterView:
         match event:
             case Inventory():
                 row = self.hosts.setdefault(event.host, HostRow(event.host))
+                if row.fenced_boot and event.boot_id == row.fenced_boot:
+                    return  # a late report from the boot that was fenced
+                row.boot_id, row.agent_quarantined = event.boot_id, event.quarantined
                 row.vms = sum(1 for v in event.vms if v.state == "running")
-                if row.state in ("unknown", "fenced") and row.state != "suspect":
+                if row.fenced_boot and row.state in ("fenced", "quarantined"):
+                    row.state, row.quarantined = "quarantined", True
+                elif row.state in ("unknown", "fenced"):
                     row.state = "up"
                 for info in event.vms:
                     vm = self.vms.setdefault(info.spec.name, VmRow(info.spec.name))
+                    if info.state != "running" and vm.host not in ("", event.host) and vm.state == "running":
+                        continue  # a stopped copy here says nothing about the one running there
                     vm.host, vm.state, vm.ha, vm.memory_mb = event.host, info.state, info.spec.ha, info.spec.memory_mb
-                    vm.note = ""
+                    if not vm.note.startswith("duplicate"):
+                        vm.note = ""
             case HostEvent():
                 row = self.hosts.setdefault(event.host, HostRow(event.host))
                 self._host_event(row, event)
@@ -65,6 +88,7 @@ class ClusterView:
                 row = self.hosts.setdefault(event.host, HostRow(event.host))
                 if event.outcome == "confirmed_off":
                     row.state, row.since, row.alert = "fenced", event.finished_at, ""
+                    row.fenced_boot = event.boot_id or row.suspect_boot or row.boot_id
                     for vm in self.vms.values():
                         if vm.host == event.host and vm.state == "running":
                             vm.state, vm.note = ("down", "host fenced") if vm.ha else ("stopped", "host fenced")
@@ -76,11 +100,20 @@ class ClusterView:
                     vm.note = f"start on {event.target} failed: {event.reason}"
                 elif event.kind == "started":
                     vm.host, vm.state, vm.note = event.target, "running", f"restarted from {event.from_host}"
+                elif event.kind == "duplicate":
+                    vm.state, vm.note = "duplicate", f"duplicate: {event.reason}"
+                elif event.kind == "stopped":
+                    vm.state, vm.note = "running", f"duplicate copy stopped on {event.target}"
+                    if vm.host == event.target:
+                        vm.host = ""  # the copy that runs is on the other host; its next report says which
+            case Alert():
+                self.raised[(event.kind, event.host, event.vm)] = event
 
     def _host_event(self, row: HostRow, event: HostEvent) -> None:
         match event.kind:
             case "suspect":
                 row.state, row.since = "suspect", event.at
+                row.suspect_boot = event.boot_id or row.boot_id
             case "alive":
                 if row.state in ("suspect", "unknown"):
                     row.state, row.since = "up", event.at
@@ -91,19 +124,30 @@ class ClusterView:
             case "fence_skipped":
                 if event.alert:
                     row.alert = f"not fenced ({event.rule}): {event.reason}"
-            case "fenced":
+            case "fenced" | "confirmed_fenced":
                 row.state, row.alert = "fenced", ""
+                row.fenced_boot = event.boot_id or row.suspect_boot or row.boot_id
             case "fence_failed":
                 row.state, row.alert = "fence_failed", f"fence failed: {event.reason}"
-            case "confirmed_fenced":
-                row.state, row.alert = "fenced", ""
+            case "cleared":
+                if row.quarantined or row.state == "fenced":
+                    row.state, row.since = ("up" if row.quarantined else row.state), event.at
+                    row.quarantined, row.fenced_boot = False, ""
             case "protected" | "not_protected":
                 row.protected, row.protection = event.kind == "protected", event.reason
             case "maintenance_on" | "maintenance_off":
                 row.maintenance = event.kind == "maintenance_on"
 
-    def alerts(self) -> list[str]:
+    def alerts(self, now: float | None = None) -> list[str]:
         out = [f"{h.name}: {h.alert}" for h in self.hosts.values() if h.alert]
         out += [f"{h.name}: {h.protection}" for h in self.hosts.values() if h.protected is False]
+        out += [f"{h.name}: quarantined after its fence: it takes no VM until it reports clean and is cleared "
+                f"(hafence host clear {h.name} --reason ...)" for h in self.hosts.values() if h.quarantined]
         out += [f"vm {v.name}: pending: {v.note}" for v in self.vms.values() if v.state == "pending"]
+        out += [f"vm {v.name}: {v.note}" for v in self.vms.values() if v.state == "duplicate"]
+        for (kind, host, vm), alert in sorted(self.raised.items()):
+            if kind == "vm_duplicate" or (now is not None and now - alert.at > ALERT_WINDOW_S):
+                continue  # duplicates show on their VM until the copy is stopped
+            where = " ".join(x for x in (host, f"vm {vm}" if vm else "") if x)
+            out.append(f"{kind}{' ' + where if where else ''}: {alert.reason}")
         return out

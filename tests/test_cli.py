@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import nats
 import pytest
 
+from hafence.config import load_config
+from hafence.contracts import Decoders, HostEvent
+from hafence.lab.natsserver import NatsServer
+from tests.conftest import provision
+from tests.helpers import read_stream
 from tests.peers import PASSWORD, Lab
 
 pytestmark = pytest.mark.timeout(90)
 
 
-def write_config(lab: Lab, path: Path) -> Path:
+def write_config(lab: Lab, path: Path, nats_url: str = "nats://127.0.0.1:1") -> Path:
     (path.parent / "wrong-password").write_text("not-it")
     path.write_text(f"""
+[nats]
+url = "{nats_url}"
+
 [devices.bmc-h1]
 driver = "ipmi"
 address = "127.0.0.1"
@@ -92,10 +102,13 @@ def test_fence_test_fails_for_a_host_without_a_working_level(devices: Lab, tmp_p
     assert bare.returncode == 1 and "no fence levels configured" in bare.stdout
 
 
-def test_fence_off_prints_evidence_and_exits_zero_only_when_confirmed(devices: Lab, tmp_path: Path) -> None:
-    config = write_config(devices, tmp_path / "c.toml")
+def test_fence_off_prints_evidence_and_exits_zero_only_when_confirmed(
+    devices: Lab, tmp_path: Path, nats_server: NatsServer
+) -> None:
+    config = write_config(devices, tmp_path / "c.toml", nats_server.url)
+    asyncio.run(provision(load_config(config)))
     devices.power.switch("h1", "on")
-    off = hafence("fence", "off", "h1", "--config", str(config))
+    off = hafence("fence", "off", "h1", "--config", str(config), "--reason", "runbook step 4", "--by", "alice")
     assert off.returncode == 0, off.stdout + off.stderr
     assert "off h1: confirmed_off: level 1 confirmed off (bmc-h1)" in off.stdout
     assert devices.power.read("h1") == "off"
@@ -103,16 +116,44 @@ def test_fence_off_prints_evidence_and_exits_zero_only_when_confirmed(devices: L
     assert status.returncode == 0 and "power: off" in status.stdout
     on = hafence("fence", "on", "h1", "--config", str(config))
     assert on.returncode == 0 and devices.power.read("h1") == "on"
-    stuck = hafence("fence", "off", "stuck", "--config", str(config))
+    stuck = hafence("fence", "off", "stuck", "--config", str(config), "--reason", "runbook step 4")
     assert stuck.returncode == 1 and "power still on" in stuck.stdout
     for output in (off, status, on, stuck):
         assert PASSWORD not in output.stdout + output.stderr
+    # Only the confirmed fence counts, on the bus, as alice's confirmation with the evidence.
+    [event] = asyncio.run(_host_events(nats_server.url))
+    assert (event.host, event.kind, event.rule, event.by) == ("h1", "confirmed_fenced", "manual_fence", "alice")
+    assert event.reason.startswith("runbook step 4 [hafence fence off: confirmed off: level 1 bmc-h1 (ipmi)")
+    assert "read off" in event.reason and event.incident.startswith("manual-h1-")
 
 
-def test_fence_reboot_powers_off_then_on(devices: Lab, tmp_path: Path) -> None:
-    config = write_config(devices, tmp_path / "c.toml")
-    result = hafence("fence", "reboot", "h1", "--config", str(config), "--json")
-    assert result.returncode == 0
+def test_a_manual_fence_needs_a_reason_and_one_that_cannot_be_published_says_so(
+    devices: Lab, tmp_path: Path
+) -> None:
+    config = write_config(devices, tmp_path / "c.toml")  # no NATS there
+    devices.power.switch("h1", "on")
+    bare = hafence("fence", "off", "h1", "--config", str(config))
+    assert bare.returncode == 2 and "needs --reason" in bare.stderr and devices.power.read("h1") == "on"
+    off = hafence("fence", "off", "h1", "--config", str(config), "--reason", "runbook step 4")
+    assert off.returncode == 1 and devices.power.read("h1") == "off"
+    assert "is off but this was NOT published" in off.stderr and "confirm-fenced h1" in off.stderr
+    devices.power.switch("h1", "on")
+
+
+async def _host_events(url: str) -> list[HostEvent]:
+    nc = await nats.connect(url)
+    try:
+        return await read_stream(nc, "HAFENCE_EVENTS", "hafence.host.*.*", Decoders.host_event)
+    finally:
+        await nc.close()
+
+
+def test_fence_reboot_powers_off_then_on(devices: Lab, tmp_path: Path, nats_server: NatsServer) -> None:
+    config = write_config(devices, tmp_path / "c.toml", nats_server.url)
+    asyncio.run(provision(load_config(config)))
+    result = hafence("fence", "reboot", "h1", "--config", str(config), "--json", "--reason", "hung kernel")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["announced"].startswith("manual-h1-")
     actions = [e["action_sent"] for e in json.loads(result.stdout)["evidence"]]
     assert actions == ["off", "on"] and devices.power.read("h1") == "on"
 

@@ -1,4 +1,12 @@
-"""``hafence fence test|status|off|on|reboot HOST``: a host's topology run directly (no bus)."""
+"""``hafence fence test|status|off|on|reboot HOST``: a host's topology run directly.
+
+The devices are driven from here, not through the fencer. A fence that
+confirms off (``off``, or ``reboot``'s off) then counts as an operator's
+confirmation: it is published as a ``confirmed_fenced`` host event (rule
+``manual_fence``) with who (``--by``, default the login user), why
+(``--reason``, required) and the evidence, so the host's HA VMs restart as the
+runbook says.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +14,14 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Sequence
 
 import msgspec
 
-from hafence.cli.common import EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_USAGE, _load
+from hafence.cli.common import EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_USAGE, _load, operator
 from hafence.config import ClusterConfig
-from hafence.contracts import DeviceEvidence
+from hafence.contracts import DeviceEvidence, HostEvent
 
 
 def _evidence_rows(evidence: Sequence[DeviceEvidence]) -> list[str]:
@@ -26,7 +35,35 @@ def _evidence_rows(evidence: Sequence[DeviceEvidence]) -> list[str]:
     return rows
 
 
-async def _fence(config: ClusterConfig, host: str, action: str, as_json: bool) -> int:
+def evidence_summary(evidence: Sequence[DeviceEvidence]) -> str:
+    """One line of what each device said, for the audit trail."""
+    return "; ".join(
+        f"level {e.level} {e.device} ({e.driver}) sent {e.action_sent}, read {e.power_read}"
+        + (f" after {e.status_reads} reads" if e.status_reads else "") + ("" if e.confirmed else f": {e.error}")
+        for e in evidence
+    )
+
+
+async def _publish_manual_fence(config: ClusterConfig, host: str, action: str, why: str, by: str,
+                                evidence: Sequence[DeviceEvidence]) -> str:
+    """The operator's fence, on the bus as their confirmation. Returns the incident id."""
+    from hafence.bus import Bus
+    from hafence.cli.operator import new_incident
+
+    event = HostEvent(
+        host=host, kind="confirmed_fenced", at=time.time(), incident=new_incident(host, "manual"),
+        rule="manual_fence", by=by,
+        reason=f"{why} [hafence fence {action}: confirmed off: {evidence_summary(evidence)}]",
+    )
+    bus = await Bus.connect(config, "cli")
+    try:
+        await bus.publish(bus.subjects.host_event(host, "confirmed_fenced"), event)
+    finally:
+        await bus.close()
+    return event.incident
+
+
+async def _fence(config: ClusterConfig, host: str, action: str, as_json: bool, why: str = "", by: str = "") -> int:
     from hafence.fencer.executor import Executor
 
     executor = Executor(config)
@@ -62,12 +99,27 @@ async def _fence(config: ClusterConfig, host: str, action: str, as_json: bool) -
                 action != "reboot" or all(e.confirmed for e in evidence if e.action_sent == "on")
             )
             outcome, reason = report.verdict.outcome, report.verdict.reason
+        announced, error = "", ""
+        if action in ("off", "reboot") and outcome == "confirmed_off":
+            # Confirmed off (for reboot: before it was powered on again): the VMs it ran are
+            # gone, so this counts as the operator's confirmation, published with the evidence.
+            try:
+                announced = await _publish_manual_fence(config, host, action, why, by, evidence)
+            except Exception as err:
+                ok, error = False, str(err) or type(err).__name__
         if as_json:
             print(json.dumps({"host": host, "action": action, "outcome": outcome, "reason": reason,
-                              "evidence": msgspec.to_builtins(evidence)}))
+                              "evidence": msgspec.to_builtins(evidence), "announced": announced,
+                              "announce_error": error}))
         else:
             print(f"{action} {host}: {outcome}: {reason}")
             print("\n".join(_evidence_rows(evidence)))
+            if announced:
+                print(f"published: {host} confirmed fenced by {by} (incident {announced}); "
+                      "its HA VMs restart elsewhere")
+        if error:
+            print(f"hafence: {host} is off but this was NOT published ({error}); its VMs stay down until you run\n"
+                  f"  hafence confirm-fenced {host} --reason '...' --yes --config ...", file=sys.stderr)
         return EXIT_OK if ok else EXIT_NOT_CONFIRMED
     finally:
         await executor.close()
@@ -82,7 +134,13 @@ def cmd_fence(args: argparse.Namespace) -> int:
     except KeyError as err:
         print(f"hafence: {err.args[0]}", file=sys.stderr)
         return EXIT_USAGE
-    return asyncio.run(_fence(config, args.host, args.action, args.json))
+    why = (args.reason or "").strip()
+    if args.action in ("off", "reboot") and not why:
+        print(f"hafence: fence {args.action} needs --reason: a fence that confirms off is published as your\n"
+              "confirmation that the host is off (its HA VMs restart elsewhere), audited with who and why",
+              file=sys.stderr)
+        return EXIT_USAGE
+    return asyncio.run(_fence(config, args.host, args.action, args.json, why, args.by or operator()))
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -91,4 +149,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     fence.add_argument("host")
     fence.add_argument("--config", required=True)
     fence.add_argument("--json", action="store_true", help="machine-readable output")
+    fence.add_argument("--reason", default="", help="off/reboot (required): why; published with the evidence")
+    fence.add_argument("--by", default="", help="off/reboot: who fences (default: the login user)")
     fence.set_defaults(func=cmd_fence)

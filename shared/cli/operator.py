@@ -1,4 +1,5 @@
-"""An operator's word on the bus: confirm-fenced and maintenance, audited with who and why."""
+"""An operator's word on the bus: confirm-fenced, maintenance and host clear,
+audited with who and why."""
 
 from __future__ import annotations
 
@@ -6,10 +7,16 @@ import argparse
 import asyncio
 import sys
 import time
+import uuid
 
 from hafence.cli.common import EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_USAGE, _load, operator
 from hafence.config import ClusterConfig
 from hafence.contracts import HostEvent
+
+
+def new_incident(host: str, what: str = "operator") -> str:
+    """Unique: an incident id is never reused (S4)."""
+    return f"{what}-{host}-{int(time.time())}-{uuid.uuid4().hex[:8]}"
 
 
 async def _announce(config: ClusterConfig, event: HostEvent) -> None:
@@ -33,7 +40,7 @@ def _host_event(args: argparse.Namespace, kind: str, reason: str) -> int:
         return EXIT_USAGE
     now = time.time()
     event = HostEvent(host=args.host, kind=kind, at=now, reason=reason, by=args.by or operator(),  # type: ignore[arg-type]
-                      incident=f"operator-{args.host}-{int(now)}" if kind == "confirmed_fenced" else "")
+                      incident=new_incident(args.host) if kind == "confirmed_fenced" else "")
     try:
         asyncio.run(_announce(config, event))
     except ConnectionError as err:
@@ -60,6 +67,13 @@ def cmd_maintenance(args: argparse.Namespace) -> int:
     return _host_event(args, kind, args.reason or f"maintenance {args.state}")
 
 
+def cmd_host_clear(args: argparse.Namespace) -> int:
+    if not args.reason.strip():
+        print("hafence: --reason must say why the host may take VMs again", file=sys.stderr)
+        return EXIT_USAGE
+    return _host_event(args, "cleared", args.reason.strip())
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     confirm = sub.add_parser("confirm-fenced", help="an operator confirms a host is off (its VMs restart)")
     confirm.add_argument("host")
@@ -76,3 +90,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     maint.add_argument("--by", default="")
     maint.add_argument("--config", required=True)
     maint.set_defaults(func=cmd_maintenance)
+
+    host = sub.add_parser("host", help="host commands")
+    host_sub = host.add_subparsers(dest="host_command", required=True)
+    clear = host_sub.add_parser(
+        "clear", help="a host that was fenced may take VMs again, once it reports clean (S6)")
+    clear.add_argument("host")
+    clear.add_argument("--reason", required=True, help="why (what you checked on the host)")
+    clear.add_argument("--by", default="", help="who clears (default: the login user)")
+    clear.add_argument("--config", required=True)
+    clear.set_defaults(func=cmd_host_clear)

@@ -14,7 +14,7 @@ import msgspec
 from hafence.cli.common import EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_USAGE, _load
 from hafence.clusterview import ClusterView
 from hafence.config import ClusterConfig
-from hafence.contracts import FenceResult, HostEvent, Inventory
+from hafence.contracts import Alert, FenceResult, HostEvent, Inventory
 
 
 async def _read_view(config: ClusterConfig, follow_events: bool = False,
@@ -87,17 +87,19 @@ def cmd_view(args: argparse.Namespace) -> int:
     except ConnectionError as err:
         print(f"hafence: {err}", file=sys.stderr)
         return EXIT_NOT_CONFIRMED
-    hosts = [["HOST", "STATE", "LAST HEARTBEAT", "FENCING", "VMS", "MAINT"]] + [
+    hosts = [["HOST", "STATE", "LAST HEARTBEAT", "FENCING", "VMS", "MAINT", "QUARANTINE"]] + [
         [h.name, h.state, _ago(h.last_heartbeat),
          {True: "protected", False: "NOT PROTECTED", None: "unknown"}[h.protected], str(h.vms),
-         "yes" if h.maintenance else ""]
+         "yes" if h.maintenance else "",
+         # S6: fenced and back, not cleared; or only the agent's own flag (cleared soon by the scheduler).
+         "yes" if h.quarantined else ("agent" if h.agent_quarantined else "")]
         for h in view.hosts.values()
     ]
     vms = [["VM", "HOST", "STATE", "HA", "MEMORY", "NOTE"]] + [
         [v.name, v.host, v.state, "yes" if v.ha else "no", f"{v.memory_mb} MiB", v.note]
         for v in sorted(view.vms.values(), key=lambda v: v.name)
     ]
-    alerts = view.alerts()
+    alerts = view.alerts(time.time())
     if args.json:
         payload = {"hosts": [vars(h) for h in view.hosts.values()], "vms": [vars(v) for v in view.vms.values()],
                    "alerts": alerts}
@@ -111,8 +113,10 @@ def cmd_view(args: argparse.Namespace) -> int:
         print(_table(hosts))
         pending = [v for v in view.vms.values() if v.state in ("pending", "down")]
         waiting = f": {', '.join(v.name for v in pending)}" if pending else ""
+        duplicates = [v.name for v in view.vms.values() if v.state == "duplicate"]
+        twice = f", {len(duplicates)} RUNNING TWICE: {', '.join(duplicates)}" if duplicates else ""
         print(f"\nVMs: {sum(v.state == 'running' for v in view.vms.values())} running, "
-              f"{len(pending)} HA VMs waiting for a host{waiting}")
+              f"{len(pending)} HA VMs waiting for a host{waiting}{twice}")
         print("\nalerts:" if alerts else "\nalerts: none")
         for alert in alerts:
             print(f"  ! {alert}")
@@ -130,12 +134,16 @@ def describe_event(event: object) -> str:
             return f"host {event.host:<10} {event.kind}{extra}{who}: {event.reason}".rstrip(": ")
         case FenceResult():
             return f"host {event.host:<10} fence {event.outcome} (term {event.term}): {event.reason}"
+        case Alert():
+            where = " ".join(x for x in (event.host, f"vm {event.vm}" if event.vm else "") if x)
+            return f"alert {event.kind} {where}: {event.reason}".replace("  ", " ")
         case VmEvent():
             where = f" on {event.target}" if event.target else ""
             return f"vm   {event.vm:<10} {event.kind}{where} {event.reason}".rstrip()
         case Inventory():
             running = sum(1 for v in event.vms if v.state == "running")
-            return f"host {event.host:<10} inventory: {running} VMs running"
+            quarantined = " (quarantined)" if event.quarantined else ""
+            return f"host {event.host:<10} inventory: {running} VMs running{quarantined}"
     return type(event).__name__
 
 
