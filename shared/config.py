@@ -54,6 +54,10 @@ class Timings(_Section):
     lease_ttl_s: Annotated[float, msgspec.Meta(ge=1)] = 6.0
     agent_command_timeout_s: PositiveSeconds = 10.0
     fence_ack_wait_s: Annotated[float, msgspec.Meta(ge=1)] = 30.0
+    # A fence request with no result within this long is failed by the arbiter, with an
+    # alert (a dead or refusing fencer must not leave a host "fencing" for ever). Keep it
+    # above the slowest topology: levels x (1 + retries) x (power_wait_s + power_timeout_s).
+    fence_deadline_s: Annotated[float, msgspec.Meta(ge=1)] = 180.0
 
     @property
     def detection_window_s(self) -> float:
@@ -435,6 +439,16 @@ def check_power_targets(config: ClusterConfig) -> list[ConfigIssue]:
                         f"{what} is already the fence target of host {first[0]!r} ({first[1]}): fencing host "
                         f"{host.name!r} would power off {first[0]!r}; each host needs its own BMC or outlet")))
     return issues
+
+
+def worst_fence_s(config: ClusterConfig, host: HostConfig) -> float:
+    """How long the fencer may take for ``host`` when every level fails: each level
+    waits for its slowest device, every command retried, then the next level."""
+    total = 0.0
+    for level in host.levels:
+        total += max(((1 + d.retries) * (d.power_wait_s + d.power_timeout_s)
+                      for ref in level.devices if (d := config.devices.get(ref.device)) is not None), default=0.0)
+    return total * (2 if config.arbiter.action == "reboot" else 1)
 
 
 def check_consistency(config: ClusterConfig) -> list[ConfigIssue]:

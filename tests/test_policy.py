@@ -237,7 +237,7 @@ def test_a_refused_request_opens_the_decision_again_for_the_current_leader() -> 
     p.fence_requested("a", "a-1", "fence-a-1", 11.0)  # sent by a stale leader
     p.fence_result("a", "fence-a-1", "refused", "stale leader term 3", now=11.5)
     [d] = p.decide(12.0)
-    assert isinstance(d, RequestFence) and (d.request_id, d.attempt) == ("fence-a-1", 1)
+    assert isinstance(d, RequestFence) and (d.request_id, d.attempt) == ("fence-a-1-r1", 1)  # a new id
     # A refusal of an older request does not reopen a fence now in flight under another id.
     p.fence_requested("a", "a-1", "fence-a-1-a2", 12.0, 2)
     p.fence_result("a", "fence-a-1", "refused", "stale", now=12.5)

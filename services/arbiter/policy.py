@@ -66,8 +66,11 @@ class SkipFence:
 Decision = RequestFence | SkipFence
 
 
-def request_id(incident: str, attempt: int) -> str:
-    return f"fence-{incident}" if attempt == 1 else f"fence-{incident}-a{attempt}"
+def request_id(incident: str, attempt: int, refusals: int = 0) -> str:
+    base = f"fence-{incident}" if attempt == 1 else f"fence-{incident}-a{attempt}"
+    # A re-issue after a refusal is a new request: the fencer never answers or runs
+    # one request id twice, and the stream drops a repeated message id.
+    return f"{base}-r{refusals}" if refusals else base
 
 
 @dataclass(slots=True)
@@ -85,6 +88,8 @@ class HostView:
     outcome_reason: str = ""
     # When the host was last lost (declared suspect): the storm guard's clock.
     lost_at: float = float("-inf")
+    # Requests of this incident the fencer refused (each re-issue gets a new id).
+    refusals: int = 0
 
 
 @dataclass
@@ -115,7 +120,7 @@ class Policy:
         if view.phase in ("fencing", "fence_failed"):
             return  # an unresolved fence is not superseded by a new suspicion
         view.phase, view.incident, view.since, view.lost_at = "suspect", incident, now, now
-        view.held_by, view.request_id, view.attempt = "", "", 0
+        view.held_by, view.request_id, view.attempt, view.refusals = "", "", 0, 0
 
     def alive(self, host: str) -> None:
         view = self.views[host]
@@ -139,6 +144,7 @@ class Policy:
             # the decision is open again, for whoever leads now (with its own term).
             if view.phase == "fencing" and view.request_id == request:
                 view.phase, view.held_by, view.attempt = "suspect", "", max(0, view.attempt - 1)
+                view.refusals += 1
             return
         if view.request_id and view.request_id != request:
             return
@@ -210,7 +216,8 @@ class Policy:
                 why = (f"attempt {attempt} of {self.fence_attempts} after: {view.outcome_reason}"
                        if view.phase == "fence_failed"
                        else f"suspect for {now - view.since:.1f}s; {len(lost)} of {len(watched)} hosts lost")
-                out.append(RequestFence(host, view.incident, request_id(view.incident, attempt), why, attempt))
+                out.append(RequestFence(host, view.incident, request_id(view.incident, attempt, view.refusals), why,
+                                        attempt))
         return out
 
     def _hold(self, out: list[Decision], host: str, view: HostView, now: float, rule: Rule, reason: str,

@@ -10,6 +10,16 @@ leader publishes the same request again, and the fencer's journal makes it a
 no-op (S4). Each request carries the leader's term; its message id includes
 the term, so a stale leader's request reaches the fencer and is refused there
 (S3) instead of silently vanishing as a duplicate.
+
+Terms never go back (S3). The lease learns every arbiter term and fencer
+``highest_term`` the replay shows, and is taken only once the replay has caught
+up, so a new leader's term is above all of them even if the lease bucket was
+recreated. When the fencer refuses a request anyway, the leader
+raises its term to above the refusal's ``highest_term`` and the policy re-issues
+with a new request id; a leader that cannot raise it (it lost the lease) sends
+nothing more under the refused term. A request with no result within ``fence_deadline_s`` is
+failed (``fence_failed`` with an alert, and ``alert.fence_deadline``), so the
+policy retries and escalates instead of waiting for ever.
 """
 
 from __future__ import annotations
@@ -25,9 +35,10 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind
 
 from hafence import metrics
+from hafence.arbiter.deadline import overdue
 from hafence.arbiter.policy import Decision, Policy, RequestFence, SkipFence
-from hafence.contracts import Decoders, FenceRequest, FenceResult, HostEvent
-from hafence.lease import LeaderLease
+from hafence.contracts import Alert, Decoders, FenceRequest, FenceResult, HostEvent
+from hafence.lease import MAX_TERM, LeaderLease
 from hafence.logs import fields
 from hafence.service import Runtime
 from hafence.telemetry import extract_context, tracer
@@ -71,15 +82,26 @@ async def run(rt: Runtime) -> None:
     for host in config.hosts:
         policy.set_maintenance(host.name, host.maintenance)
     caught_up = asyncio.Event()
+    # Terms below this were refused by the fencer (from its refusals' highest_term).
+    refused_below = 0
     # Trace context of each open incident, so every decision joins the incident's trace.
     incident_context: dict[str, Context] = {}
 
     async def on_event(event: HostEvent | FenceResult, msg: Msg) -> None:
+        nonlocal refused_below
         now = time.monotonic()
         if event.host not in policy.views:
             log.warning("event for unknown host", extra=fields(host=event.host, subject=msg.subject))
             return
         if isinstance(event, FenceResult):
+            # Terms the cluster has used: ours must stay above them (S3).
+            lease.learn(event.term)
+            lease.learn(event.highest_term)
+            if event.outcome == "refused":
+                # The fencer admits nothing below this any more: never send below it again
+                # (bounded: a corrupt term must not silence the arbiter for good).
+                refused_below = min(MAX_TERM, max(refused_below, event.highest_term, event.term + 1))
+                lease.learn(refused_below)
             policy.fence_result(event.host, event.request_id, event.outcome, event.reason, now)
             if caught_up.is_set() and lease.held() and event.outcome != "refused":
                 kind = "fenced" if event.outcome == "confirmed_off" else "fence_failed"
@@ -98,6 +120,7 @@ async def run(rt: Runtime) -> None:
             case "alive":
                 policy.alive(event.host)
             case "fence_requested":
+                lease.learn(event.term)
                 policy.fence_requested(event.host, event.incident, event.request_id or f"fence-{event.incident}",
                                        now, event.attempt or 1)
             case "confirmed_fenced":
@@ -125,6 +148,12 @@ async def run(rt: Runtime) -> None:
                     HostEvent(host=decision.host, kind="fence_skipped", at=time.time(), incident=decision.incident,
                               reason=decision.reason, term=lease.term, rule=decision.rule, alert=decision.alert),
                 )
+                return
+            if lease.term < refused_below and not await lease.raise_term():
+                # The fencer refused this term already: raise it first (above every known
+                # term), or send nothing (a stale leader). The policy asks again next tick.
+                log.warning("not fencing under a term the fencer refused",
+                            extra=fields(host=decision.host, term=lease.term, refused_below=refused_below))
                 return
             request = FenceRequest(
                 request_id=decision.request_id, incident=decision.incident, host=decision.host,
@@ -160,11 +189,33 @@ async def run(rt: Runtime) -> None:
             if not reissued:
                 reissued = True
                 await reissue_in_flight()
+            await fail_overdue()
             live = await asyncio.to_thread(storage_view)
             for phase in ("up", "suspect", "fencing", "fenced", "fence_failed"):
                 metrics.HOSTS.labels(phase).set(sum(1 for v in policy.views.values() if v.phase == phase))
             for decision in policy.decide(time.monotonic(), live):
                 await carry_out(decision)
+
+    async def fail_overdue() -> None:
+        """A request with no result within the deadline is failed, with an alert."""
+        deadline = timings.fence_deadline_s
+        for late in overdue(policy.views, time.monotonic(), deadline):
+            reason = (f"no result for fence request {late.request_id} within {deadline:g}s "
+                      "(fencer down, stuck, or refusing); failed so it is retried and escalated")
+            log.error("fence past its deadline", extra=fields(host=late.host, request_id=late.request_id))
+            policy.fence_result(late.host, late.request_id, "failed", reason, time.monotonic())
+            await bus.publish(
+                subjects.host_event(late.host, "fence_failed"),
+                HostEvent(host=late.host, kind="fence_failed", at=time.time(), incident=late.incident,
+                          reason=reason, term=lease.term, request_id=late.request_id, alert=True),
+                msg_id=f"fence_failed:{late.request_id}",
+            )
+            try:
+                await bus.publish(subjects.alert("fence_deadline"), Alert(
+                    kind="fence_deadline", at=time.time(), service="arbiter", reason=reason, host=late.host,
+                    term=lease.term), msg_id=f"fence_deadline:{late.request_id}")
+            except Exception as err:  # the fence_failed event above is the one that counts
+                log.error("cannot publish alert", extra=fields(kind="fence_deadline", error=str(err)))
 
     async def reissue_in_flight() -> None:
         """A new leader re-sends the requests in flight, under its own term: the
@@ -180,6 +231,7 @@ async def run(rt: Runtime) -> None:
         for kind in ("suspect", "alive", "fence_requested", "confirmed_fenced", "maintenance_on", "maintenance_off")
     ] + [subjects.fence_results()]
     async with asyncio.TaskGroup() as tg:
-        tg.create_task(lease.run())
+        # The lease is taken only after the replay: its term must be above every term in it.
+        tg.create_task(lease.run(ready=caught_up))
         tg.create_task(bus.replay(filters, Decoders.arbiter_input, on_event, caught_up))
         tg.create_task(decide_loop())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hafence.cli.common import EXIT_OK, EXIT_USAGE, _load
+from hafence.config import worst_fence_s
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
@@ -17,6 +18,12 @@ def cmd_config_check(args: argparse.Namespace) -> int:
           f"{len(config.vms)} VMs ({sum(vm.ha for vm in config.vms)} HA)")
     if unprotected:
         print(f"warning: hosts without fence levels (they cannot fail over): {', '.join(unprotected)}")
+    deadline = config.timings.fence_deadline_s
+    slow = {h.name: worst for h in config.hosts if (worst := worst_fence_s(config, h)) > deadline}
+    if slow:
+        hosts = ", ".join(f"{name} ({worst:g}s)" for name, worst in slow.items())
+        print(f"warning: timings.fence_deadline_s = {deadline:g}s is shorter than the slowest fence of: {hosts}; "
+              "the arbiter will fail those fences before the fencer has tried every level")
     return EXIT_OK
 
 
