@@ -40,6 +40,9 @@ log = logging.getLogger("hafence.lease")
 # A term learned beyond this is corrupt or hostile, and ignored: terms (floor plus
 # a revision) stay far inside 64 bits and exact in every JSON reader.
 MAX_TERM = 2**52
+# NATS down or reconnecting, the bucket deleted (no stream answers), a timeout: the
+# lease is simply not held until the next step; never a reason to stop the service.
+_BUCKET_TROUBLE = (nats.errors.Error, TimeoutError)
 
 
 class LeaderLease:
@@ -120,8 +123,7 @@ class LeaderLease:
         except nats.js.errors.KeyWrongLastSequenceError:
             self._set(0, 0, started)
             return False
-        except (nats.errors.TimeoutError, TimeoutError, nats.errors.ConnectionClosedError,
-                nats.errors.NoRespondersError, nats.js.errors.APIError) as err:
+        except _BUCKET_TROUBLE as err:
             log.warning("lease %s: raising the term: %s", self.role, err or type(err).__name__)
             return False
         log.warning("term raised", extra={"fields": {"role": self.role, "was": was, "term": self.term}})
@@ -162,8 +164,7 @@ class LeaderLease:
                 self._set(0, 0, started)
             else:
                 await self._learn_from_bucket()  # somebody holds it: remember their term
-        except (nats.errors.TimeoutError, TimeoutError, nats.errors.ConnectionClosedError,
-                nats.errors.NoRespondersError, nats.js.errors.APIError) as err:
+        except _BUCKET_TROUBLE as err:
             log.warning("lease %s: %s", self.role, err or type(err).__name__)
 
     async def run(self, ready: asyncio.Event | None = None) -> None:
