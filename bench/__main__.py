@@ -10,6 +10,7 @@ import asyncio
 import sys
 
 from bench.fence_latency import fence_latency
+from bench.heartbeat_ingest import heartbeat_ingest
 from bench.nats_sync import nats_sync
 from bench.pipeline import pipeline_overhead
 from bench.placement import placement
@@ -19,6 +20,7 @@ BENCHES = {
     "pipeline": pipeline_overhead,
     "fence": fence_latency,
     "placement": placement,
+    "ingest": heartbeat_ingest,
     "nats-sync": nats_sync,
 }
 

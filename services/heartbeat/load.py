@@ -2,12 +2,14 @@
 
 A monitor that falls behind hears heartbeats late (or never: NATS drops what a
 slow consumer cannot take) and would turn its own slowness into suspicions. It
-watches three signs of its own lag, fed in every tick by the service:
+watches four signs of its own lag, fed in every tick by the service:
 
 * loop lag: the tick woke up later than it asked to (the event loop was busy,
   the process was stopped or starved of CPU);
 * backlog: heartbeats received but not yet processed, in seconds of work at the
   rate they are being processed;
+* deafness: the heartbeat subscription is down (NATS restarting, a network
+  cut at the monitor): silence then says nothing about the hosts;
 * age: the share of heartbeats, over one heartbeat interval, that were older than
   the limit when processed (processing time minus the agent's ``sent_at``). A
   share and not the oldest, so that one host with a skewed clock is not read as
@@ -36,6 +38,7 @@ class Sample:
     processed: int = 0  # heartbeats processed since the previous sample
     late: int = 0  # of those, older than the limit when processed
     pending: int = 0  # received, not yet processed (the subscription's queue)
+    connected: bool = True  # the heartbeat subscription is up
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +117,8 @@ class LoadGuard:
             if late * 2 > processed:
                 age = (f"{late} of {processed} heartbeats older than {limit:.2f}s when processed "
                        "(the monitor lags, or its clock is off)")
+        if not s.connected:
+            return "not connected to NATS: hearing no heartbeat is no news of anyone"
         if s.loop_lag_s > limit:
             return f"event loop {s.loop_lag_s:.2f}s late (limit {limit:.2f}s)"
         if s.pending:

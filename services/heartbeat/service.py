@@ -4,10 +4,12 @@ Every replica watches every heartbeat (warm standby); only the lease holder
 publishes. On taking over, the new leader re-publishes the current suspects:
 the ids are deterministic, so JetStream de-duplicates what was already sent.
 
-Ingest is the hot path (tens of thousands of heartbeats a second on one core),
-so a heartbeat costs one decode, one strict subject check, one call into the
-core and a few counters: no span, no header parsing, no labelled metric, no
-await on the network. Whatever must be published (host events, alerts, dead
+Ingest is the hot path (tens of thousands of heartbeats a second on one core).
+Heartbeats arrive on a connection of their own that parses NATS frames in bulk
+(``wire.py``; nats-py where the deployment authenticates with a credentials
+file), and a heartbeat costs one decode, one strict subject check, one call
+into the core and a few counters: no span, no header parsing, no labelled
+metric, no await on the network. Whatever must be published (host events, alerts, dead
 letters) goes through queues to tasks of its own. The load guard (``load.py``)
 watches the monitor's own lag; while it lags, nobody is declared suspect (L4).
 """
@@ -16,12 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
+import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import msgspec
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from opentelemetry.context import Context
@@ -29,9 +35,11 @@ from opentelemetry.trace import SpanKind
 
 from hafence import metrics
 from hafence.bus import Bus
+from hafence.config import read_secret
 from hafence.contracts import Alert, Decoders, HostEvent
 from hafence.heartbeat.liveness import Alive, Liveness, Suspect, Transition, UnknownHost
 from hafence.heartbeat.load import Change, LoadGuard, Overloaded, Recovered, Sample
+from hafence.heartbeat.wire import FirehoseSubscription
 from hafence.lease import LeaderLease
 from hafence.logs import fields
 from hafence.service import Runtime
@@ -39,9 +47,9 @@ from hafence.telemetry import tracer
 
 log = logging.getLogger("hafence.heartbeat")
 
-# How many heartbeats are processed before the ingest yields to the other tasks
-# (the ticker, the signal handler): nats-py hands a queued backlog over without
-# ever suspending, which would starve them under load.
+# With nats-py (credentials-file deployments): how many heartbeats are processed
+# before the ingest yields to the other tasks (the ticker, the signal handler):
+# nats-py hands a queued backlog over without ever suspending.
 YIELD_EVERY = 256
 # Rejected messages waiting to be dead-lettered; beyond that they are counted, not kept.
 DEAD_LETTER_BACKLOG = 1000
@@ -49,6 +57,7 @@ DEAD_LETTER_BACKLOG = 1000
 PENDING_MSGS_LIMIT = 2_000_000
 PENDING_BYTES_LIMIT = 512 * 1024 * 1024
 METRICS_EVERY_S = 5.0
+PUBLISH_BATCH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +68,7 @@ class Rejected:
 
 
 class Ingest:
-    """The nats-py callback of the heartbeat subscription, and its counters."""
+    """Every heartbeat goes through ``take``: decode, check, feed the core, count."""
 
     def __init__(self, core: Liveness, hb_prefix: str, age_limit_s: float) -> None:
         self.core = core
@@ -72,26 +81,27 @@ class Ingest:
         self.processed = 0
         self.late = 0
         self.per_host: dict[str, int] = {}
+        self.metric_children: dict[str, Any] = {}  # host -> its labelled counter, looked up once
         self.wake = asyncio.Event()  # something to publish
         self._decode = Decoders.heartbeat.decode
 
-    async def on_message(self, msg: Msg) -> None:
+    def take(self, subject: str, data: bytes) -> None:
         try:
-            hb = self._decode(msg.data)
+            hb = self._decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as err:
-            self.reject(msg, f"undecodable message: {err}")
+            self.reject(subject, data, f"undecodable message: {err}")
             return
         host = hb.host
         # S5: the host a heartbeat speaks for is the one its subject names.
-        if msg.subject != self.hb_prefix + host:
-            self.reject(msg, f"rejected: heartbeat of host {host!r} on subject {msg.subject}")
+        if subject != self.hb_prefix + host:
+            self.reject(subject, data, f"rejected: heartbeat of host {host!r} on subject {subject}")
             return
         try:
             out = self.core.heartbeat(host, hb.boot_id, hb.seq, time.monotonic())
         except UnknownHost:
             if host not in self.unknown_warned:
                 self.unknown_warned.add(host)
-                self.reject(msg, f"rejected: host {host!r} is not in the cluster configuration")
+                self.reject(subject, data, f"rejected: host {host!r} is not in the cluster configuration")
             return
         if out:
             self.transitions.extend(out)
@@ -101,14 +111,18 @@ class Ingest:
             self.late += 1
         per_host = self.per_host
         per_host[host] = per_host.get(host, 0) + 1
+
+    async def on_message(self, msg: Msg) -> None:
+        """The nats-py subscription's handler (deployments with a credentials file)."""
+        self.take(msg.subject, msg.data)
         if self.processed % YIELD_EVERY == 0:
             await asyncio.sleep(0)
 
-    def reject(self, msg: Msg, error: str) -> None:
+    def reject(self, subject: str, data: bytes, error: str) -> None:
         if len(self.rejected) >= DEAD_LETTER_BACKLOG:
             self.rejected_dropped += 1
             return
-        self.rejected.append(Rejected(msg.subject, msg.data, error))
+        self.rejected.append(Rejected(subject, data, error))
         self.wake.set()
 
     def take_counts(self) -> tuple[int, int]:
@@ -117,24 +131,80 @@ class Ingest:
         return processed, late
 
 
+class Feed(Protocol):
+    """Where heartbeats come from, as the load guard sees it."""
+
+    def connected(self) -> bool: ...
+    def pending(self) -> int: ...
+
+
+@dataclass
+class FirehoseFeed:
+    sub: FirehoseSubscription
+
+    def connected(self) -> bool:
+        return self.sub.connected
+
+    def pending(self) -> int:
+        return 0  # unread heartbeats wait in the socket: their age at processing tells
+
+
+@dataclass
+class NatsPyFeed:
+    nc: NatsClient
+    sub: Subscription
+
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    def pending(self) -> int:
+        return self.sub.pending_msgs
+
+
+def firehose(rt: Runtime, subjects: list[str], ingest: Ingest) -> FirehoseSubscription | None:
+    """The fast subscription, with the bus's identity; None where it cannot authenticate (JWT/nkey)."""
+    settings = rt.config.nats
+    if settings.creds_file:
+        return None
+    user = os.environ.get("HAFENCE_NATS_USER", settings.user)
+    password = (read_secret(os.environ.get("HAFENCE_NATS_PASSWORD_FILE", settings.password_file),
+                            settings.password_env, "nats.password") if user else "")
+    tls = None
+    if settings.tls_ca_file or settings.tls_cert_file:
+        tls = ssl.create_default_context(cafile=settings.tls_ca_file or None)
+        if settings.tls_cert_file:
+            tls.load_cert_chain(settings.tls_cert_file, settings.tls_key_file or None)
+    return FirehoseSubscription([u for u in settings.url.split(",") if u.strip()], subjects, ingest.take,
+                                user, password, tls, name=f"hafence-heartbeat-{rt.instance}-firehose")
+
+
 async def run(rt: Runtime) -> None:
     bus, timings = rt.bus, rt.config.timings
     interval = timings.heartbeat_interval_s
     kv = await bus.js.key_value(bus.streams.leases)
     lease = LeaderLease(kv, "heartbeat", rt.instance, timings.lease_ttl_s)
     hosts = [h.name for h in rt.config.hosts]
-    # A fresh nonce per lifetime: a host silent since start gets a new incident every time (S4).
+    # A nonce per lifetime keeps the incidents of never-seen hosts unique (S4).
     core = Liveness(hosts, interval, timings.missed_heartbeats, time.monotonic(), nonce=secrets.token_hex(8))
     guard = LoadGuard(interval, core.window, time.monotonic(), alert_repeat_s=rt.config.arbiter.alert_repeat_s)
     ingest = Ingest(core, bus.subjects.hb_all()[:-1], guard.lag_limit_s)
     changes: list[Change] = []
+    subjects = [bus.subjects.hb_all()]
+    fast = firehose(rt, subjects, ingest)
     sub: Subscription | None = None
+    feed: Feed
     try:
-        sub = await bus.nc.subscribe(bus.subjects.hb_all(), cb=ingest.on_message, pending_msgs_limit=PENDING_MSGS_LIMIT,
-                                     pending_bytes_limit=PENDING_BYTES_LIMIT)
         async with asyncio.TaskGroup() as tg:
+            if fast is not None:
+                tg.create_task(fast.run())
+                feed = FirehoseFeed(fast)
+            else:
+                sub = await bus.nc.subscribe(subjects[0], cb=ingest.on_message,
+                                             pending_msgs_limit=PENDING_MSGS_LIMIT,
+                                             pending_bytes_limit=PENDING_BYTES_LIMIT)
+                feed = NatsPyFeed(bus.nc, sub)
             tg.create_task(lease.run())
-            tg.create_task(_ticker(rt, core, guard, ingest, sub, lease, changes))
+            tg.create_task(_ticker(rt, core, guard, ingest, feed, lease, changes))
             tg.create_task(_publisher(rt, bus, core, ingest, lease, changes))
     finally:
         # Drop the backlog at once: a stopping monitor has nothing to learn from it,
@@ -146,7 +216,7 @@ async def run(rt: Runtime) -> None:
                 pass
 
 
-async def _ticker(rt: Runtime, core: Liveness, guard: LoadGuard, ingest: Ingest, sub: Subscription,
+async def _ticker(rt: Runtime, core: Liveness, guard: LoadGuard, ingest: Ingest, feed: Feed,
                   lease: LeaderLease, changes: list[Change]) -> None:
     period = rt.config.timings.heartbeat_interval_s / 4
     published_as_leader = False
@@ -160,7 +230,7 @@ async def _ticker(rt: Runtime, core: Liveness, guard: LoadGuard, ingest: Ingest,
         processed, late = ingest.take_counts()
         lag = max(0.0, now - due)
         metrics.MONITOR_LAG.set(lag)
-        for change in guard.observe(Sample(now, lag, processed, late, sub.pending_msgs)):
+        for change in guard.observe(Sample(now, lag, processed, late, feed.pending(), feed.connected())):
             changes.append(change)
             ingest.wake.set()
             metrics.MONITOR_OVERLOADED.set(1 if guard.overloaded else 0)
@@ -184,8 +254,12 @@ async def _ticker(rt: Runtime, core: Liveness, guard: LoadGuard, ingest: Ingest,
 def _flush_metrics(core: Liveness, hosts: list[str], ingest: Ingest) -> None:
     """Labelled metrics cost microseconds each: once every few seconds, not per heartbeat."""
     counts, ingest.per_host = ingest.per_host, {}
+    children = ingest.metric_children
     for host, n in counts.items():
-        metrics.HEARTBEATS.labels(host).inc(n)
+        child = children.get(host)
+        if child is None:
+            child = children[host] = metrics.HEARTBEATS.labels(host)
+        child.inc(n)
     states = {"alive": 0, "suspect": 0, "unknown": 0}
     for host in hosts:
         states[core.state(host)] += 1
@@ -209,9 +283,17 @@ async def _publisher(rt: Runtime, bus: Bus, core: Liveness, ingest: Ingest, leas
             log.warning("rejected heartbeats not dead-lettered (too many)", extra=fields(n=ingest.rejected_dropped))
             ingest.rejected_dropped = 0
         transitions, ingest.transitions = ingest.transitions, []
-        if lease.held():
-            for t in transitions:
-                await _emit(bus, core, lease, t, wall_offset)
+        if not lease.held():
+            continue
+        # Concurrently, a batch at a time (a starting monitor hears every host come
+        # alive at once); a host appears at most once per batch, so its events keep their order.
+        batch: dict[str, Transition] = {}
+        for t in [*transitions, None]:
+            if t is None or t.host in batch or len(batch) >= PUBLISH_BATCH:
+                await asyncio.gather(*(_emit(bus, core, lease, b, wall_offset) for b in batch.values()))
+                batch = {}
+            if t is not None:
+                batch[t.host] = t
 
 
 async def _emit(bus: Bus, core: Liveness, lease: LeaderLease, t: Transition, wall_offset: float) -> None:
@@ -232,7 +314,9 @@ async def _emit(bus: Bus, core: Liveness, lease: LeaderLease, t: Transition, wal
             )
             await bus.publish(bus.subjects.host_event(t.host, "suspect"), event, msg_id=f"suspect:{t.incident}")
     elif isinstance(t, Alive):
-        log.info("host is alive", extra=fields(host=t.host, was_suspect=t.was_suspect))
+        # Every host comes alive when a monitor starts: only a return from suspicion is news.
+        (log.info if t.was_suspect else log.debug)("host is alive",
+                                                   extra=fields(host=t.host, was_suspect=t.was_suspect))
         event = HostEvent(host=t.host, kind="alive", at=time.time(), term=lease.term,
                           reason="heartbeat received" + (" after suspicion" if t.was_suspect else ""))
         await bus.publish(bus.subjects.host_event(t.host, "alive"), event)
