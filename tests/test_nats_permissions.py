@@ -326,7 +326,7 @@ async def test_a_whole_failover_and_every_cli_command_run_under_the_deploy_permi
             ["fence", "status", "lab-1", "--config", cfg],
         ]
         if _has_command("host"):  # `hafence host clear` (S6), where it exists
-            commands.append(["host", "clear", "lab-2", "--config", cfg, "--yes", "--reason", "test"])
+            commands.append(["host", "clear", "lab-2", "--config", cfg, "--reason", "checked: runs nothing"])
         for command in commands:
             result = await asyncio.to_thread(
                 subprocess.run, [sys.executable, "-m", "hafence.cli", *command], env=env, capture_output=True,
