@@ -222,6 +222,7 @@ async def test_an_agent_cannot_publish_for_others_nor_read_their_inboxes(secure:
     for subject in forbidden:
         await _denied(agent, subject)
     for subject in ("_INBOX.>", "_INBOX_fencer.>", "_INBOX_agent-h2.>", "hafence.agent.h2.cmd", "hafence.>",
+                    "hafence.host.h2.cleared", "hafence.host.*.cleared",
                     "$JS.ACK.>"):
         await agent.nc.subscribe(subject)
         await _denied(agent, f'Subscription to "{subject}"')
