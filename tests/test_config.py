@@ -183,3 +183,16 @@ def test_config_check_refuses_a_shared_bmc(tmp_path: Path, capsys: pytest.Captur
     path.write_text(BMCS + hosts('{ devices = [{ device = "bmc-a" }] }', '{ devices = [{ device = "bmc-a" }] }'))
     assert main(["config", "check", str(path)]) == 2
     assert "hosts[1].levels[0].devices[0]" in capsys.readouterr().err
+
+
+def test_config_check_warns_when_a_topology_is_slower_than_the_fence_deadline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hafence.cli import main
+
+    path = tmp_path / "cluster.toml"
+    path.write_text("[timings]\nfence_deadline_s = 30.0\n" + BMCS + hosts(
+        '{ devices = [{ device = "bmc-a" }] }, { devices = [{ device = "pdu", port = "1" }] }'))
+    assert main(["config", "check", str(path)]) == 0
+    # Two levels, each 20s with one retry: 80s against a 30s deadline.
+    assert "fence_deadline_s = 30s is shorter than the slowest fence of: h1 (80s)" in capsys.readouterr().out
