@@ -345,6 +345,51 @@ class Fleet:
             await self.nc.close()
 
 
+class FleetProcess:
+    """The fleet simulator as a child process, driven through its stdin (tests, benchmarks)."""
+
+    def __init__(self, config_path: str | os.PathLike[str], log_dir: str | os.PathLike[str], *args: str,
+                 prefix: list[str] | None = None) -> None:
+        import subprocess
+
+        from hafence.lab.procs import die_with_parent
+
+        self.log_path = Path(log_dir) / "fleet.log"
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [*(prefix or []), sys.executable, "-m", "hafence.lab.fleet", "--config", str(config_path), *args],
+            stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        log.close()
+
+    def command(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def fail(self, *hosts: str) -> None:
+        self.command("fail " + " ".join(hosts))
+
+    def recover(self, *hosts: str) -> None:
+        self.command("recover " + " ".join(hosts))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            try:
+                self.command("quit")
+                self.proc.wait(timeout=timeout)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+    def tail(self, lines: int = 10) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hafence.lab.fleet", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,0 +1,124 @@
+"""L4 end to end: an overloaded or stalled heartbeat monitor suspects nobody,
+says so on the alert subject, recovers by itself, and stops on SIGTERM.
+
+A real nats-server, the monitor as its own process, and the fleet simulator
+(another process) playing the hosts."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from hafence.config import parse_config
+from hafence.contracts import Alert, Decoders
+from hafence.lab.fleet import FleetProcess, fleet_config, provision
+from hafence.lab.natsserver import NatsServer
+from hafence.lab.procs import Service
+from tests.conftest import eventually
+
+pytestmark = [pytest.mark.timeout(90)]
+
+HOSTS = 300
+INTERVAL = 0.2  # window 0.6 s
+
+
+@dataclass
+class Seen:
+    suspects: list[str] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+
+    def kinds(self) -> list[str]:
+        return [a.kind for a in self.alerts]
+
+
+@asynccontextmanager
+async def monitored_fleet(nc: NatsClient, server: NatsServer, tmp: Path, *fleet_args: str
+                          ) -> AsyncIterator[tuple[Service, FleetProcess, Seen]]:
+    text = fleet_config(server.url, tmp, HOSTS, heartbeat_interval_s=INTERVAL)
+    path = tmp / "cluster.toml"
+    path.write_text(text)
+    await provision(parse_config(text, str(path)))
+    (tmp / "logs").mkdir(exist_ok=True)
+    seen = Seen()
+
+    async def on_suspect(msg: Msg) -> None:
+        seen.suspects.append(msg.subject.split(".")[2])
+
+    async def on_alert(msg: Msg) -> None:
+        seen.alerts.append(Decoders.alert.decode(msg.data))
+
+    await nc.subscribe("hafence.host.*.suspect", cb=on_suspect)
+    await nc.subscribe("hafence.alert.*", cb=on_alert)
+    first = await nc.subscribe(f"hafence.hb.fleet-{HOSTS:05d}", max_msgs=1)
+    fleet = FleetProcess(path, tmp / "logs", "--heartbeats-only", *fleet_args)
+    monitor: Service | None = None
+    try:
+        await first.next_msg(timeout=30)  # the fleet heartbeats before the monitor starts
+        monitor = Service("heartbeat", ["-m", "hafence.heartbeat", "--config", str(path), "--instance", "hb"],
+                          tmp / "logs", {"HAFENCE_METRICS_PORT": "0"}).start()
+        kv = await nc.jetstream().key_value("HAFENCE_leases")
+
+        async def leads() -> bool:
+            try:
+                return "heartbeat" in set(await kv.keys())
+            except Exception:
+                return False
+
+        await eventually(leads, timeout=30)
+        yield monitor, fleet, seen
+    finally:
+        if monitor is not None:
+            monitor.terminate()
+        fleet.stop()
+
+
+async def test_a_stalled_monitor_suspects_nobody_alerts_and_recovers(
+    nc: NatsClient, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """The monitor's process is stopped for five detection windows while every
+    host keeps heartbeating (a blocked event loop, a starved VM). Before the
+    load guard, it woke up, ticked before reading what had queued, and declared
+    live hosts suspect."""
+    async with monitored_fleet(nc, nats_server, tmp_path) as (monitor, fleet, seen):
+        await asyncio.sleep(1.5)  # past the start-up window, every host heard
+        assert seen.suspects == [], monitor.tail(20)
+        monitor.signal(signal.SIGSTOP)
+        await asyncio.sleep(5 * 3 * INTERVAL)
+        monitor.signal(signal.SIGCONT)
+        await eventually(lambda: "monitor_recovered" in seen.kinds(), timeout=20)
+        await asyncio.sleep(1.5)  # every chance for a wrong suspicion to show
+        assert seen.suspects == [], monitor.tail(20)
+        [overloaded] = [a for a in seen.alerts if a.kind == "monitor_overloaded"]
+        assert "event loop" in overloaded.reason and overloaded.service == "heartbeat"
+        # It still does its job afterwards: a host that really stops is suspected, alone.
+        fleet.fail("fleet-00007")
+        await eventually(lambda: seen.suspects == ["fleet-00007"], timeout=10)
+
+
+async def test_a_flooded_monitor_suspects_nobody_and_stops_on_sigterm(
+    nc: NatsClient, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """Every host heartbeats a hundred times faster than configured: far more than
+    one core can take. The monitor falls behind, alerts, suspects nobody; and
+    SIGTERM still stops it while the flood goes on."""
+    async with monitored_fleet(nc, nats_server, tmp_path, "--interval", str(INTERVAL / 100)) as (
+            monitor, fleet, seen):
+        await eventually(lambda: "monitor_overloaded" in seen.kinds(), timeout=30)
+        await asyncio.sleep(2.0)
+        assert seen.suspects == [], monitor.tail(20)
+        assert fleet.proc.poll() is None, fleet.tail()
+        monitor.signal(signal.SIGTERM)
+        try:
+            # The rule is 2 s; the bound here is generous for a loaded test machine (make bench measures it).
+            await asyncio.to_thread(monitor.proc.wait, 10)  # type: ignore[union-attr]
+        except subprocess.TimeoutExpired:
+            pytest.fail("the monitor did not stop within 10 s of SIGTERM under load:\n" + monitor.tail(20))
