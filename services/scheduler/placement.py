@@ -13,8 +13,9 @@ specific reason there is.
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 from hafence.contracts import VmSpec
@@ -70,7 +71,14 @@ def place(
     exclude: dict[str, set[str]] | None = None,
     cpu_overcommit: float = 4.0,
 ) -> tuple[list[Placement], list[Pending]]:
-    """``exclude`` maps a VM name to hosts it must not go to (a start failed there)."""
+    """``exclude`` maps a VM name to hosts it must not go to (a start failed there).
+
+    The hosts are kept sorted by (free memory, name), so the chosen host is the
+    first one that passes the other filters when walking from the most free
+    memory down (``spread``) or up from the least that fits (``best_fit``):
+    usually a few steps, not a pass over every host per VM. A VM with an
+    affinity group already placed looks only at the hosts of that group. What
+    fits nowhere gets its reason from the filters in order (``_fitting``)."""
     hosts = [
         _Host(c.name, int(c.memory_mb * memory_overcommit) - c.used_memory_mb,
               c.vcpus * cpu_overcommit - c.used_vcpus, c.labels, set(c.affinity), set(c.anti_affinity))
@@ -79,19 +87,61 @@ def place(
     placements: list[Placement] = []
     pending: list[Pending] = []
     exclude = exclude or {}
+    best_fit = strategy == "best_fit"
+    # The ties of max() and min() go to the first host in the candidates' order:
+    # the index breaks them the same way in both walking directions.
+    sign = 1 if best_fit else -1
+    ranked = sorted((h.free_mem, h.name, sign * i) for i, h in enumerate(hosts))
+    # Which hosts run a member of each affinity group (only grows).
+    by_group: dict[str, set[int]] = {}
+    for i, h in enumerate(hosts):
+        for g in h.affinity:
+            by_group.setdefault(g, set()).add(i)
     for vm in order(vms):
         banned = exclude.get(vm.name, set())
-        fits, reason = _fitting(vm, hosts, banned)
-        if not fits:
-            pending.append(Pending(vm, reason))
-            continue
-        if strategy == "best_fit":
-            host = min(fits, key=lambda h: (h.free_mem, h.name))
+        labels = set(vm.labels)
+        anti = set(vm.anti_affinity)
+        together = {g for g in vm.affinity if g in by_group}
+        mem, cpu = vm.memory_mb, vm.vcpus
+
+        def fits(h: _Host, cpu: int = cpu, banned: set[str] = banned, labels: set[str] = labels,
+                 anti: set[str] = anti, together: set[str] = together) -> bool:
+            return (h.free_cpu >= cpu and h.name not in banned and labels <= h.labels
+                    and not (anti & h.anti) and together <= h.affinity)
+
+        chosen = -1
+        if together:
+            group = set.intersection(*(by_group[g] for g in together))
+            ok = [i for i in group if hosts[i].free_mem >= mem and fits(hosts[i])]
+            if ok:
+                pick = min if best_fit else max
+                chosen = pick(ok, key=lambda i: (hosts[i].free_mem, hosts[i].name, sign * i))
+        elif best_fit:
+            for k in range(bisect_left(ranked, (mem,)), len(ranked)):
+                i = ranked[k][2]
+                if fits(hosts[i]):
+                    chosen = i
+                    break
         else:
-            host = max(fits, key=lambda h: (h.free_mem, h.name))
+            for k in range(len(ranked) - 1, -1, -1):
+                free, _, j = ranked[k]
+                if free < mem:
+                    break
+                if fits(hosts[-j]):
+                    chosen = -j
+                    break
+        if chosen < 0:
+            pending.append(Pending(vm, _fitting(vm, hosts, banned)[1] or "no candidate host can take it"))
+            continue
+        host = hosts[chosen]
+        key = (host.free_mem, host.name, sign * chosen)
+        del ranked[bisect_left(ranked, key)]
         host.free_mem -= vm.memory_mb
         host.free_cpu -= vm.vcpus
+        insort(ranked, (host.free_mem, host.name, sign * chosen))
         host.affinity.update(vm.affinity)
+        for g in vm.affinity:
+            by_group.setdefault(g, set()).add(chosen)
         host.anti.update(vm.anti_affinity)
         placements.append(Placement(vm, host.name))
     return placements, pending
@@ -140,7 +190,7 @@ def largest_host_loss_absorbed(
     victims = ha_vms.get(largest.name, [])
     if not victims:
         return True, largest.name, "no HA VMs to protect"
-    others = [replace(c) for c in candidates if c.name != largest.name]
+    others = [c for c in candidates if c.name != largest.name]  # frozen: place() only reads them
     _, pending = place(victims, others, strategy, memory_overcommit, cpu_overcommit=cpu_overcommit)
     if pending:
         return False, largest.name, (
