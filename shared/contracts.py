@@ -111,6 +111,11 @@ class HostEvent(Message, tag="host_event", kw_only=True):
     # suspect, fence_*, fenced: the boot of the host the incident is about (S6:
     # a result is folded against that boot's inventory, not a later one).
     boot_id: str = ""
+    # suspect: the other hosts the monitor had not heard from for 1.5 intervals when
+    # it declared this one (lost together with it, about to be suspect too), so the
+    # arbiter's storm guard sees them at once; None: not reported (a monitor taking
+    # over re-announces suspects without it).
+    late_hosts: list[Name] | None = None
 
 
 class FenceRequest(Message, tag="fence_request", kw_only=True):
