@@ -91,3 +91,15 @@ def test_no_suspicion_within_a_window_of_any_sign_of_lag(samples: list[tuple[flo
             assert t - g.last_sign_at >= g.window_s and not g.overloaded
         if lag > g.lag_limit_s:
             assert g.overloaded and not g.may_suspect(t)
+
+
+def test_liveness_names_the_hosts_that_are_late_with_a_suspect() -> None:
+    from hafence.heartbeat.liveness import Liveness
+
+    live = Liveness(["a", "b", "c", "d"], interval=1.0, missed=3, now=0.0, nonce="n")
+    live.heartbeat("a", "boot", 1, now=0.5)
+    live.heartbeat("b", "boot", 1, now=1.0)
+    live.heartbeat("c", "boot", 1, now=1.6)
+    live.heartbeat("d", "boot", 1, now=2.9)
+    assert [s.host for s in live.tick(3.6)] == ["a"]
+    assert live.late(3.6, after=1.5) == ["b", "c"]

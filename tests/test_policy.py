@@ -242,3 +242,71 @@ def test_a_refused_request_opens_the_decision_again_for_the_current_leader() -> 
     p.fence_requested("a", "a-1", "fence-a-1-a2", 12.0, 2)
     p.fence_result("a", "fence-a-1", "refused", "stale", now=12.5)
     assert p.views["a"].phase == "fencing"
+
+
+# --- rule 2 with the monitor's list of late hosts: no settle wait ------------------------------
+
+
+def test_a_suspect_reported_with_no_late_hosts_is_decided_at_once() -> None:
+    p = make()
+    p.suspect("a", "a-1", now=10.0, late=[])
+    [d] = p.decide(10.0)
+    assert isinstance(d, RequestFence) and d.host == "a"
+
+
+def test_hosts_late_with_the_first_suspect_make_a_storm_at_once() -> None:
+    """The storm is seen with the first suspicion: the hosts lost with it are late,
+    not yet suspect. Without the list, the first host would wait for settle_s."""
+    p = make()
+    p.suspect("a", "a-1", now=10.0, late=["b", "c"])
+    [d] = p.decide(10.0)
+    assert isinstance(d, SkipFence) and d.rule == "storm" and "3 of 4 hosts lost" in d.reason
+    p.suspect("b", "b-1", now=10.3, late=["a", "c"])
+    p.suspect("c", "c-1", now=10.4, late=["a", "b"])
+    assert all(isinstance(d, SkipFence) and d.rule == "storm" for d in p.decide(10.5))
+
+
+def test_a_late_host_stops_counting_when_heard_again_or_after_the_horizon() -> None:
+    p = make()
+    p.suspect("a", "a-1", now=10.0, late=["b", "c"])
+    assert [d.rule for d in p.decide(10.0)] == ["storm"]  # type: ignore[union-attr]
+    # b was only slow: it is heard again (alive) or simply never becomes suspect.
+    p.alive("b")
+    [d] = p.decide(10.1)
+    assert isinstance(d, RequestFence) and d.host == "a"
+    q = make()
+    q.suspect("a", "a-1", now=10.0, late=["b", "c"])
+    [d] = q.decide(12.9)
+    assert isinstance(d, SkipFence) and d.rule == "storm"
+    assert [type(d) for d in q.decide(13.1)] == [RequestFence]  # past one detection window (3 s)
+
+
+def test_a_two_host_cluster_still_waits_with_the_late_list() -> None:
+    p = Policy(["x", "y"], detection_window_s=3.0, started_at=0.0, settle_s=0.5, two_host_delay_s=10.0,
+               storm_share=1.0)
+    p.suspect("y", "y-1", now=10.0, late=[])
+    assert p.decide(15.0) == []
+    assert [type(d) for d in p.decide(20.1)] == [RequestFence]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(HOSTS), st.lists(st.sampled_from(HOSTS), max_size=3, unique=True),
+                          st.floats(0.0, 0.3)), min_size=1, max_size=8),
+       st.sampled_from([0.25, 0.5, 0.75]))
+def test_hosts_lost_together_are_never_fenced_as_a_storm_when_reported_late(
+    losses: list[tuple[str, list[str], float]], share: float
+) -> None:
+    """Hosts lost in one moment, each suspicion carrying the others as late: once
+    more than the storm share is lost or late, nothing more is fenced at once."""
+    p = make(storm_share=share, max_concurrent=4)
+    now = 10.0
+    fenced: set[str] = set()
+    for host, late, dt in losses:
+        now += dt
+        p.suspect(host, f"{host}-{now}", now, late=[h for h in late if h != host])
+        counted = {h for h, v in p.views.items() if v.phase != "up" or now - v.late_at <= 3.0}
+        for d in p.decide(now):
+            if isinstance(d, RequestFence):
+                assert len(counted) / len(HOSTS) <= share
+                fenced.add(d.host)
+                p.fence_requested(d.host, d.incident, d.request_id, now, d.attempt)

@@ -8,16 +8,22 @@ Rules, in the order they are checked for each suspect host:
 
 1. start-up grace: nothing is decided until one detection window has passed
    since the arbiter started (it must have seen a full window of events);
-2. settle: a suspect is decided only after it has been suspect for ``settle_s``
-   (in a two-host cluster at least ``two_host_delay_s``), so that hosts lost
-   together are seen together and two halves of a split do not fence each
-   other at the same moment;
+2. settle: hosts lost together must be seen together before any is fenced.
+   The monitor reports, with each suspect, the other hosts it had not heard
+   from for a while at that moment (``late``): they count as lost at once (rule
+   4), until they are heard again or ``late_horizon_s`` (one detection window)
+   has passed, and such a suspect is decided at once. A suspect reported
+   without that list (a monitor taking over re-announces its suspects) waits
+   ``settle_s``, so that the others have time to become suspect too. In a
+   two-host cluster every suspect waits at least ``two_host_delay_s``, so that
+   two halves of a split do not fence each other at the same moment;
 3. maintenance: a host in maintenance is never fenced;
 4. storm guard: if more than ``storm_share`` of the (non-maintenance) hosts
-   were lost within ``storm_window_s`` (suspect, being fenced, or fenced in that
+   were lost within ``storm_window_s`` (suspect, being fenced, fenced in that
    window: fencing the first host of a storm must not make room to fence the
-   next), the network or the monitor is sick, not the hosts: nobody is fenced, an
-   alert is raised, and fencing resumes when the share drops;
+   next; or reported late with a suspect, rule 2), the network or the monitor
+   is sick, not the hosts: nobody is fenced, an alert is raised, and fencing
+   resumes when the share drops;
 5. isolation: a host still renewing its storage lease is alive on the storage
    it shares with its VMs; it is isolated from the network, not dead. With
    ``isolated_action = "skip"`` (the default) it is not fenced, and an alert
@@ -88,6 +94,10 @@ class HostView:
     outcome_reason: str = ""
     # When the host was last lost (declared suspect): the storm guard's clock.
     lost_at: float = float("-inf")
+    # When the monitor last reported it late along with another host's suspicion.
+    late_at: float = float("-inf")
+    # The suspicion came with the monitor's list of late hosts: no settle wait.
+    informed: bool = False
     # Requests of this incident the fencer refused (each re-issue gets a new id).
     refusals: int = 0
 
@@ -106,6 +116,9 @@ class Policy:
     fence_attempts: int = 3
     retry_backoff_s: float = 15.0
     alert_repeat_s: float = 300.0
+    # How long a host reported late counts as lost (default: one detection window;
+    # had it died, it would have been suspect by then).
+    late_horizon_s: float | None = None
     views: dict[str, HostView] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -113,7 +126,9 @@ class Policy:
 
     # --- events in ----------------------------------------------------------
 
-    def suspect(self, host: str, incident: str, now: float) -> None:
+    def suspect(self, host: str, incident: str, now: float, late: Iterable[str] | None = None) -> None:
+        """``late``: the other hosts the monitor had not heard from when it declared
+        this one (None: not reported; the suspect then settles, rule 2)."""
         view = self.views[host]
         if view.incident == incident and view.phase != "up":
             return  # the same incident seen again (a replay, another replica)
@@ -121,9 +136,14 @@ class Policy:
             return  # an unresolved fence is not superseded by a new suspicion
         view.phase, view.incident, view.since, view.lost_at = "suspect", incident, now, now
         view.held_by, view.request_id, view.attempt, view.refusals = "", "", 0, 0
+        view.informed = late is not None
+        for other in late or ():
+            if other != host and other in self.views:
+                self.views[other].late_at = now
 
     def alive(self, host: str) -> None:
         view = self.views[host]
+        view.late_at = float("-inf")  # heard again: not late any more
         if view.phase in ("fencing", "fence_failed"):
             return  # a fence that has begun is finished: only that is safe
         view.phase, view.held_by = "up", ""
@@ -175,15 +195,19 @@ class Policy:
             return []
         storage_live = storage_live or {}
         watched = [v for v in self.views.values() if not v.maintenance]
+        horizon = self.detection_window_s if self.late_horizon_s is None else self.late_horizon_s
         lost = [v for v in watched if v.phase in ("suspect", "fencing")
-                or (v.phase in ("fenced", "fence_failed") and now - v.lost_at <= self.storm_window_s)]
+                or (v.phase in ("fenced", "fence_failed") and now - v.lost_at <= self.storm_window_s)
+                or (v.phase == "up" and now - v.late_at <= horizon)]
         share = len(lost) / len(watched) if watched else 0.0
         slots = self.max_concurrent - len(self.in_flight())
-        settle = max(self.settle_s, self.two_host_delay_s if len(self.views) == 2 else 0.0)
+        split = self.two_host_delay_s if len(self.views) == 2 else 0.0
+        settle = max(self.settle_s, split)
         out: list[Decision] = []
         ready = sorted(
             ((h, v) for h, v in self.views.items()
-             if (v.phase == "suspect" and now - v.since >= settle) or v.phase == "fence_failed"),
+             if (v.phase == "suspect" and now - v.since >= (split if v.informed else settle))
+             or v.phase == "fence_failed"),
             key=lambda hv: (hv[1].since, hv[0]),
         )
         for host, view in ready:

@@ -82,6 +82,8 @@ async def run(rt: Runtime) -> None:
     for host in config.hosts:
         policy.set_maintenance(host.name, host.maintenance)
     caught_up = asyncio.Event()
+    # A suspect that came with the monitor's late list is decided on arrival, not at the next tick.
+    decide_now = asyncio.Event()
     # Terms below this were refused by the fencer (from its refusals' highest_term).
     refused_below = 0
     # Trace context of each open incident, so every decision joins the incident's trace.
@@ -116,7 +118,8 @@ async def run(rt: Runtime) -> None:
         match event.kind:
             case "suspect":
                 incident_context[event.incident] = extract_context(msg.headers)
-                policy.suspect(event.host, event.incident, now)
+                policy.suspect(event.host, event.incident, now, event.late_hosts)
+                decide_now.set()
             case "alive":
                 policy.alive(event.host)
             case "fence_requested":
@@ -182,7 +185,11 @@ async def run(rt: Runtime) -> None:
         await caught_up.wait()
         reissued = False
         while True:
-            await asyncio.sleep(timings.heartbeat_interval_s / 4)
+            try:
+                await asyncio.wait_for(decide_now.wait(), timings.heartbeat_interval_s / 4)
+            except TimeoutError:
+                pass
+            decide_now.clear()
             if not lease.held():
                 reissued = False
                 continue

@@ -110,6 +110,11 @@ class Liveness:
                 out.append(Suspect(host, entry.incident, entry.last_seen, silent_for))
         return out
 
+    def late(self, now: float, after: float) -> list[str]:
+        """Hosts not suspect (yet) but unheard for more than ``after``: when a host
+        becomes suspect, those were probably lost with it. A view; it changes nothing."""
+        return [h for h, e in self._hosts.items() if e.state != "suspect" and now - e.last_seen > after]
+
     def suspects(self) -> list[Suspect]:
         return [
             Suspect(h, e.incident, e.last_seen, 0.0) for h, e in self._hosts.items() if e.state == "suspect"

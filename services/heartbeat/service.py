@@ -57,6 +57,17 @@ DEAD_LETTER_BACKLOG = 1000
 PENDING_MSGS_LIMIT = 2_000_000
 PENDING_BYTES_LIMIT = 512 * 1024 * 1024
 METRICS_EVERY_S = 5.0
+# A heartbeat is about 150 bytes; anything much larger is refused before decoding.
+MAX_HEARTBEAT_BYTES = 4096
+# A host unheard for this many intervals is "late": reported with a suspect as
+# probably lost with it (the arbiter's storm guard counts it at once). A live host
+# is silent about one interval; one that died with the suspect, at least
+# missed - 1.25 intervals (last heard up to an interval earlier, noticed up to a
+# tick later): so the list is sent only when missed_heartbeats >= 3.
+LATE_AFTER_INTERVALS = 1.5
+# Beyond this many late hosts the list is not sent (None): a message stays small,
+# and the arbiter falls back to its settle wait, which sees the storm too.
+MAX_LATE_REPORTED = 1000
 PUBLISH_BATCH = 256
 
 
@@ -81,14 +92,20 @@ class Ingest:
         self.processed = 0
         self.late = 0
         self.per_host: dict[str, int] = {}
+        # incident -> the hosts late when it was declared (see LATE_AFTER_INTERVALS)
+        self.late_of: dict[str, list[str] | None] = {}
         self.metric_children: dict[str, Any] = {}  # host -> its labelled counter, looked up once
         self.wake = asyncio.Event()  # something to publish
         self._decode = Decoders.heartbeat.decode
 
     def take(self, subject: str, data: bytes) -> None:
+        if len(data) > MAX_HEARTBEAT_BYTES:
+            self.reject(subject, data[:MAX_HEARTBEAT_BYTES],
+                        f"rejected: a heartbeat of {len(data)} bytes (at most {MAX_HEARTBEAT_BYTES})")
+            return
         try:
             hb = self._decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as err:
             self.reject(subject, data, f"undecodable message: {err}")
             return
         host = hb.host
@@ -236,6 +253,10 @@ async def _ticker(rt: Runtime, core: Liveness, guard: LoadGuard, ingest: Ingest,
             metrics.MONITOR_OVERLOADED.set(1 if guard.overloaded else 0)
         due = now + period
         transitions = core.tick(now) if guard.may_suspect(now) else []
+        suspects = [t for t in transitions if isinstance(t, Suspect)]
+        if suspects:
+            ingest.late_of.update(_late_hosts(core, suspects, now, rt.config.timings.heartbeat_interval_s,
+                                              rt.config.timings.missed_heartbeats))
         if lease.held() and not published_as_leader:
             published_as_leader = True
             # Announce what is already suspect: the old leader may have died before it could.
@@ -249,6 +270,17 @@ async def _ticker(rt: Runtime, core: Liveness, guard: LoadGuard, ingest: Ingest,
         if now >= next_metrics:
             next_metrics = now + METRICS_EVERY_S
             _flush_metrics(core, [h.name for h in rt.config.hosts], ingest)
+
+
+def _late_hosts(core: Liveness, suspects: list[Suspect], now: float, interval: float, missed: int
+                ) -> dict[str, list[str] | None]:
+    """For each new suspect, the other hosts it was probably lost with: late now, or suspect in the same tick."""
+    if missed < 3:
+        return {}
+    late = core.late(now, LATE_AFTER_INTERVALS * interval) + [s.host for s in suspects]
+    if len(late) > MAX_LATE_REPORTED:
+        return {s.incident: None for s in suspects}
+    return {s.incident: sorted(h for h in late if h != s.host) for s in suspects}
 
 
 def _flush_metrics(core: Liveness, hosts: list[str], ingest: Ingest) -> None:
@@ -284,19 +316,22 @@ async def _publisher(rt: Runtime, bus: Bus, core: Liveness, ingest: Ingest, leas
             ingest.rejected_dropped = 0
         transitions, ingest.transitions = ingest.transitions, []
         if not lease.held():
+            ingest.late_of.clear()
             continue
         # Concurrently, a batch at a time (a starting monitor hears every host come
         # alive at once); a host appears at most once per batch, so its events keep their order.
         batch: dict[str, Transition] = {}
         for t in [*transitions, None]:
             if t is None or t.host in batch or len(batch) >= PUBLISH_BATCH:
-                await asyncio.gather(*(_emit(bus, core, lease, b, wall_offset) for b in batch.values()))
+                await asyncio.gather(*(_emit(bus, core, lease, b, wall_offset, ingest.late_of.pop(b.incident, None)
+                                             if isinstance(b, Suspect) else None) for b in batch.values()))
                 batch = {}
             if t is not None:
                 batch[t.host] = t
 
 
-async def _emit(bus: Bus, core: Liveness, lease: LeaderLease, t: Transition, wall_offset: float) -> None:
+async def _emit(bus: Bus, core: Liveness, lease: LeaderLease, t: Transition, wall_offset: float,
+                late: list[str] | None = None) -> None:
     if isinstance(t, Suspect):
         # The root span of the incident: everything downstream is its child.
         with tracer().start_as_current_span(
@@ -310,7 +345,7 @@ async def _emit(bus: Bus, core: Liveness, lease: LeaderLease, t: Transition, wal
             event = HostEvent(
                 host=t.host, kind="suspect", at=time.time(), incident=t.incident,
                 reason=f"no heartbeat for {t.silent_for:.1f}s (window {core.window:.1f}s)",
-                term=lease.term, last_seen=t.last_seen + wall_offset,
+                term=lease.term, last_seen=t.last_seen + wall_offset, late_hosts=late,
             )
             await bus.publish(bus.subjects.host_event(t.host, "suspect"), event, msg_id=f"suspect:{t.incident}")
     elif isinstance(t, Alive):
