@@ -78,6 +78,9 @@ def cmd_provision(args: argparse.Namespace) -> int:
     import sys
     import time
 
+    import nats.errors
+    import nats.js.errors
+
     from hafence.bus import Bus
 
     config = _load(args.config)
@@ -93,16 +96,26 @@ def cmd_provision(args: argparse.Namespace) -> int:
         while True:
             try:
                 bus = await Bus.connect(config, "provisioner")
-                break
             except ConnectionError as err:
                 if time.monotonic() >= deadline:
                     raise
                 print(f"{err}; retrying", file=sys.stderr)
                 await asyncio.sleep(1.0)
-        try:
-            return await bus.provision(args.replicas or None)
-        finally:
-            await bus.close()
+                continue
+            try:
+                return await bus.provision(args.replicas or None)
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                    nats.js.errors.ServiceUnavailableError) as err:
+                # A NATS cluster answers JetStream's API only once a majority of its nodes
+                # elected a meta leader; compose starts the provisioner before that.
+                why = (f"JetStream did not answer ({type(err).__name__}: {err}): is JetStream enabled and, "
+                       "in a NATS cluster, a majority of the nodes up with a meta leader?")
+                if time.monotonic() >= deadline:
+                    raise ConnectionError(why) from None
+                print(f"{why}; retrying", file=sys.stderr)
+                await asyncio.sleep(1.0)
+            finally:
+                await bus.close()
 
     try:
         done = asyncio.run(provision())
@@ -145,5 +158,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                            help="stream replicas (default: [nats] stream_replicas)")
     provision.add_argument("--user", default="", help="NATS user (default: HAFENCE_NATS_USER, else [nats] user)")
     provision.add_argument("--password-file", default="", help="its password (default: HAFENCE_NATS_PASSWORD_FILE)")
-    provision.add_argument("--wait", type=float, default=0.0, help="keep trying to connect this many seconds")
+    provision.add_argument("--wait", type=float, default=0.0,
+                           help="keep trying this many seconds to connect and to reach JetStream "
+                                "(a cluster's meta leader)")
     provision.set_defaults(func=cmd_provision)

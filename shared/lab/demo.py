@@ -4,6 +4,11 @@ what happened.
 Starts a real nats-server and every hafence service as its own process, a lab
 of 4 hosts and 12 VMs (9 HA), hangs one host, and waits until every HA VM of
 that host runs elsewhere. Exit 0 only if they all do.
+
+With ``--nats-cluster 3`` it runs on three routed nats-servers (the streams and
+the lease bucket at 3 replicas) and, right after the host is declared suspect,
+kills (SIGKILL) the NATS node leading the events stream; the timeline shows
+the kill, and the node is restarted and rejoins after the failover.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import asyncio
 import sys
 import time
 
+from hafence.bus.names import StreamNames
 from hafence.contracts import FenceResult, HostEvent, VmEvent
 from hafence.lab.cluster import Lab, LabSpec, Record
+from hafence.lab.natscluster import stream_leader
 from hafence.telemetry import trace_id_of
 
 
@@ -28,17 +35,26 @@ def failover_done(lab: Lab, victim: str, expected: set[str]) -> bool:
     return expected <= started
 
 
-def timeline(records: list[Record], victim: str, t0: float) -> list[str]:
-    lines: list[tuple[float, str]] = []
+def timeline(records: list[Record], victim: str, t0: float,
+             extra: tuple[tuple[float, str], ...] = ()) -> list[str]:
+    """The incident as the bus saw it; ``extra``: (time, what) lines of the lab's own acts."""
+    lines: list[tuple[float, str]] = [(t, f"  {_fmt(t, t0)}  {what}") for t, what in extra]
     last_hb = max((r.at for r in records if r.subject.endswith(f".hb.{victim}")), default=None)
     if last_hb is not None:
         lines.append((last_hb, f"  {_fmt(last_hb, t0)}  last heartbeat from {victim}"))
+    seen_ids: set[str] = set()
     for r in records:
         msg = r.decode()
+        # A publisher whose ack did not come (a NATS node lost) publishes again under the
+        # same id; subscribers see both, the stream stores one.
+        msg_id = r.headers.get("Nats-Msg-Id", "")
+        again = " (published again, same Nats-Msg-Id: the stream keeps one)" if msg_id in seen_ids else ""
+        if msg_id:
+            seen_ids.add(msg_id)
         if isinstance(msg, HostEvent) and msg.host == victim and msg.kind != "alive":
-            lines.append((r.at, f"  {_fmt(r.at, t0)}  host {msg.kind:<16} {msg.reason}"))
+            lines.append((r.at, f"  {_fmt(r.at, t0)}  host {msg.kind:<16} {msg.reason}{again}"))
         elif isinstance(msg, FenceResult) and msg.host == victim:
-            lines.append((r.at, f"  {_fmt(r.at, t0)}  fence result     {msg.outcome}: {msg.reason}"))
+            lines.append((r.at, f"  {_fmt(r.at, t0)}  fence result     {msg.outcome}: {msg.reason}{again}"))
             for e in msg.evidence:
                 lines.append((r.at, (
                     f"  {'':9}    level {e.level} device {e.device} ({e.driver}): sent {e.action_sent}, read back "
@@ -51,8 +67,22 @@ def timeline(records: list[Record], victim: str, t0: float) -> list[str]:
     return [line for _, line in sorted(lines, key=lambda tl: tl[0])]
 
 
-async def run_demo(victim: str, timeout: float, keep: bool, stuck_bmc: bool = False) -> int:
-    spec = LabSpec(stuck_bmcs=(victim,) if stuck_bmc else (), pdu_hosts=("lab-2", victim))
+async def kill_events_leader(lab: Lab, victim: str, timeout: float) -> tuple[float, str, str]:
+    """Right after the suspect, SIGKILL the NATS node leading the events stream:
+    (when, the node, its timeline line); the node is "" if the moment never came."""
+    assert lab.config is not None and lab.nats_cluster is not None and lab.observer.nc is not None
+    events = StreamNames.for_prefix(lab.config.cluster.subject_prefix).events
+    if not await lab.observer.wait_for(lambda: bool(lab.events("suspect", victim)), timeout):
+        return time.time(), "", "no suspect event: no NATS node killed"
+    leader = await stream_leader(lab.observer.nc.jetstream(), events)
+    if not leader:
+        return time.time(), "", f"{events} has no leader: no NATS node killed"
+    lab.nats_cluster.kill(leader)
+    return time.time(), leader, f"NATS node {leader} killed (SIGKILL): it led the {events} stream"
+
+
+async def run_demo(victim: str, timeout: float, keep: bool, stuck_bmc: bool = False, nats_cluster: int = 1) -> int:
+    spec = LabSpec(stuck_bmcs=(victim,) if stuck_bmc else (), pdu_hosts=("lab-2", victim), nats_cluster=nats_cluster)
     lab = Lab(spec, keep=keep)
     try:
         await lab.start()
@@ -60,7 +90,13 @@ async def run_demo(victim: str, timeout: float, keep: bool, stuck_bmc: bool = Fa
         print(f"hafence demo: {spec.hosts} hosts, {len(lab.config.vms)} VMs "
               f"({sum(vm.ha for vm in lab.config.vms)} HA); heartbeat every {spec.heartbeat_interval_s}s, "
               f"suspect after {spec.missed_heartbeats} missed")
-        print(f"  nats-server on {lab.nats.url}; services and agents starting (logs in {lab.log_dir})")
+        if lab.nats_cluster is not None:
+            nodes = ", ".join(f"{name} {node.url}" for name, node in zip(lab.nats_cluster.names,
+                                                                       lab.nats_cluster.nodes, strict=True))
+            print(f"  NATS cluster of {nats_cluster} nodes ({nodes}); streams and the lease bucket at "
+                  f"{nats_cluster} replicas; services and agents given every URL (logs in {lab.log_dir})")
+        else:
+            print(f"  nats-server on {lab.nats.url}; services and agents starting (logs in {lab.log_dir})")
         await lab.wait_ready()
         assert lab.config is not None
         expected = {vm.name for vm in lab.config.vms_of(victim) if vm.ha}
@@ -68,11 +104,24 @@ async def run_demo(victim: str, timeout: float, keep: bool, stuck_bmc: bool = Fa
               f"with HA VMs {', '.join(sorted(expected))}")
         t_crash = time.time()
         lab.crash(victim)
+        acts: tuple[tuple[float, str], ...] = ()
+        killed = ""
+        if lab.nats_cluster is not None:
+            t_kill, killed, what = await kill_events_leader(lab, victim, timeout)
+            acts = ((t_kill, what),)
         ok = await lab.observer.wait_for(lambda: failover_done(lab, victim, expected), timeout)
         records = list(lab.observer.records)
         print("\ntimeline (t=0: host hung)")
-        for line in timeline(records, victim, t_crash):
+        for line in timeline(records, victim, t_crash, acts):
             print(line)
+        if killed and lab.nats_cluster is not None and lab.observer.nc is not None:
+            events = StreamNames.for_prefix(lab.config.cluster.subject_prefix).events
+            now_led = await stream_leader(lab.observer.nc.jetstream(), events)
+            lab.nats_cluster.restart(killed)
+            await lab.nats_cluster.wait_meta_leader()
+            await lab.wait_stream_leaders()
+            print(f"\n  {events} led by {now_led or '(none)'} after the kill; {killed} restarted and rejoined "
+                  f"(every stream's {nats_cluster} replicas current again)")
         suspect = next((r for r in records if r.subject.endswith(f".host.{victim}.suspect")), None)
         trace = trace_id_of(suspect.headers) if suspect else ""
         started = [r.decode() for r in records if isinstance(r.decode(), VmEvent)]
@@ -113,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the lab directory (logs, spans)")
     parser.add_argument("--stuck-bmc", action="store_true",
                         help="the host's BMC accepts 'off' but the host stays on: level 2 (the PDU) must fence it")
+    parser.add_argument("--nats-cluster", type=int, default=1, choices=[1, 3, 5], metavar="N",
+                        help="run on N routed nats-servers (3 or 5; streams at N replicas) and kill the node "
+                             "leading the events stream right after the host is declared suspect")
     args = parser.parse_args(argv)
     try:
-        return asyncio.run(run_demo(args.host, args.timeout, args.keep, args.stuck_bmc))
+        return asyncio.run(run_demo(args.host, args.timeout, args.keep, args.stuck_bmc, args.nats_cluster))
     except KeyboardInterrupt:
         return 130
 

@@ -93,11 +93,15 @@ class NatsCluster:
         except ValueError:
             raise ValueError(f"no NATS node named {node!r} (nodes: {', '.join(self.names)})") from None
 
+    def write_configs(self) -> None:
+        for i, node in enumerate(self.nodes):
+            node.store_dir.mkdir(parents=True, exist_ok=True)
+            Path(node.config_file).write_text(self.node_conf(i))
+
     def start(self) -> NatsCluster:
+        self.write_configs()
         try:
-            for i, node in enumerate(self.nodes):
-                node.store_dir.mkdir(parents=True, exist_ok=True)
-                Path(node.config_file).write_text(self.node_conf(i))
+            for node in self.nodes:
                 node.start()
         except BaseException:
             self.stop()

@@ -41,7 +41,8 @@ def free_port() -> int:
 
 class NatsServer:
     def __init__(self, store_dir: str | os.PathLike[str], port: int = 0, config_file: str = "",
-                 host: str = "127.0.0.1", env: dict[str, str] | None = None) -> None:
+                 host: str = "127.0.0.1", env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port or free_port()
@@ -50,6 +51,8 @@ class NatsServer:
         # Added to the server's environment: a generated config's passwords ($HAFENCE_NATS_PW_*).
         self.env = env or {}
         self.log_path = self.store_dir / "nats-server.log"
+        # More command-line options (a compose service's command: --name, --cluster, --routes).
+        self.args = args or []
 
     @property
     def url(self) -> str:
@@ -60,6 +63,7 @@ class NatsServer:
         cmd = [find_nats_server(), "-a", self.host, "-p", str(self.port)]
         # A config file carries its own JetStream settings; the command line may not repeat them.
         cmd += ["-c", self.config_file] if self.config_file else ["-js", "-sd", str(self.store_dir)]
+        cmd += self.args
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,
