@@ -1,10 +1,12 @@
 """Placement of 10,000 VMs from 100 failed hosts onto 1,000 surviving hosts:
 the pure core, as the scheduler runs it, with priorities, labels and
-anti-affinity groups in the mix. Time and VMs/s, best of 3."""
+anti-affinity groups in the mix. Time and VMs/s, best of 3; the HA
+reservation check best of 20."""
 
 from __future__ import annotations
 
 import random
+import statistics
 import time
 
 from bench.report import Table
@@ -41,9 +43,12 @@ async def placement(table: Table, quick: bool = False) -> None:
         runs.append((strategy, best, len(placed), len(pending)))
     for strategy, seconds, placed_n, pending_n in runs:
         table.add(f"placement 10,000 VMs onto 1,000 hosts ({strategy})", f"{seconds * 1000:.0f}", "ms",
-                  f"{placed_n / seconds:,.0f} VMs/s; {placed_n} placed, {pending_n} pending")
+                  f"{placed_n / seconds:,.0f} VMs/s; {placed_n} placed, {pending_n} pending; target 500 ms")
     ha = {h.name: vms[i * 10:(i + 1) * 10] for i, h in enumerate(hosts)}
-    t = time.perf_counter()
-    largest_host_loss_absorbed(hosts, ha)
-    table.add("HA reservation check (1,000 hosts, 10,000 HA VMs)", f"{(time.perf_counter() - t) * 1000:.1f}", "ms",
-              "after every inventory change")
+    checks = []
+    for _ in range(3 if quick else 20):
+        t = time.perf_counter()
+        largest_host_loss_absorbed(hosts, ha)
+        checks.append((time.perf_counter() - t) * 1000)
+    table.add("HA reservation check (1,000 hosts, 10,000 HA VMs)", f"{min(checks):.1f}", "ms",
+              f"best of {len(checks)}, median {statistics.median(checks):.1f}; target 5 ms")
