@@ -16,12 +16,14 @@ watches the monitor's own lag; while it lags, nobody is declared suspect (L4).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
 import secrets
 import ssl
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -94,6 +96,8 @@ class Ingest:
         self.per_host: dict[str, int] = {}
         # incident -> the hosts late when it was declared (see LATE_AFTER_INTERVALS)
         self.late_of: dict[str, list[str] | None] = {}
+        self.report_late = True
+        self.others: set[str] = set()  # configured hosts other shards watch
         self.metric_children: dict[str, Any] = {}  # host -> its labelled counter, looked up once
         self.wake = asyncio.Event()  # something to publish
         self._decode = Decoders.heartbeat.decode
@@ -116,6 +120,8 @@ class Ingest:
         try:
             out = self.core.heartbeat(host, hb.boot_id, hb.seq, time.monotonic())
         except UnknownHost:
+            if host in self.others:
+                return  # another shard's (nats-py path: it subscribes to every heartbeat)
             if host not in self.unknown_warned:
                 self.unknown_warned.add(host)
                 self.reject(subject, data, f"rejected: host {host!r} is not in the cluster configuration")
@@ -195,18 +201,53 @@ def firehose(rt: Runtime, subjects: list[str], ingest: Ingest) -> FirehoseSubscr
                                 user, password, tls, name=f"hafence-heartbeat-{rt.instance}-firehose")
 
 
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shard", default="", metavar="I/N",
+        help="watch only shard I of N (0 <= I < N): the hosts whose name hashes (CRC-32) to I modulo N; "
+             "run one monitor (and its standbys) per shard, each leads its own lease 'heartbeat-I-of-N'",
+    )
+
+
+def shard_of(host: str, shards: int) -> int:
+    """Stable across processes and versions (not Python's salted hash())."""
+    return zlib.crc32(host.encode()) % shards
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N); ``""`` -> (0, 1), the whole cluster."""
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
 async def run(rt: Runtime) -> None:
     bus, timings = rt.bus, rt.config.timings
     interval = timings.heartbeat_interval_s
     kv = await bus.js.key_value(bus.streams.leases)
-    lease = LeaderLease(kv, "heartbeat", rt.instance, timings.lease_ttl_s)
-    hosts = [h.name for h in rt.config.hosts]
+    try:
+        shard, shards = parse_shard(getattr(rt.args, "shard", "") or "")
+    except ValueError as err:
+        raise SystemExit(f"hafence heartbeat: {err}") from None
+    role = "heartbeat" if shards == 1 else f"heartbeat-{shard}-of-{shards}"
+    lease = LeaderLease(kv, role, rt.instance, timings.lease_ttl_s)
+    hosts = [h.name for h in rt.config.hosts if shards == 1 or shard_of(h.name, shards) == shard]
     # A nonce per lifetime keeps the incidents of never-seen hosts unique (S4).
     core = Liveness(hosts, interval, timings.missed_heartbeats, time.monotonic(), nonce=secrets.token_hex(8))
     guard = LoadGuard(interval, core.window, time.monotonic(), alert_repeat_s=rt.config.arbiter.alert_repeat_s)
     ingest = Ingest(core, bus.subjects.hb_all()[:-1], guard.lag_limit_s)
+    ingest.others = {h.name for h in rt.config.hosts} - set(hosts)
+    # A shard sees only its own hosts late: its list would hide a storm across shards,
+    # so a sharded monitor sends none and the arbiter settles instead (policy rule 2).
+    ingest.report_late = shards == 1
     changes: list[Change] = []
-    subjects = [bus.subjects.hb_all()]
+    subjects = [bus.subjects.hb_all()] if shards == 1 else [bus.subjects.hb(h) for h in hosts]
     fast = firehose(rt, subjects, ingest)
     sub: Subscription | None = None
     feed: Feed
@@ -216,7 +257,7 @@ async def run(rt: Runtime) -> None:
                 tg.create_task(fast.run())
                 feed = FirehoseFeed(fast)
             else:
-                sub = await bus.nc.subscribe(subjects[0], cb=ingest.on_message,
+                sub = await bus.nc.subscribe(bus.subjects.hb_all(), cb=ingest.on_message,
                                              pending_msgs_limit=PENDING_MSGS_LIMIT,
                                              pending_bytes_limit=PENDING_BYTES_LIMIT)
                 feed = NatsPyFeed(bus.nc, sub)
@@ -254,7 +295,7 @@ async def _ticker(rt: Runtime, core: Liveness, guard: LoadGuard, ingest: Ingest,
         due = now + period
         transitions = core.tick(now) if guard.may_suspect(now) else []
         suspects = [t for t in transitions if isinstance(t, Suspect)]
-        if suspects:
+        if suspects and ingest.report_late:
             ingest.late_of.update(_late_hosts(core, suspects, now, rt.config.timings.heartbeat_interval_s,
                                               rt.config.timings.missed_heartbeats))
         if lease.held() and not published_as_leader:
