@@ -115,6 +115,11 @@ class StorageSection(_Section):
 class FencerSection(_Section):
     # How often every device is logged in to and read (oVirt's "Test"), in seconds.
     health_interval_s: Annotated[float, msgspec.Meta(ge=5)] = 60.0
+    # Fencer replicas share a device lock and request claims in a KV bucket with this
+    # TTL (set by `hafence deploy provision`): a replica that stops renewing (killed,
+    # paused, cut off) frees its devices after this long; it stops driving them itself
+    # at 3/4 of it, on its own clock. See docs/fencer-replicas.md.
+    lock_ttl_s: Annotated[float, msgspec.Meta(ge=1, le=300)] = 10.0
 
 
 class SchedulerSection(_Section):

@@ -30,6 +30,7 @@ import string
 
 from hafence.bus.connection import inbox_prefix
 from hafence.bus.names import StreamNames
+from hafence.bus.provision import fencer_locks_bucket, fencer_state_bucket
 from hafence.config import ClusterConfig
 from hafence.subjects import Subjects
 
@@ -127,7 +128,9 @@ def permissions(config: ClusterConfig) -> dict[str, dict[str, list[str]]]:
             f"{API}.CONSUMER.MSG.NEXT.{n.fence_requests}.{FENCER_DURABLE}",
             f"$JS.ACK.{n.fence_requests}.{FENCER_DURABLE}.>",
             # It reads the lease bucket (who leads, the terms), it holds no lease.
-            *_kv_reader(n.leases)]),
+            *_kv_reader(n.leases),
+            # Replicas share device locks, request claims, the highest term and results.
+            *_kv_writer(fencer_locks_bucket(n)), *_kv_writer(fencer_state_bucket(n))]),
         "scheduler": service("scheduler", [
             s.vm_events(), s.host_events("ha_reservation_ok"), s.host_events("ha_reservation_lost"),
             # The automatic rule clears a host that reports clean (S6).

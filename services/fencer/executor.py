@@ -4,17 +4,22 @@ Per device: send the command, wait ``power_wait_s``, then read status on a
 backing-off schedule until it reads the wanted state or ``power_timeout_s``
 passes; retry the command up to ``retries`` times (never after an
 authentication error). One operation at a time per physical device (a lock
-keyed by its address); different devices run in parallel. Levels are tried in
+keyed by its address, the driver's ``lock_key``: a PDU's SNMP agent, not its
+outlet); different devices run in parallel. With fencer replicas, the same key
+is also locked across replicas (``device_lock``, a KV lock: ``locks.KvLocks``),
+so two replicas never drive one device at once either. Levels are tried in
 order; a reboot is off for every device of the level, confirm, then on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from opentelemetry.trace import Status, StatusCode
@@ -22,6 +27,7 @@ from opentelemetry.trace import Status, StatusCode
 from hafence.config import ClusterConfig, ConfigError, Device, HostConfig, LevelDevice
 from hafence.contracts import DeviceEvidence
 from hafence.fencer.drivers import DeviceAuthError, DeviceError, DeviceUnreachable, PowerDriver, make_driver
+from hafence.fencer.locks import LockLost
 from hafence.fencer.protection import Protection, protection
 from hafence.fencer.topology import StatusPollSchedule, Verdict, level_confirmed, verdict
 from hafence.telemetry import tracer
@@ -59,16 +65,33 @@ class Target:
     port: str
 
 
+# A device's lock across fencer replicas, by its lock key (held for the block).
+DeviceLock = Callable[[str], AbstractAsyncContextManager[object]]
+
+
 class Executor:
     def __init__(
         self,
         config: ClusterConfig,
         driver_factory: Callable[[str, Device, str], PowerDriver] = make_driver,
+        device_lock: DeviceLock | None = None,
     ) -> None:
         self.config = config
         self.driver_factory = driver_factory
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._drivers: dict[tuple[str, str], PowerDriver] = {}
+        self.device_lock = device_lock
+
+    @contextlib.asynccontextmanager
+    async def locked(self, lock_key: str) -> AsyncIterator[None]:
+        """One operation at a time on the physical device: in this process (coroutines
+        of other hosts on the same PDU), then across replicas."""
+        async with self._locks[lock_key]:
+            if self.device_lock is None:
+                yield
+            else:
+                async with self.device_lock(lock_key):
+                    yield
 
     def targets(self, host: HostConfig) -> list[list[Target]]:
         def target(ref: LevelDevice) -> Target:
@@ -134,14 +157,17 @@ class Executor:
             except Exception as err:
                 state, error = "unknown", describe(err)
             else:
-                async with self._locks[driver.lock_key]:
-                    try:
-                        driver = self.driver(target)  # a failed check may have replaced it while we waited
-                        state = await asyncio.wait_for(driver.status(), timeout=target.device.power_timeout_s)
-                        error = ""
-                    except Exception as err:
-                        state, error = "unknown", describe(err)
-                        await self.drop(target)  # start afresh next time; closed, never leaked
+                try:
+                    async with self.locked(driver.lock_key):
+                        try:
+                            driver = self.driver(target)  # a failed check may have replaced it while we waited
+                            state = await asyncio.wait_for(driver.status(), timeout=target.device.power_timeout_s)
+                            error = ""
+                        except Exception as err:
+                            state, error = "unknown", describe(err)
+                            await self.drop(target)  # start afresh next time; closed, never leaked
+                except LockLost as err:
+                    state, error = "unknown", str(err)
         return DeviceEvidence(
             device=target.name, driver=_driver_name(target.device), level=level, action_sent="status",
             power_read=state, confirmed=not error and state != "unknown", status_reads=0 if error else 1,
@@ -157,9 +183,21 @@ class Executor:
         return protection(host.name, checks, len(levels))
 
     async def operate(self, target: Target, level: int, action: str) -> DeviceEvidence:
-        """Switch one device and read back until it reports the wanted state."""
-        settings = target.device
+        """Switch one device and read back until it reports the wanted state. A
+        device lock lost across replicas stops it: no command after that."""
         started = time.monotonic()
+        try:
+            return await self._operate(target, level, action, started)
+        except LockLost as err:
+            log.error("stopped driving %s: %s", target.name, err)
+            return DeviceEvidence(
+                device=target.name, driver=_driver_name(target.device), level=level, action_sent=action,
+                power_read="unknown", confirmed=False, status_reads=0,  # type: ignore[arg-type]
+                elapsed_s=round(time.monotonic() - started, 4), error=str(err),
+            )
+
+    async def _operate(self, target: Target, level: int, action: str, started: float) -> DeviceEvidence:
+        settings = target.device
         reads, last, error = 0, "unknown", ""
         with tracer().start_as_current_span(
             f"power {action} {target.name}",
@@ -172,7 +210,7 @@ class Executor:
                 error = describe(err)
                 driver = None
             if driver is not None:
-                async with self._locks[driver.lock_key]:
+                async with self.locked(driver.lock_key):
                     try:
                         # A failed health check may have closed and replaced it while we waited.
                         driver = self.driver(target)

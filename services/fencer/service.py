@@ -16,6 +16,15 @@ runs it again: the power state is read back from the devices, never assumed.
 
 A refusal carries the fencer's highest term (``highest_term``), so a new arbiter
 leader can take a term above it, and raises an alert (``alert.fence_refused``).
+
+Any number of replicas may run (docs/fencer-replicas.md). Step 2 is checked
+against the state every replica shares first (``replicas.SharedRequests``: the
+highest term, the request's record), then the request is **claimed** across
+replicas before this replica's journal admits it; a redelivery that reaches
+another replica waits for the claim's result, or for the claim to expire. Every
+device operation holds the device's lock across replicas (``locks.KvLocks``).
+A replica that cannot renew its claim in time stops, publishes nothing, and
+leaves the request to the replica that takes it over.
 """
 
 from __future__ import annotations
@@ -23,17 +32,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import AbstractAsyncContextManager
 
 from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.context import Context
 
 from hafence import metrics
-from hafence.bus import Reject
+from hafence.bus import Reject, Retry
+from hafence.bus.provision import fencer_locks_bucket, fencer_state_bucket
 from hafence.contracts import Alert, Decoders, FenceRequest, FenceResult, HostEvent
 from hafence.fencer.admission import Answer, Refuse, Run
 from hafence.fencer.executor import Executor
 from hafence.fencer.journal import FenceJournal
+from hafence.fencer.locks import KvLocks, LockLost, Token, kv_key
+from hafence.fencer.replicas import SharedRequests
 from hafence.logs import fields
 from hafence.service import Runtime
 from hafence.telemetry import tracer
@@ -45,7 +58,19 @@ async def run(rt: Runtime) -> None:
     bus, config = rt.bus, rt.config
     subjects = bus.subjects
     hosts = {h.name: h for h in config.hosts}
-    executor = Executor(config)
+    locks_kv = await bus.js.key_value(fencer_locks_bucket(bus.streams))
+    ttl = (await locks_kv.status()).ttl
+    if not ttl:
+        raise RuntimeError(f"bucket {fencer_locks_bucket(bus.streams)} has no TTL: a dead replica's locks would "
+                           "never expire; run `hafence deploy provision --config FILE`")
+    # The bucket's TTL, not the config's: the server expires keys by it.
+    locks = KvLocks(locks_kv, rt.instance, ttl)
+    shared = SharedRequests(await bus.js.key_value(fencer_state_bucket(bus.streams)), locks)
+
+    def device_lock(lock_key: str) -> AbstractAsyncContextManager[Token]:
+        return locks.hold(kv_key("dev", lock_key), f"device {lock_key}")
+
+    executor = Executor(config, device_lock=device_lock)
     journal = await FenceJournal.open(rt.db_path("fencer.db"))
     host_locks: dict[str, asyncio.Lock] = {h: asyncio.Lock() for h in hosts}
     ack_wait = config.timings.fence_ack_wait_s
@@ -66,41 +91,75 @@ async def run(rt: Runtime) -> None:
         except Exception as err:
             log.error("cannot publish alert", extra=fields(kind=kind, error=str(err)))
 
+    def refused(request: FenceRequest, reason: str, highest: int, started: float) -> tuple[FenceResult, str]:
+        log.error("refusing fence request", extra=fields(request_id=request.request_id, reason=reason))
+        return FenceResult(
+            request_id=request.request_id, incident=request.incident, host=request.host,
+            term=request.term, outcome="refused", reason=reason, started_at=started,
+            finished_at=time.time(), highest_term=highest,
+        ), f"refused:{request.request_id}:t{request.term}"
+
+    def answered(request: FenceRequest, recorded: FenceResult, where: str) -> tuple[FenceResult, str]:
+        log.info(f"request seen before: answering from the {where}",
+                 extra=fields(request_id=request.request_id, outcome=recorded.outcome))
+        return recorded, f"result:{request.request_id}"
+
     async def decide(request: FenceRequest) -> tuple[FenceResult, str]:
         """Steps 1-3 under the host's lock; returns the result and its message id."""
         started = time.time()
         async with host_locks[request.host]:
-            verdict = await journal.admit(request)
-            match verdict:
+            # Across replicas first: a term another replica admitted, a request another ran.
+            match await shared.admit(request):
                 case Refuse(reason=reason, highest=highest):
-                    log.error("refusing fence request", extra=fields(request_id=request.request_id, reason=reason))
-                    return FenceResult(
-                        request_id=request.request_id, incident=request.incident, host=request.host,
-                        term=request.term, outcome="refused", reason=reason, started_at=started,
-                        finished_at=time.time(), highest_term=highest,
-                    ), f"refused:{request.request_id}:t{request.term}"
+                    return refused(request, reason, highest, started)
                 case Answer(result=recorded):
-                    log.info("request seen before: answering from the journal",
-                             extra=fields(request_id=request.request_id, outcome=recorded.outcome))
-                    return recorded, f"result:{request.request_id}"
-                case Run(attempts=attempts, highest=highest):
-                    if attempts > 1:
-                        log.warning("resuming a fence interrupted before it was recorded; reading power state again",
-                                    extra=fields(request_id=request.request_id, attempts=attempts))
-            with tracer().start_as_current_span(
-                f"fence {request.host}",
-                attributes={"hafence.host": request.host, "hafence.action": request.action,
-                            "hafence.request_id": request.request_id},
-            ) as fence_span:
-                report = await executor.fence(hosts[request.host], request.action)
-                fence_span.set_attribute("hafence.outcome", report.verdict.outcome)
-            result = FenceResult(
-                request_id=request.request_id, incident=request.incident, host=request.host, term=request.term,
-                outcome=report.verdict.outcome, level=report.verdict.level, evidence=report.evidence,
-                reason=report.verdict.reason, started_at=started, finished_at=time.time(), boot_id=request.boot_id,
-                highest_term=highest,
-            )
-            await journal.record(request, result)
+                    return answered(request, recorded, "record another replica wrote")
+                case Run(highest=highest):
+                    pass
+            try:
+                async with shared.claim(request, highest) as claim:
+                    if isinstance(claim, Answer):
+                        return answered(request, claim.result, "record another replica wrote")
+                    return await run_claimed(request, started, claim.fence, highest)
+            except LockLost as err:
+                # Paused or cut off past the claim's validity: another replica may be
+                # running it now. Publish nothing; the request is redelivered to whoever
+                # holds the claim, or waits for it.
+                raise Retry(f"request {request.request_id}: {err}", delay=ack_wait) from None
+
+    async def run_claimed(request: FenceRequest, started: float, token: int,
+                          shared_highest: int) -> tuple[FenceResult, str]:
+        """Under the claim: this replica's journal (S3/S4 as before), then the fence."""
+        verdict = await journal.admit(request)
+        match verdict:
+            case Refuse(reason=reason, highest=highest):
+                # This replica's journal knew a newer term than the bucket (the bucket
+                # was recreated): every replica learns it.
+                await shared.raise_term(highest)
+                return refused(request, reason, highest, started)
+            case Answer(result=recorded):
+                await shared.record(request, recorded)
+                return answered(request, recorded, "journal")
+            case Run(attempts=attempts, highest=local_highest):
+                highest = max(local_highest, shared_highest)
+                if attempts > 1:
+                    log.warning("resuming a fence interrupted before it was recorded; reading power state again",
+                                extra=fields(request_id=request.request_id, attempts=attempts))
+        with tracer().start_as_current_span(
+            f"fence {request.host}",
+            attributes={"hafence.host": request.host, "hafence.action": request.action,
+                        "hafence.request_id": request.request_id, "hafence.claim_token": token},
+        ) as fence_span:
+            report = await executor.fence(hosts[request.host], request.action)
+            fence_span.set_attribute("hafence.outcome", report.verdict.outcome)
+        result = FenceResult(
+            request_id=request.request_id, incident=request.incident, host=request.host, term=request.term,
+            outcome=report.verdict.outcome, level=report.verdict.level, evidence=report.evidence,
+            reason=report.verdict.reason, started_at=started, finished_at=time.time(), boot_id=request.boot_id,
+            highest_term=highest,
+        )
+        await journal.record(request, result)
+        await shared.record(request, result)
         metrics.FENCES.labels(request.host, result.outcome).inc()
         metrics.FENCE_SECONDS.labels(result.outcome).observe(result.finished_at - started)
         log.warning("fence finished", extra=fields(host=request.host, outcome=result.outcome, reason=result.reason))

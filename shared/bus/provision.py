@@ -1,4 +1,4 @@
-"""Streams, the lease bucket and the fencer's durable consumer.
+"""Streams, the lease bucket, the fencer replicas' buckets and the fencer's durable consumer.
 
 Only the provisioner (``hafence deploy provision``, its own NATS identity)
 creates or updates them. A service checks at start that what it needs exists
@@ -25,6 +25,7 @@ from nats.js.api import (
 )
 
 from hafence.bus.base import BusBase
+from hafence.bus.names import StreamNames
 
 log = logging.getLogger("hafence.bus")
 
@@ -38,13 +39,25 @@ DLQ_PER_SUBJECT = 256
 DLQ_MAX_MSG = 1024 * 1024
 DLQ_PUBLISHERS = ("heartbeat", "arbiter", "fencer", "scheduler", "agent")
 
+
+
+def fencer_locks_bucket(names: StreamNames) -> str:
+    """Device locks and request claims shared by fencer replicas (TTL: ``[fencer] lock_ttl_s``)."""
+    return names.leases.removesuffix("leases") + "fencer_locks"
+
+
+def fencer_state_bucket(names: StreamNames) -> str:
+    """The fencer replicas' highest term and request records (no TTL: a term never goes back)."""
+    return names.leases.removesuffix("leases") + "fencer"
+
+
 PROVISION_HINT = "run `hafence deploy provision --config FILE` (the provisioner identity creates them)"
 
 # What each service needs before it starts; "consumer:fencer" is the fencer's durable.
 NEEDS: dict[str, tuple[str, ...]] = {
     "heartbeat": ("events", "dlq", "leases"),
     "arbiter": ("events", "fence_requests", "dlq", "leases"),
-    "fencer": ("events", "fence_requests", "dlq", "consumer:fencer"),
+    "fencer": ("events", "fence_requests", "dlq", "consumer:fencer", "fencer_locks", "fencer_state"),
     "scheduler": ("events", "dlq", "leases"),
     "cli": ("events",),
 }
@@ -125,9 +138,31 @@ class Provisioning(BusBase):
                 KeyValueConfig(bucket=n.leases, ttl=self.config.timings.lease_ttl_s, history=1, replicas=replicas)
             )
             done.append(f"bucket {n.leases}: created")
+        done += await self._provision_fencer_buckets(replicas)
         await self.js.add_consumer(n.fence_requests, self.fencer_consumer())
         done.append(f"consumer {n.fence_requests}/{FENCER_DURABLE}: ok")
         return [f"{line} (replicas {replicas})" for line in done]
+
+    async def _provision_fencer_buckets(self, replicas: int) -> list[str]:
+        """The replicas' shared buckets (docs/fencer-replicas.md); a changed lock TTL
+        is applied to the existing bucket."""
+        done = []
+        ttl = self.config.fencer.lock_ttl_s
+        for bucket, bucket_ttl in ((fencer_locks_bucket(self.streams), ttl), (fencer_state_bucket(self.streams), None)):
+            try:
+                info = await self.js.stream_info(f"KV_{bucket}")
+            except nats.js.errors.NotFoundError:
+                await self.js.create_key_value(KeyValueConfig(bucket=bucket, ttl=bucket_ttl, history=1,
+                                                              replicas=replicas))
+                done.append(f"bucket {bucket}: created")
+                continue
+            if bucket_ttl is not None and info.config.max_age != bucket_ttl:
+                info.config.max_age = bucket_ttl
+                await self.js.update_stream(info.config)
+                done.append(f"bucket {bucket}: ttl set to {bucket_ttl:g}s")
+            else:
+                done.append(f"bucket {bucket}: ok")
+        return done
 
     async def missing(self, service: str) -> list[str]:
         """What ``service`` needs that does not exist (or cannot be read), each named."""
@@ -137,6 +172,9 @@ class Provisioning(BusBase):
             if need == "consumer:fencer":
                 what = f"consumer {n.fence_requests}/{FENCER_DURABLE}"
                 check = self.js.consumer_info(n.fence_requests, FENCER_DURABLE)
+            elif need in ("fencer_locks", "fencer_state"):
+                bucket = fencer_locks_bucket(n) if need == "fencer_locks" else fencer_state_bucket(n)
+                what, check = f"bucket {bucket}", self.js.stream_info(f"KV_{bucket}")
             else:
                 name = f"KV_{n.leases}" if need == "leases" else getattr(n, need)
                 what = f"bucket {n.leases}" if need == "leases" else f"stream {name}"
