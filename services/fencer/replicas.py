@@ -162,14 +162,13 @@ class SharedRequests:
             await self.state.update(key, value, last=record.revision)
 
     @asynccontextmanager
-    async def claim(self, request: FenceRequest, highest: int,
-                    waiting: asyncio.Event | None = None) -> AsyncIterator[Answer | Token]:
+    async def claim(self, request: FenceRequest, highest: int) -> AsyncIterator[Answer | Token]:
         """Claim the request for this replica, waiting while another replica's claim is
         live. Yields the token (run it, inside this block: a claim not renewed in time
         cancels the block with ``LockLost``), or the result another replica recorded
-        meanwhile (``Answer``: run nothing). ``waiting`` is set while it waits."""
+        meanwhile (``Answer``: run nothing)."""
         key = kv_key("req", request.request_id)
-        delay = 0.05
+        delay, waited = 0.05, False
         while True:
             token = await self.locks.try_acquire(key, f"request {request.request_id}")
             # Read after the claim: a holder records its result before it releases.
@@ -181,8 +180,8 @@ class SharedRequests:
                 return
             if token is not None:
                 break
-            if waiting is not None and not waiting.is_set():
-                waiting.set()
+            if not waited:
+                waited = True
                 log.warning("request claimed by another fencer replica: waiting for its result or for its claim "
                             "to expire", extra=fields(request_id=request.request_id,
                                                       holder=await self.locks.holder_of(key)))

@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 
 from hafence import natsconf
 from hafence.bus.names import StreamNames
+from hafence.bus.provision import fencer_locks_bucket, fencer_state_bucket
 from hafence.config import ClusterConfig, parse_config
 from hafence.contracts import Decoders, Inventory
 from hafence.lab import netns
@@ -77,6 +78,11 @@ class LabSpec:
     # NATS nodes: 1 (one nats-server) or 3/5 (a routed JetStream cluster; the streams and
     # the bucket get that many replicas, every process is given every node's URL).
     nats_cluster: int = 1
+    # Fencer processes: "fencer", then "fencer-2", ..., each with a journal of its own.
+    fencer_replicas: int = 1
+    # Hosts whose only fence level is their outlet of the PDU (power = "ipmi"): hosts
+    # that share one device.
+    pdu_only_hosts: tuple[str, ...] = ()
 
     def host_names(self) -> list[str]:
         return [f"lab-{i}" for i in range(1, self.hosts + 1)]
@@ -148,7 +154,9 @@ def render_config(spec: LabSpec, nats_url: str, lab_dir: Path, ports: LabPorts |
     for n, host in enumerate(spec.host_names(), start=1):
         if spec.power == "ipmi":
             levels = f'{{ devices = [{{ device = "bmc-{host}" }}] }}'
-            if host in spec.pdu_hosts:
+            if host in spec.pdu_only_hosts:
+                levels = f'{{ devices = [{{ device = "pdu-1", port = "{n}" }}] }}'
+            elif host in spec.pdu_hosts:
                 levels += f', {{ devices = [{{ device = "pdu-1", port = "{n}" }}] }}'
         else:
             levels = f'{{ devices = [{{ device = "lab-power", port = "{host}" }}] }}'
@@ -291,6 +299,9 @@ class Lab:
             await self.wait_stream_leaders()
         for name in services:
             self.start_service(name)
+            if name == "fencer":
+                for n in range(2, self.spec.fencer_replicas + 1):
+                    self.start_fencer_replica(n)
         for host in self.spec.host_names():
             self.start_agent(host)
         return self
@@ -326,7 +337,8 @@ class Lab:
         nc = await nats.connect(servers=self.nats_url.split(","), name="hafence-lab-readiness", **auth)
         try:
             return await wait_stream_leaders(
-                nc.jetstream(), [names.events, names.fence_requests, names.dlq, f"KV_{names.leases}"],
+                nc.jetstream(), [names.events, names.fence_requests, names.dlq, f"KV_{names.leases}",
+                                  f"KV_{fencer_locks_bucket(names)}", f"KV_{fencer_state_bucket(names)}"],
                 self.spec.nats_cluster, consumers=((names.fence_requests, "fencer"),), timeout=timeout)
         finally:
             await nc.close()
@@ -383,12 +395,32 @@ class Lab:
                                   stuck_on=self.spec.stuck_bmcs).start())
         outlets = {n: h for n, h in enumerate(hosts, start=1)}
         self.peers.append(pdu_sim(self.log_dir, power, community, ports.pdu, outlets,
-                                  off_delay=self.spec.off_delay_s).start())
+                                  off_delay=self.spec.off_delay_s, op_log=self.pdu_op_log).start())
         return ports
 
-    def start_service(self, name: str, instance: str = "", env: dict[str, str] | None = None) -> Service:
+    @property
+    def pdu_op_log(self) -> Path:
+        return self.dir / "pdu-ops.jsonl"
+
+    def pdu_ops(self) -> list[dict[str, object]]:
+        """The PDU's outlet commands so far (pdusim --op-log), with their overlaps."""
+        try:
+            return [json.loads(line) for line in self.pdu_op_log.read_text().splitlines() if line.strip()]
+        except FileNotFoundError:
+            return []
+
+    def start_fencer_replica(self, n: int) -> Service:
+        """Another fencer process, "fencer-N": the same cluster file but a store
+        directory of its own (a replica's journal is its own, as on another machine)."""
+        path = self.dir / f"cluster-fencer-{n}.toml"
+        path.write_text(self.config_path.read_text().replace(
+            f'dir = "{self.dir / "state"}"', f'dir = "{self.dir / f"state-fencer-{n}"}"'))
+        return self.start_service("fencer", instance=f"fencer-{n}", config_path=path)
+
+    def start_service(self, name: str, instance: str = "", env: dict[str, str] | None = None,
+                      config_path: Path | None = None) -> Service:
         key = instance or name
-        args = ["-m", f"hafence.{name}", "--config", str(self.config_path), "--instance", key]
+        args = ["-m", f"hafence.{name}", "--config", str(config_path or self.config_path), "--instance", key]
         self.metrics_ports[key] = free_port()
         metrics_env = {"HAFENCE_METRICS_PORT": str(self.metrics_ports[key]), "HAFENCE_METRICS_ADDRESS": "127.0.0.1"}
         env = {**self.service_env(), **metrics_env, **self.identity(name), **(env or {})}

@@ -10,14 +10,22 @@ Tables served: sPDUOutletCtl (MasterSwitch), the MasterSwitch Plus tables (as
 switch 1), rPDUOutletControl/Status (rack PDU), rPDU2OutletSwitchedControl/Status,
 and the outlet name tables; sysObjectID says
 "rack PDU" (or ``--sys-object-id``).
+
+``--op-log FILE`` appends one JSON line per outlet command (``at``, ``outlet``,
+``command``, ``overlaps``). A switch to off takes ``--off-delay``; a command that
+arrives while another command is still switching an outlet of this PDU (a
+fencer that has not yet read its outlet off) lists those outlets in
+``overlaps``: two operations on one PDU at once, which fencers must never do.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
+import time
 from bisect import bisect_right
 from collections.abc import Callable
 from pathlib import Path
@@ -44,11 +52,14 @@ class PduMib(AbstractMibInstrumController):
     """Serves a small, computed OID table: every read asks the power switch."""
 
     def __init__(self, switch: SimPowerSwitch, outlets: dict[int, str], sys_object_id: str,
-                 off_delay_s: float, stuck_on: set[int]) -> None:
+                 off_delay_s: float, stuck_on: set[int], op_log: Path | None = None) -> None:
         self.switch = switch
         self.outlets = outlets
         self.off_delay_s = off_delay_s
         self.stuck_on = stuck_on
+        self.op_log = op_log
+        # outlet -> when its last command finishes switching (monotonic)
+        self.switching_until: dict[int, float] = {}
         self.readers: dict[tuple[int, ...], Callable[[], object]] = {
             _oid("1.3.6.1.2.1.1.1.0"): lambda: rfc1902.OctetString("hafence simulated APC PDU"),
             _oid("1.3.6.1.2.1.1.2.0"): lambda: rfc1902.ObjectIdentifier(sys_object_id),
@@ -65,6 +76,8 @@ class PduMib(AbstractMibInstrumController):
 
         def control(on: int, off: int) -> Callable[[int], None]:
             def write(value: int) -> None:
+                if value in (on, off):
+                    self._record(n, "on" if value == on else "off")
                 if value == on:
                     self.switch.switch(target, "on")
                 elif value == off:
@@ -94,6 +107,15 @@ class PduMib(AbstractMibInstrumController):
         self.readers[_oid(f"{APC}.1.1.26.9.2.3.1.5.{n}")] = state(2, 1)
         self.readers[_oid(f"{APC}.1.1.26.9.2.4.1.5.{n}")] = state(1, 2)
         self.writers[_oid(f"{APC}.1.1.26.9.2.4.1.5.{n}")] = control(1, 2)
+
+    def _record(self, outlet: int, command: str) -> None:
+        if self.op_log is None:
+            return
+        now = time.monotonic()
+        overlaps = sorted(o for o, until in self.switching_until.items() if until > now)
+        self.switching_until[outlet] = now + (self.off_delay_s if command == "off" else 0.0)
+        with open(self.op_log, "a") as f:
+            f.write(json.dumps({"at": time.time(), "outlet": outlet, "command": command, "overlaps": overlaps}) + "\n")
 
     def read_variables(self, *var_binds, **ctx):  # type: ignore[no-untyped-def]
         out = []
@@ -140,7 +162,7 @@ def build_agent(args: argparse.Namespace) -> engine.SnmpEngine:
         number, _, target = spec.partition("=")
         outlets[int(number)] = target
     mib = PduMib(SimPowerSwitch(args.power_dir), outlets, args.sys_object_id, args.off_delay,
-                 {int(x) for x in args.stuck_on})
+                 {int(x) for x in args.stuck_on}, Path(args.op_log) if args.op_log else None)
     snmp_context = context.SnmpContext(snmp)
     snmp_context.unregister_context_name(b"")
     snmp_context.register_context_name(b"", mib)
@@ -176,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sys-object-id", default=RPDU_SYS_OBJECT_ID)
     parser.add_argument("--off-delay", type=float, default=0.2)
     parser.add_argument("--stuck-on", action="append", default=[], metavar="N")
+    parser.add_argument("--op-log", default="", help="append a JSON line per outlet command (overlaps included)")
     parser.add_argument("--v3-user", default="")
     parser.add_argument("--v3-auth-file", default="")
     parser.add_argument("--v3-priv-file", default="")

@@ -65,7 +65,7 @@ def bmc_sim(workdir: Path, power_dir: Path, password_file: Path, bmcs: dict[str,
 
 def pdu_sim(workdir: Path, power_dir: Path, community_file: Path, port: int, outlets: dict[int, str],
             off_delay: float = 0.2, stuck_on: tuple[int, ...] = (), v3: tuple[str, Path, Path] | None = None,
-            sys_object_id: str = "", name: str = "pdusim") -> Peer:
+            sys_object_id: str = "", name: str = "pdusim", op_log: Path | None = None) -> Peer:
     args = ["--port", str(port), "--power-dir", str(power_dir), "--community-file", str(community_file),
             "--off-delay", str(off_delay)]
     args += [x for n, target in outlets.items() for x in ("--outlet", f"{n}={target}")]
@@ -74,6 +74,8 @@ def pdu_sim(workdir: Path, power_dir: Path, community_file: Path, port: int, out
         args += ["--v3-user", v3[0], "--v3-auth-file", str(v3[1]), "--v3-priv-file", str(v3[2])]
     if sys_object_id:
         args += ["--sys-object-id", sys_object_id]
+    if op_log is not None:
+        args += ["--op-log", str(op_log)]
     return Peer("hafence.lab.pdusim", args, workdir, name)
 
 
