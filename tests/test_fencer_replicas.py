@@ -9,11 +9,9 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import nats
-import nats.js.errors
 import pytest
 from nats.aio.client import Client as NatsClient
 
@@ -127,14 +125,17 @@ async def two_fencers(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[
         ])
         (tmp_path / f"{name}.toml").write_text(texts[name])
     await provision(parse_config(texts["a"], "a.toml"))
-    procs = {}
-    for name in ("a", "b"):
+    procs: dict[str, Service] = {}
+
+    def start(name: str) -> Service:
         env = {"HAFENCE_METRICS_PORT": str(free_port()), "HAFENCE_METRICS_ADDRESS": "127.0.0.1",
                "PYTHONUNBUFFERED": "1"}
         procs[name] = Service(f"fencer-{name}", ["-m", "hafence.fencer", "--config", str(tmp_path / f"{name}.toml"),
                                                  "--instance", f"fencer-{name}"], tmp_path, env).start()
+        return procs[name]
+
     try:
-        yield {"procs": procs, "oplog": oplog, "power": SimPowerSwitch(power)}
+        yield {"start": start, "oplog": oplog}
     finally:
         for proc in procs.values():
             proc.signal(signal.SIGCONT)
@@ -142,51 +143,43 @@ async def two_fencers(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[
         pdu.stop()
 
 
-async def both_pulling(nc: NatsClient) -> bool:
-    """Both replicas have a pull request waiting on the durable."""
+async def pulling(nc: NatsClient) -> bool:
+    """A replica has a pull request waiting on the durable."""
     info = await nc.jetstream().consumer_info("HAFENCE_FENCE_REQUESTS", "fencer")
-    return (info.num_waiting or 0) >= 2
-
-
-async def claim_holder(nc: NatsClient, request_id: str) -> str:
-    try:
-        entry = await (await nc.jetstream().key_value("HAFENCE_fencer_locks")).get(f"req.{request_id}")
-    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-        return ""
-    return str(json.loads(entry.value or b"{}").get("holder", ""))
+    return (info.num_waiting or 0) >= 1
 
 
 async def test_s4_a_request_redelivered_to_another_replica_while_it_runs_switches_the_outlet_once(
     nc: NatsClient, two_fencers: dict[str, object]
 ) -> None:
     """Replica A takes the request, sends 'off' and is paused (SIGSTOP) while it
-    waits for the outlet to read off; the ack wait passes and the request is
-    redelivered to replica B. Before: B's journal had never seen the request, so
-    B switched the outlet a second time. Now B sees A's live claim and waits; A
-    resumes, records its result, and B answers with it: one outlet command."""
-    procs: dict[str, Service] = two_fencers["procs"]  # type: ignore[assignment]
+    waits for the outlet to read off; replica B starts, the ack wait passes and
+    the request is redelivered to B. Before: B's journal had never seen the
+    request, so B switched the outlet a second time. Now B sees A's live claim
+    and waits; A resumes, records its result, and B answers with it: one outlet
+    command."""
+    start: Callable[[str], Service] = two_fencers["start"]  # type: ignore[assignment]
     oplog: Path = two_fencers["oplog"]  # type: ignore[assignment]
-    await eventually(lambda: both_pulling(nc), timeout=30)
+    first = start("a")
+    await eventually(lambda: pulling(nc), timeout=30)
     await publish_request(nc, fence_request("h1", "r1", term=1), msg_id="r1")
     await eventually(lambda: len(ops(oplog)) == 1)
-    holder = await claim_holder(nc, "r1")
-    first, other = ("a", "b") if holder == "fencer-a" else ("b", "a")
-    assert holder == f"fencer-{first}"
-    procs[first].signal(signal.SIGSTOP)
+    first.signal(signal.SIGSTOP)
+    other = start("b")
 
     def other_took_it() -> bool:
-        # The other replica has the redelivery: it waits on the claim (now), or it
-        # switched the outlet itself (before).
-        return "claimed by another fencer replica" in procs[other].log_path.read_text() or len(ops(oplog)) > 1
+        # B has the redelivery: it waits on the claim (now), or it switched the
+        # outlet itself (before).
+        return "claimed by another fencer replica" in other.log_path.read_text() or len(ops(oplog)) > 1
 
     await eventually(other_took_it, timeout=30)
-    procs[first].signal(signal.SIGCONT)
+    first.signal(signal.SIGCONT)
     await eventually(lambda: _count(nc, 1), timeout=30)
     await eventually(lambda: _acked(nc), timeout=30)
-    # The waiting replica answers with the recorded result (same message id: one result).
-    await eventually(lambda: "answering from the record another replica wrote" in procs[other].log_path.read_text(),
-                     timeout=30)
     assert [(o["outlet"], o["command"]) for o in ops(oplog)] == [(1, "off")]
+    # The waiting replica answers with the recorded result (same message id: one result).
+    await eventually(lambda: "answering from the record another replica wrote" in other.log_path.read_text(),
+                     timeout=30)
     [result] = await results(nc)
     assert (result.request_id, result.outcome) == ("r1", "confirmed_off")
 
