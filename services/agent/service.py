@@ -155,7 +155,10 @@ class Agent:
         self.changed.set()
         while True:
             try:
-                await asyncio.wait_for(self.changed.wait(), timeout=poll)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                # that lands as its wait ends, and the service then never stops.
+                async with asyncio.timeout(poll):
+                    await self.changed.wait()
             except TimeoutError:
                 pass
             due = self.changed.is_set() or time.monotonic() - last >= timings.inventory_interval_s

@@ -289,7 +289,8 @@ async def run(rt: Runtime) -> None:
         await caught_up.wait()
         while True:
             try:
-                await asyncio.wait_for(wake.wait(), timeout=1.0)
+                async with asyncio.timeout(1.0):  # not wait_for: it can swallow a cancellation on 3.11
+                    await wake.wait()
             except TimeoutError:
                 pass
             changed = wake.is_set()
