@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import sys
 
+from bench.failover_scale import failover_scale
 from bench.fence_latency import fence_latency
 from bench.heartbeat_ingest import heartbeat_ingest
 from bench.nats_sync import nats_sync
@@ -21,6 +22,7 @@ BENCHES = {
     "fence": fence_latency,
     "placement": placement,
     "ingest": heartbeat_ingest,
+    "failover-scale": failover_scale,
     "nats-sync": nats_sync,
 }
 

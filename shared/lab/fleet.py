@@ -198,12 +198,15 @@ class Fleet:
     async def inventories(self) -> None:
         assert self.nc is not None
         js = self.nc.jetstream()
+        # Every host again each inventory_interval_s, spread over the interval as
+        # independent agents would be (the start-up round is all at once).
         every = self.config.timings.inventory_interval_s
-        next_all = time.monotonic()
+        per_tick = max(1, round(len(self.hosts) * 0.1 / every))
+        turn = 0
         while True:
-            if time.monotonic() >= next_all:
-                next_all = time.monotonic() + every
-                self.dirty.update(self.hosts)
+            for _ in range(per_tick):
+                self.dirty.add(self.hosts[turn])
+                turn = (turn + 1) % len(self.hosts)
             batch = [h for h in self.dirty if not self.down(h)]
             self.dirty.clear()
             for k in range(0, len(batch), 200):
