@@ -17,22 +17,29 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from hafence.subjects import NAME_PATTERN
+# A host or VM name is one subject token. \A and \Z, not ^ and $: "$" also matches
+# before a final newline, and msgspec's pattern is a search, so "vm-c\n" would pass.
+NAME_PATTERN = r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,62}\Z"
 
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
-MiB = Annotated[int, msgspec.Meta(ge=0)]
+# Integers fit in 64 bits: a 100-bit term or sequence number decodes in Python but
+# breaks SQLite (OverflowError) and every peer in another language.
+_I64 = 2**63 - 1
+Int = Annotated[int, msgspec.Meta(ge=-_I64 - 1, le=_I64)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=_I64)]
+MiB = Count
 PowerState = Literal["on", "off", "unknown"]
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
-    v: int = 1
+    v: Int = 1
 
 
 class Heartbeat(Message, tag="heartbeat", kw_only=True):
     host: Name
     boot_id: str
-    seq: Annotated[int, msgspec.Meta(ge=0)]
+    seq: Count
     sent_at: float
 
 
@@ -44,7 +51,7 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     name: Name
     memory_mb: MiB
-    vcpus: Annotated[int, msgspec.Meta(ge=1)] = 1
+    vcpus: Annotated[int, msgspec.Meta(ge=1, le=_I64)] = 1
     ha: bool = False
     uuid: str = ""
     priority: Priority = "medium"
@@ -66,7 +73,7 @@ class Inventory(Message, tag="inventory", kw_only=True):
     host: Name
     boot_id: str
     memory_mb: MiB
-    vcpus: int
+    vcpus: Int
     labels: list[str] = []
     vms: list[VmInfo] = []
     sent_at: float
@@ -99,11 +106,11 @@ class HostEvent(Message, tag="host_event", kw_only=True):
     at: float
     incident: str = ""
     reason: str = ""
-    term: int = 0
+    term: Int = 0
     last_seen: float | None = None
     # fence_requested: which request; fence_skipped: which rule, and whether a person must look.
     request_id: str = ""
-    attempt: int = 0
+    attempt: Int = 0
     rule: str = ""
     alert: bool = False
     # confirmed_fenced, maintenance_*, cleared: who said so (an operator's audit trail).
@@ -123,7 +130,7 @@ class FenceRequest(Message, tag="fence_request", kw_only=True):
     incident: str
     host: Name
     action: Literal["off", "reboot"] = "off"
-    term: Annotated[int, msgspec.Meta(ge=1)]
+    term: Annotated[int, msgspec.Meta(ge=1, le=_I64)]
     requested_at: float
     reason: str = ""
     boot_id: str = ""
@@ -134,11 +141,11 @@ class DeviceEvidence(msgspec.Struct, frozen=True, kw_only=True):
 
     device: str
     driver: str
-    level: int
+    level: Int
     action_sent: str
     power_read: PowerState
     confirmed: bool
-    status_reads: int = 0
+    status_reads: Int = 0
     elapsed_s: Seconds = 0.0
     error: str = ""
 
@@ -150,9 +157,9 @@ class FenceResult(Message, tag="fence_result", kw_only=True):
     request_id: str
     incident: str
     host: Name
-    term: int
+    term: Int
     outcome: FenceOutcome
-    level: int | None = None
+    level: Int | None = None
     evidence: list[DeviceEvidence] = []
     reason: str = ""
     started_at: float
@@ -161,7 +168,7 @@ class FenceResult(Message, tag="fence_result", kw_only=True):
     # The highest leader term the fencer has admitted (S3): on a refusal, the term
     # a new arbiter leader must exceed (terms never go back, even when the lease
     # bucket was lost and its revisions started again).
-    highest_term: int = 0
+    highest_term: Count = 0
 
 
 class VmStart(Message, tag="vm_start", kw_only=True):
@@ -213,17 +220,21 @@ class Alert(Message, tag="alert", kw_only=True):
     reason: str
     host: str = ""
     vm: str = ""
-    term: int = 0
+    term: Int = 0
 
 
 class DeadLetter(Message, tag="dead_letter", kw_only=True):
-    """A message a service could not decode: kept whole, with the reason."""
+    """A message a service could not decode or handle: kept (up to a bound), with the reason."""
 
     service: str
     subject: str
     error: str
     raw: bytes
     at: float
+    # The original body's length; ``raw`` holds only its first bytes when it was larger
+    # than a dead letter may carry (hafence.routes.MAX_DEAD_LETTER_RAW).
+    size: int = 0
+    truncated: bool = False
 
 
 def encode(msg: msgspec.Struct) -> bytes:

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import get_args
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+from hafence.contracts import NAME_PATTERN, HostEventKind, VmEventKind
+
+__all__ = ["HOST_EVENT_KINDS", "NAME_PATTERN", "VM_EVENT_KINDS", "InvalidName", "Subjects", "check_name"]
+
 _NAME_RE = re.compile(NAME_PATTERN)
 
 
@@ -19,7 +23,8 @@ class InvalidName(ValueError):
 
 
 def check_name(kind: str, value: str) -> str:
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    # fullmatch: the whole string is the name, a trailing newline included.
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise InvalidName(
             f"invalid {kind} name {value!r}: use 1-63 letters, digits, '-' or '_', "
             "starting with a letter or digit (no dots, wildcards or spaces)"
@@ -27,23 +32,9 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
-HOST_EVENT_KINDS = (
-    "suspect",
-    "alive",
-    "fence_requested",
-    "fence_skipped",
-    "fenced",
-    "fence_failed",
-    "confirmed_fenced",
-    "protected",
-    "not_protected",
-    "maintenance_on",
-    "maintenance_off",
-    "ha_reservation_lost",
-    "ha_reservation_ok",
-    "cleared",
-)
-VM_EVENT_KINDS = ("placed", "started", "failed", "pending", "duplicate", "stopped")
+# The kinds are the contracts' own vocabularies, never a second list to keep in step.
+HOST_EVENT_KINDS: tuple[str, ...] = get_args(HostEventKind)
+VM_EVENT_KINDS: tuple[str, ...] = get_args(VmEventKind)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -11,6 +12,7 @@ from nats.js import JetStreamContext
 
 from hafence.bus.names import StreamNames
 from hafence.config import ClusterConfig
+from hafence.routes import Routes
 from hafence.subjects import Subjects
 
 Handler = Callable[[Any, Msg], Awaitable[None]]
@@ -24,4 +26,8 @@ class BusBase:
         self.service = service
         self.subjects = Subjects(config.cluster.subject_prefix)
         self.streams = StreamNames.for_prefix(config.cluster.subject_prefix)
+        # S5: what each subject may carry, checked for every message any consumer takes.
+        self.routes = Routes.for_prefix(config.cluster.subject_prefix)
         self.dead_letters = 0
+        self.dead_letters_dropped = 0
+        self._letters_in_flight: set[asyncio.Task[bool]] = set()

@@ -22,6 +22,7 @@ class Bus(Provisioning, Publishing, DeadLetters, Consuming, Replaying, Serving):
     async def close(self) -> None:
         if self.nc.is_closed:
             return
+        await self.letters_sent()  # the dead letters of core messages still in flight
         try:
             await asyncio.wait_for(self.nc.drain(), timeout=5.0)
         except Exception:

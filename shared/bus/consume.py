@@ -14,25 +14,34 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from hafence.bus.base import BusBase, Handler
 from hafence.bus.errors import Reject, Retry
 from hafence.bus.subject_kind import subject_kind
+from hafence.contracts import Message
+from hafence.routes import accepted_types
 from hafence.telemetry import extract_context, tracer
 
 log = logging.getLogger("hafence.bus")
 
 MAX_HANDLER_ATTEMPTS = 20
 
+
 class Consuming(BusBase):
     async def consume(
         self,
         stream: str,
         durable: str,
-        decoder: msgspec.json.Decoder[Any],
+        decoder: msgspec.json.Decoder[Any] | Any,
         handler: Handler,
         concurrency: int = 1,
+        max_attempts: int = MAX_HANDLER_ATTEMPTS,
     ) -> None:
         """Run a durable pull consumer until cancelled.
 
-        With ``concurrency`` > 1, up to that many messages are handled at once
-        (the fencer fences several hosts in parallel)."""
+        ``decoder`` states the message types this consumer accepts (a decoder, a type
+        or a union); what decodes is chosen by each message's subject (S5). With
+        ``concurrency`` > 1, up to that many messages are handled at once (the fencer
+        fences several hosts in parallel). A message that cannot be decoded, is
+        rejected, or fails ``max_attempts`` deliveries is dead-lettered and terminated;
+        no message, whatever it holds, ends this loop (L3)."""
+        accepts = accepted_types(decoder)
         sub = await self.js.pull_subscribe_bind(durable=durable, stream=stream)
         slots = asyncio.Semaphore(concurrency)
         try:
@@ -53,7 +62,7 @@ class Consuming(BusBase):
                         await asyncio.sleep(0.5)
                         continue
                     for msg in msgs:
-                        tg.create_task(self._handle_released(msg, decoder, handler, slots))
+                        tg.create_task(self._handle_released(msg, accepts, handler, slots, max_attempts))
         finally:
             try:
                 await sub.unsubscribe()
@@ -61,18 +70,43 @@ class Consuming(BusBase):
                 pass
 
     async def _handle_released(
-        self, msg: Msg, decoder: msgspec.json.Decoder[Any], handler: Handler, slots: asyncio.Semaphore
+        self, msg: Msg, accepts: tuple[type[Message], ...], handler: Handler, slots: asyncio.Semaphore,
+        max_attempts: int,
     ) -> None:
         try:
-            await self._handle_jetstream(msg, decoder, handler)
+            await self._handle_jetstream(msg, accepts, handler, max_attempts)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # An ack, nak or term that could not be sent (NATS went away): the message
+            # comes back after its ack wait. Never let it end the consumer's task group.
+            log.exception("settling %s failed; it will be redelivered", msg.subject)
         finally:
             slots.release()
 
-    async def _handle_jetstream(self, msg: Msg, decoder: msgspec.json.Decoder[Any], handler: Handler) -> None:
+    async def _give_up(self, msg: Msg, error: str, headers: dict[str, str], msg_id: str) -> None:
+        """Dead-letter and terminate; if the dead letter could not be stored, nak instead:
+        the next delivery tries again, so the message is never silently lost."""
+        if await self.dead_letter(msg.subject, msg.data, error, headers, msg_id=msg_id):
+            await msg.term()
+        else:
+            await msg.nak(delay=5.0)
+
+    async def _handle_jetstream(
+        self, msg: Msg, accepts: tuple[type[Message], ...], handler: Handler, max_attempts: int = MAX_HANDLER_ATTEMPTS,
+    ) -> None:
         headers = dict(msg.headers or {})
-        event, error = await self._decode(msg, decoder)
+        meta = msg.metadata
+        delivered = meta.num_delivered or 1
+        # Deterministic: a redelivered message dead-lettered twice is stored once.
+        msg_id = f"{self.service}:{meta.stream}:{meta.sequence.stream}"
+        if delivered > max_attempts:
+            # An earlier delivery gave up but could not store its dead letter.
+            await self._give_up(msg, f"handler failed {delivered - 1} times", headers, msg_id)
+            return
+        event, error = self._decode(msg, accepts)
         if error:
-            await msg.ack()  # kept in the dead-letter stream; redelivering it cannot help
+            await self._give_up(msg, error, headers, msg_id)  # redelivering it cannot help
             return
         with tracer().start_as_current_span(
             f"{self.service} process {subject_kind(msg.subject)}",
@@ -82,31 +116,28 @@ class Consuming(BusBase):
                 "messaging.system": "nats",
                 "messaging.destination.name": msg.subject,
                 "messaging.operation.type": "process",
-                "messaging.consumer.group.name": msg.metadata.consumer or "",
-                "messaging.message.delivery_count": msg.metadata.num_delivered or 1,
+                "messaging.consumer.group.name": meta.consumer or "",
+                "messaging.message.delivery_count": delivered,
             },
         ) as span:
             try:
                 await handler(event, msg)
             except Reject as err:
                 span.set_status(Status(StatusCode.ERROR, str(err)))
-                await self.dead_letter(msg.subject, msg.data, f"rejected: {err}", headers)
-                await msg.ack()
+                await self._give_up(msg, f"rejected: {err}", headers, msg_id)
             except Retry as err:
+                # The handler's own call: it may pass (a lock, a device that reboots).
                 span.set_status(Status(StatusCode.ERROR, str(err)))
                 log.warning("will retry %s: %s", msg.subject, err)
                 await msg.nak(delay=err.delay)
             except Exception as err:
                 span.record_exception(err)
                 span.set_status(Status(StatusCode.ERROR, str(err)))
-                delivered = msg.metadata.num_delivered or 1
-                if delivered >= MAX_HANDLER_ATTEMPTS:
+                if delivered >= max_attempts:
                     log.exception("giving up on %s after %d attempts", msg.subject, delivered)
-                    await self.dead_letter(
-                        msg.subject, msg.data, f"handler failed {delivered} times: {err!r}", headers
-                    )
-                    await msg.ack()
+                    await self._give_up(msg, f"handler failed {delivered} times: {err!r}", headers, msg_id)
                 else:
+                    # Bounded retry: transient errors (NATS, a database busy) pass.
                     log.exception("handling %s failed (attempt %d); will retry", msg.subject, delivered)
                     await msg.nak(delay=min(30.0, 0.5 * delivered))
             else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -10,22 +12,31 @@ from nats.aio.msg import Msg
 
 from hafence.bus.base import BusBase
 from hafence.bus.errors import Reject
-from hafence.contracts import encode
+from hafence.contracts import Message, encode
+from hafence.routes import accepted_types
+
+log = logging.getLogger("hafence.bus")
 
 
 class Serving(BusBase):
     async def serve(
         self,
         subject: str,
-        decoder: msgspec.json.Decoder[Any],
+        decoder: msgspec.json.Decoder[Any] | Any,
         handler: Callable[[Any, Msg], Awaitable[msgspec.Struct | None]],
         queue: str = "",
     ) -> None:
-        """Handle core-NATS messages until cancelled; reply when the handler returns a message."""
+        """Handle core-NATS messages until cancelled; reply when the handler returns a message.
+
+        ``decoder`` states the types accepted; each message is decoded by its subject
+        (S5). A message that breaks the seam, or whose handler raises anything, is
+        answered with an error (if it asked) and dead-lettered in the background; the
+        loop goes on (L3)."""
+        accepts = accepted_types(decoder)
         sub = await self.nc.subscribe(subject, queue=queue)
         try:
             async for msg in sub.messages:
-                await self._handle_core(msg, decoder, handler)
+                await self._handle_core(msg, accepts, handler)
         finally:
             try:
                 await sub.unsubscribe()
@@ -35,24 +46,29 @@ class Serving(BusBase):
     async def _handle_core(
         self,
         msg: Msg,
-        decoder: msgspec.json.Decoder[Any],
+        accepts: tuple[type[Message], ...],
         handler: Callable[[Any, Msg], Awaitable[msgspec.Struct | None]],
     ) -> None:
-        headers = dict(msg.headers or {})
-        event, error = await self._decode(msg, decoder)
+        event, error = self._decode(msg, accepts)
+        reply: msgspec.Struct | None = None
+        if not error:
+            try:
+                reply = await handler(event, msg)
+            except asyncio.CancelledError:
+                raise
+            except Reject as err:
+                error = f"rejected: {err}"
+            except Exception as err:
+                log.exception("handling %s failed", msg.subject)
+                error = f"handler failed: {err!r}"
         if error:
-            if msg.reply:
-                await msg.respond(encode_error(error))
+            self.dead_letter_soon(msg.subject, msg.data, error, msg.headers)
+        if not msg.reply or (reply is None and not error):
             return
         try:
-            reply = await handler(event, msg)
-        except Reject as err:
-            await self.dead_letter(msg.subject, msg.data, f"rejected: {err}", headers)
-            if msg.reply:
-                await msg.respond(encode_error(f"rejected: {err}"))
-            return
-        if reply is not None and msg.reply:
-            await msg.respond(encode(reply))
+            await msg.respond(encode_error(error) if error else encode(reply))  # type: ignore[arg-type]
+        except Exception as err:  # the asker went away, or NATS did: nothing to keep
+            log.warning("could not answer %s: %r", msg.subject, err)
 
 
 def encode_error(error: str) -> bytes:
