@@ -103,10 +103,12 @@ async def test_a_lock_holder_that_cannot_renew_stops_before_another_can_take_the
 
 
 @pytest.fixture
-async def two_fencers(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[dict[str, object]]:
+async def two_fencers(nats_server: NatsServer, tmp_path: Path,
+                      request: pytest.FixtureRequest) -> AsyncIterator[dict[str, object]]:
     """Two fencer processes (journals of their own), one PDU (outlets 1 and 2 feed
     h1 and h2). A switch to off takes 2 s, so a fence is in the middle of its
-    status reads for that long; ack wait 1 s; locks live 20 s."""
+    status reads for that long; ack wait 1 s; locks live 20 s (or the parameter)."""
+    lock_ttl = getattr(request, "param", 20.0)
     community = tmp_path / "community"
     community.write_text("Cm-replicas-2291\n")
     port, oplog, power = free_udp_port(), tmp_path / "pdu-ops.jsonl", tmp_path / "power"
@@ -116,7 +118,7 @@ async def two_fencers(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[
         texts[name] = "\n".join([
             f'[nats]\nurl = "{nats_server.url}"\n',
             "[timings]\nfence_ack_wait_s = 1.0\n",
-            "[fencer]\nlock_ttl_s = 20.0\n",
+            f"[fencer]\nlock_ttl_s = {lock_ttl}\n",
             f'[store]\ndir = "{tmp_path / name}"\n',
             f'[devices.pdu]\ndriver = "apc_snmp"\naddress = "127.0.0.1"\nport = {port}\nsnmp_version = "2c"\n'
             f'community_file = "{community}"\npower_timeout_s = 8.0\nretries = 0\n',
@@ -226,3 +228,32 @@ async def test_two_fencer_replicas_never_drive_one_pdu_at_once_and_both_hosts_fa
         # The work was shared: each replica ran a fence (else this proves little).
         logs = [lab.services[name].log_path.read_text() for name in ("fencer", "fencer-2")]
         assert all("fence finished" in log for log in logs), "one replica ran both fences"
+
+
+@pytest.mark.parametrize("two_fencers", [3.0], indirect=True)
+async def test_a_replica_paused_past_its_claim_stops_and_the_other_takes_over_reading_power_again(
+    nc: NatsClient, two_fencers: dict[str, object]
+) -> None:
+    """Replica A sends 'off' and is paused past its locks' TTL (3 s). Replica B
+    takes the request over once A's claim expired, switches and reads the outlet
+    itself, and publishes confirmed_off. When A resumes, its own clock says its
+    claim and device lock are over: it stops, sends no further command and
+    publishes nothing; no command ever overlapped another on the PDU."""
+    start: Callable[[str], Service] = two_fencers["start"]  # type: ignore[assignment]
+    oplog: Path = two_fencers["oplog"]  # type: ignore[assignment]
+    first = start("a")
+    await eventually(lambda: pulling(nc), timeout=30)
+    await publish_request(nc, fence_request("h1", "r1", term=1), msg_id="r1")
+    await eventually(lambda: len(ops(oplog)) == 1)
+    first.signal(signal.SIGSTOP)
+    other = start("b")
+    await eventually(lambda: "fence finished" in other.log_path.read_text(), timeout=30)
+    first.signal(signal.SIGCONT)
+    await eventually(lambda: "lock on request r1 lost" in first.log_path.read_text(), timeout=30)
+    await eventually(lambda: _acked(nc), timeout=30)
+    commands = ops(oplog)
+    assert [(o["outlet"], o["command"]) for o in commands] == [(1, "off"), (1, "off")]
+    assert all(not o["overlaps"] for o in commands)
+    assert "fence finished" not in first.log_path.read_text()  # A recorded and published nothing
+    [result] = await results(nc)
+    assert (result.request_id, result.outcome) == ("r1", "confirmed_off")
