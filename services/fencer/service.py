@@ -120,14 +120,14 @@ async def run(rt: Runtime) -> None:
                 async with shared.claim(request, highest) as claim:
                     if isinstance(claim, Answer):
                         return answered(request, claim.result, "record another replica wrote")
-                    return await run_claimed(request, started, claim.fence, highest)
+                    return await run_claimed(request, started, claim, highest)
             except LockLost as err:
                 # Paused or cut off past the claim's validity: another replica may be
                 # running it now. Publish nothing; the request is redelivered to whoever
                 # holds the claim, or waits for it.
                 raise Retry(f"request {request.request_id}: {err}", delay=ack_wait) from None
 
-    async def run_claimed(request: FenceRequest, started: float, token: int,
+    async def run_claimed(request: FenceRequest, started: float, token: Token,
                           shared_highest: int) -> tuple[FenceResult, str]:
         """Under the claim: this replica's journal (S3/S4 as before), then the fence."""
         verdict = await journal.admit(request)
@@ -148,7 +148,7 @@ async def run(rt: Runtime) -> None:
         with tracer().start_as_current_span(
             f"fence {request.host}",
             attributes={"hafence.host": request.host, "hafence.action": request.action,
-                        "hafence.request_id": request.request_id, "hafence.claim_token": token},
+                        "hafence.request_id": request.request_id, "hafence.claim_token": token.fence},
         ) as fence_span:
             report = await executor.fence(hosts[request.host], request.action)
             fence_span.set_attribute("hafence.outcome", report.verdict.outcome)
@@ -158,6 +158,10 @@ async def run(rt: Runtime) -> None:
             reason=report.verdict.reason, started_at=started, finished_at=time.time(), boot_id=request.boot_id,
             highest_term=highest,
         )
+        if locks.now() >= token.valid_until:
+            # The claim's deadline is due but has not fired yet: a result taken past it
+            # is never recorded (another replica may own the request now).
+            raise LockLost(f"claim on request {request.request_id} expired before its result was recorded")
         await journal.record(request, result)
         await shared.record(request, result)
         metrics.FENCES.labels(request.host, result.outcome).inc()
