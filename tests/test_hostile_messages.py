@@ -14,28 +14,31 @@ from pathlib import Path
 
 import msgspec
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from hafence.agent.service import run as agent
 from hafence.arbiter.service import run as arbiter
 from hafence.bus import Bus
+from hafence.bus import consume as consume_module
 from hafence.cli.view import _read_view
-from hafence.config import ClusterConfig
 from hafence.contracts import (
     AgentReply,
     Decoders,
+    FenceRequest,
     FenceResult,
     HostEvent,
     Inventory,
     VmEvent,
     VmSpec,
     VmStart,
+    VmStop,
     encode,
 )
 from hafence.fencer.service import run as fencer
 from hafence.heartbeat.service import run as heartbeat
 from hafence.routes import MAX_MESSAGE_BYTES
 from hafence.scheduler.service import run as scheduler
-from tests.conftest import eventually, running
+from tests.conftest import eventually, provision, running
 from tests.helpers import dead_letters, read_stream
 
 VMS = """
@@ -110,7 +113,7 @@ async def test_hostile_catalogue_on_every_consumed_subject_then_a_failover_with_
 ) -> None:
     caplog.set_level(logging.WARNING)
     config = make_config(hosts=2, extra=VMS)
-    await _provision(config)
+    await provision(config)
     power = str(tmp_path / "power")
     agent_args = dict(driver="sim", sim_power=power, boot_vms=True)
     catalogue = _catalogue()
@@ -171,14 +174,6 @@ async def test_hostile_catalogue_on_every_consumed_subject_then_a_failover_with_
         assert letter.error
 
 
-async def _provision(config: ClusterConfig) -> None:
-    bus = await Bus.connect(config, "provisioner")
-    try:
-        await bus.provision()
-    finally:
-        await bus.close()
-
-
 async def _leaders(nc: NatsClient) -> bool:
     try:
         kv = await nc.jetstream().key_value("HAFENCE_leases")
@@ -229,3 +224,137 @@ async def _vm_events(nc: NatsClient) -> list[VmEvent]:
 async def _started(nc: NatsClient, vm: str) -> bool:
     return any(e.vm == vm and e.kind == "started" and e.target == "h1" for e in await _vm_events(nc))
 
+
+
+# -- the bus's own L3 rules, one consumer kind at a time (no services: fast) ----------------
+
+def _request(host: str = "h1") -> FenceRequest:
+    return FenceRequest(request_id="r1", incident="i1", host=host, term=1, requested_at=1.0)
+
+
+async def test_consume_terminates_a_message_that_keeps_failing_and_keeps_it_if_the_dlq_is_down(
+    nc: NatsClient, make_config, monkeypatch
+) -> None:
+    monkeypatch.setattr(consume_module, "DEAD_LETTER_RETRY_S", 0.2)
+    config = make_config(hosts=2)
+    await provision(config)
+    bus = await Bus.connect(config, "fencer")
+    js = nc.jetstream()
+    calls: list[int] = []
+
+    async def failing(request: FenceRequest, msg: Msg) -> None:
+        calls.append(msg.metadata.num_delivered or 1)
+        raise RuntimeError("device driver bug")
+
+    try:
+        # The DLQ is gone: giving up must not lose the request, nor end the consumer.
+        await js.delete_stream("HAFENCE_DLQ")
+        await js.publish("hafence.fence.request.h1", encode(_request()))
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(bus.consume("HAFENCE_FENCE_REQUESTS", "fencer", Decoders.fence_request, failing,
+                                              max_attempts=2))
+            await eventually(lambda: len(calls) >= 2)
+            await asyncio.sleep(0.5)  # the give-up happened and failed: the request is still there
+            assert (await js.stream_info("HAFENCE_FENCE_REQUESTS")).state.messages == 1
+            assert not task.done()
+            await provision(config)  # the DLQ is back: the next delivery is dead-lettered
+            await eventually(lambda: _letters(nc, "fencer"), timeout=10)
+            await eventually(lambda: _queue_empty(nc))
+            task.cancel()
+    except* asyncio.CancelledError:
+        pass
+    finally:
+        await bus.close()
+    assert len(calls) == 2  # the handler is not run again after it gave up
+    [letter] = await dead_letters(nc)
+    assert letter.error.startswith("handler failed") and "device driver bug" in letter.error
+
+
+async def test_replay_dead_letters_and_skips_what_fails_and_never_twice(nc: NatsClient, make_config) -> None:
+    config = make_config(hosts=2)
+    await provision(config)
+    js = nc.jetstream()
+    await js.publish("hafence.host.h1.suspect", encode(HostEvent(host="h1", kind="suspect", at=1.0)))
+    await js.publish("hafence.inventory.h1", encode(FenceResult(
+        request_id="f", incident="f", host="h2", term=1, outcome="confirmed_off", started_at=1.0, finished_at=1.0)))
+    await js.publish("hafence.host.h1.alive", encode(HostEvent(host="h1", kind="alive", at=2.0)),
+                     headers={"Nats-Expected-Stream": "HAFENCE_EVENTS"})
+    await js.publish("hafence.host.h2.alive", encode(HostEvent(host="h2", kind="alive", at=3.0)))
+    filters = ["hafence.host.*.*", "hafence.inventory.*"]
+    seen: list[object] = []
+
+    async def handler(event: object, msg: Msg) -> None:
+        if isinstance(event, HostEvent) and event.host == "h1" and event.kind == "alive":
+            raise KeyError("a bug in the fold")
+        seen.append(event)
+
+    for _ in range(2):  # a restarted service replays the same history
+        seen.clear()
+        bus = await Bus.connect(config, "scheduler")
+        caught_up = asyncio.Event()
+        task = asyncio.create_task(bus.replay(filters, Decoders.scheduler_input, handler, caught_up))
+        try:
+            await asyncio.wait_for(caught_up.wait(), timeout=10)
+            assert [(e.host, e.kind) for e in seen] == [("h1", "suspect"), ("h2", "alive")]  # type: ignore[attr-defined]
+            assert not task.done()
+            await eventually(lambda: _letters(nc, "scheduler", 2))
+        finally:
+            task.cancel()
+            await bus.close()
+    letters = await dead_letters(nc)
+    assert len(letters) == 2  # the second replay's letters had the same ids
+    assert {letter.subject for letter in letters} == {"hafence.inventory.h1", "hafence.host.h1.alive"}
+    assert any("FenceResult on hafence.inventory.h1, which carries only Inventory" in d.error for d in letters)
+    assert any("KeyError" in d.error for d in letters)
+
+
+async def test_serve_answers_an_error_when_the_handler_raises_and_goes_on(nc: NatsClient, make_config) -> None:
+    config = make_config(hosts=2)
+    await provision(config)
+    bus = await Bus.connect(config, "agent")
+
+    async def handler(cmd: VmStart | VmStop, msg: Msg) -> AgentReply:
+        if isinstance(cmd, VmStop):
+            raise ValueError("hypervisor exploded")
+        return AgentReply(host="h1", vm=cmd.vm.name, ok=True, state="running")
+
+    task = asyncio.create_task(bus.serve("hafence.agent.h1.cmd", Decoders.agent_command, handler))
+    try:
+        await asyncio.sleep(0.2)
+        bad = await nc.request("hafence.agent.h1.cmd", encode(VmStop(vm="vm-a")), timeout=2,
+                               headers={"Nats-Expected-Stream": "NOPE"})
+        assert b"handler failed" in bad.data and b"hypervisor exploded" in bad.data
+        good = await nc.request("hafence.agent.h1.cmd", encode(VmStart(vm=VmSpec(name="vm-a", memory_mb=1))),
+                                timeout=2)
+        assert msgspec.json.decode(good.data, type=AgentReply).ok
+        await eventually(lambda: _letters(nc, "agent"))
+    finally:
+        task.cancel()
+        await bus.close()
+
+
+async def test_a_dead_letter_never_raises(nc: NatsClient, make_config) -> None:
+    config = make_config(hosts=2)
+    await provision(config)
+    bus = await Bus.connect(config, "scheduler")
+    try:
+        # A hostile Nats-Expected-Stream on the original made the DLQ publish fail, and the replay crash.
+        assert await bus.dead_letter("hafence.inventory.h1", b"x" * 200_000, "e" * 10_000,
+                                     {"Nats-Expected-Stream": "HAFENCE_EVENTS", "Nats-Expected-Last-Sequence": "1"})
+        [letter] = await dead_letters(nc)
+        assert letter.truncated and letter.size == 200_000 and len(letter.raw) == 64 * 1024
+        await nc.jetstream().delete_stream("HAFENCE_DLQ")
+        assert not await bus.dead_letter("hafence.inventory.h1", b"{}", "no DLQ", None)
+    finally:
+        await bus.close()
+
+
+async def _letters(nc: NatsClient, service: str, n: int = 1) -> bool:
+    try:
+        return len([d for d in await dead_letters(nc) if d.service == service]) >= n
+    except Exception:
+        return False
+
+
+async def _queue_empty(nc: NatsClient) -> bool:
+    return (await nc.jetstream().stream_info("HAFENCE_FENCE_REQUESTS")).state.messages == 0

@@ -31,3 +31,5 @@ class BusBase:
         self.dead_letters = 0
         self.dead_letters_dropped = 0
         self._letters_in_flight: set[asyncio.Task[bool]] = set()
+        # Why a work-queue message was given up on, while its dead letter could not be stored.
+        self._unsent_letters: dict[str, str] = {}

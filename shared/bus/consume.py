@@ -21,6 +21,8 @@ from hafence.telemetry import extract_context, tracer
 log = logging.getLogger("hafence.bus")
 
 MAX_HANDLER_ATTEMPTS = 20
+# When a dead letter cannot be stored, the message is nak'd and comes back after this.
+DEAD_LETTER_RETRY_S = 5.0
 
 
 class Consuming(BusBase):
@@ -88,9 +90,13 @@ class Consuming(BusBase):
         """Dead-letter and terminate; if the dead letter could not be stored, nak instead:
         the next delivery tries again, so the message is never silently lost."""
         if await self.dead_letter(msg.subject, msg.data, error, headers, msg_id=msg_id):
+            self._unsent_letters.pop(msg_id, None)
             await msg.term()
         else:
-            await msg.nak(delay=5.0)
+            if len(self._unsent_letters) >= 1000:
+                self._unsent_letters.pop(next(iter(self._unsent_letters)))
+            self._unsent_letters[msg_id] = error
+            await msg.nak(delay=DEAD_LETTER_RETRY_S)
 
     async def _handle_jetstream(
         self, msg: Msg, accepts: tuple[type[Message], ...], handler: Handler, max_attempts: int = MAX_HANDLER_ATTEMPTS,
@@ -102,7 +108,8 @@ class Consuming(BusBase):
         msg_id = f"{self.service}:{meta.stream}:{meta.sequence.stream}"
         if delivered > max_attempts:
             # An earlier delivery gave up but could not store its dead letter.
-            await self._give_up(msg, f"handler failed {delivered - 1} times", headers, msg_id)
+            error = self._unsent_letters.get(msg_id) or f"handler failed {delivered - 1} times"
+            await self._give_up(msg, error, headers, msg_id)
             return
         event, error = self._decode(msg, accepts)
         if error:
