@@ -18,8 +18,10 @@ import sys
 from pathlib import Path
 
 import nats
+import nats.errors
 import pytest
 import yaml
+from nats.js import JetStreamContext
 
 from hafence import natsconf
 from hafence.bus.names import StreamNames
@@ -27,8 +29,9 @@ from hafence.config import load_config
 from hafence.contracts import FenceResult
 from hafence.lab.cluster import Lab, LabSpec
 from hafence.lab.demo import failover_done
-from hafence.lab.natscluster import NatsCluster, stream_leader, wait_stream_leaders
+from hafence.lab.natscluster import NatsCluster, wait_stream_leaders
 from hafence.lab.natsserver import NatsServer, free_port
+from tests.conftest import eventually
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -47,6 +50,15 @@ def running_once(lab: Lab, dead: set[str], expected: set[str]) -> bool:
 
 def where(lab: Lab) -> dict[str, list[str]]:
     return {h: [f"{v.spec.name}:{v.state}" for v in inv.vms] for h, inv in lab.latest_inventories().items()}
+
+
+async def stores_starts(js: JetStreamContext, events: str, vms: set[str]) -> bool:
+    """The events stream holds a 'started' event of each of the VMs (its leader answers)."""
+    try:
+        info = await js.stream_info(events, subjects_filter="hafence.vm.*.started")
+    except (nats.errors.Error, TimeoutError):
+        return False
+    return vms <= {subject.split(".")[2] for subject in (info.state.subjects or {})}
 
 
 def confirmed(lab: Lab, host: str) -> list[FenceResult]:
@@ -74,15 +86,18 @@ async def test_failover_while_the_events_stream_leader_dies_and_again_after_it_r
         expected = {vm.name for vm in lab.config.vms_of(first) if vm.ha}
         lab.crash(first)
         assert await lab.observer.wait_for(lambda: bool(lab.events("suspect", first)), 30), lab.diagnostics()
-        killed = await stream_leader(js, events)
-        assert killed, "the events stream has no leader"
+        killed = (await wait_stream_leaders(js, [events], replicas=3, timeout=30))[events]
         cluster.kill(killed)
+        # Mid-incident: the arbiter waits a settle time (2 heartbeat intervals) after a suspect.
+        assert not confirmed(lab, first), "the fence was done before the NATS node was killed"
 
         assert await lab.observer.wait_for(lambda: failover_done(lab, first, expected), 90), lab.diagnostics()
         assert await lab.observer.wait_for(lambda: running_once(lab, {first}, expected), 30), where(lab)
         assert confirmed(lab, first)
-        # The stream went on under a leader elected among the survivors.
-        assert await stream_leader(js, events) not in ("", killed)
+        # The stream went on under a leader elected among the survivors, and holds the incident.
+        leaders = await wait_stream_leaders(js, [events], replicas=2, timeout=60)
+        assert leaders[events] != killed
+        await eventually(lambda: stores_starts(js, events, expected), 30)
 
         # 2. The node comes back and catches up: every stream, the bucket and the fencer's
         # consumer again have a leader and all replicas current.
@@ -98,6 +113,7 @@ async def test_failover_while_the_events_stream_leader_dies_and_again_after_it_r
         dead = {first, second}
         assert await lab.observer.wait_for(lambda: running_once(lab, dead, expected | expected2), 30), where(lab)
         assert confirmed(lab, second)
+        await eventually(lambda: stores_starts(js, events, expected | expected2), 30)
         # Only the two hung hosts were fenced: losing a NATS node made no one else look dead.
         assert {r.host for r in lab.fence_results() if isinstance(r, FenceResult)} == dead
     finally:
