@@ -60,7 +60,10 @@ EVENTS = {
     "hafence.host.h1.maintenance_on": {"scheduler", "arbiter"},
     "hafence.host.h1.fence_requested": {"arbiter"},
     "hafence.fence.result.h1": {"scheduler", "arbiter"},
-    "hafence.vm.vm-a.started": set(),  # only the CLI reads VM events
+    # The agent watches its own "cleared" events on a core subscription as well.
+    "hafence.host.h1.cleared": {"scheduler", "agent"},
+    "hafence.vm.vm-a.started": set(),  # only the CLI reads VM events and alerts
+    "hafence.alert.overload": set(),
 }
 
 
