@@ -52,6 +52,17 @@ from hafence.telemetry import extract_context, tracer
 log = logging.getLogger("hafence.agent")
 
 
+def stop_if_cancelled() -> None:
+    """Raise a cancellation that a library swallowed. On Python 3.11, ``wait_for``
+    (nats-py's request and JetStream publish use it) returns normally when the
+    cancel lands as its wait ends; the task is still marked cancelling, so a loop
+    that goes round again would never stop (seen: an agent that ignored SIGTERM
+    after parallel starts). Loops call this once per round."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", required=True, help="the host this agent runs on (as in the config)")
     parser.add_argument("--driver", choices=["sim", "libvirt"], default="sim", help="hypervisor driver")
@@ -108,6 +119,7 @@ class Agent:
     async def heartbeats(self) -> None:
         interval = self.rt.config.timings.heartbeat_interval_s
         while True:
+            stop_if_cancelled()
             on = self.power_is_on()
             cycles = self.power.power_cycles(self.host) if self.power else 0
             if self.powered and (not on or cycles != self.power_cycles):
@@ -140,6 +152,7 @@ class Agent:
         path = Path(settings.lease_dir) / f"{self.host}.lease"
         path.parent.mkdir(parents=True, exist_ok=True)
         while True:
+            stop_if_cancelled()
             if self.powered and self.power_is_on():
                 await asyncio.to_thread(path.write_text, f"{self.boot_id} {time.time():.3f}\n")
                 metrics.STORAGE_LEASE.labels(self.host).set(time.time())
@@ -154,6 +167,7 @@ class Agent:
         last = 0.0
         self.changed.set()
         while True:
+            stop_if_cancelled()
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
                 # that lands as its wait ends, and the service then never stops.

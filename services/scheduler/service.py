@@ -26,6 +26,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from hafence import metrics
+from hafence.agent.service import stop_if_cancelled
 from hafence.contracts import Alert, Decoders, FenceResult, HostEvent, Inventory, VmEvent, VmStart, VmStop
 from hafence.lease import LeaderLease
 from hafence.logs import fields
@@ -288,6 +289,7 @@ async def run(rt: Runtime) -> None:
     async def schedule_loop() -> None:
         await caught_up.wait()
         while True:
+            stop_if_cancelled()
             try:
                 async with asyncio.timeout(1.0):  # not wait_for: it can swallow a cancellation on 3.11
                     await wake.wait()
