@@ -66,7 +66,8 @@ def confirmed(lab: Lab, host: str) -> list[FenceResult]:
 
 
 async def test_failover_while_the_events_stream_leader_dies_and_again_after_it_returns() -> None:
-    lab = Lab(LabSpec(nats_cluster=3))
+    # secure: each process with its own NATS user and the deploy's permissions, as in compose.
+    lab = Lab(LabSpec(nats_cluster=3, secure=True))
     try:
         await lab.start()
         cluster = lab.nats_cluster
@@ -97,6 +98,8 @@ async def test_failover_while_the_events_stream_leader_dies_and_again_after_it_r
         # The stream went on under a leader elected among the survivors, and holds the incident.
         leaders = await wait_stream_leaders(js, [events], replicas=2, timeout=60)
         assert leaders[events] != killed
+        # The scheduler learns of the fence from this stream, so its starts come once the
+        # stream has its new leader: they must be stored, not only seen on the wire.
         await eventually(lambda: stores_starts(js, events, expected), 30)
 
         # 2. The node comes back and catches up: every stream, the bucket and the fencer's
