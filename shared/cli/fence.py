@@ -92,21 +92,28 @@ async def _fence(config: ClusterConfig, host: str, action: str, as_json: bool, w
                     break
             ok = bool(evidence) and all(e.confirmed for e in evidence)
             outcome, reason = ("confirmed_on" if ok else "failed"), ("powered on" if ok else "not confirmed on")
-        else:
-            report = await executor.fence(hc, action)
-            evidence = report.evidence
-            ok = report.verdict.outcome == "confirmed_off" and (
-                action != "reboot" or all(e.confirmed for e in evidence if e.action_sent == "on")
-            )
-            outcome, reason = report.verdict.outcome, report.verdict.reason
         announced, error = "", ""
-        if action in ("off", "reboot") and outcome == "confirmed_off":
-            # Confirmed off (for reboot: before it was powered on again): the VMs it ran are
-            # gone, so this counts as the operator's confirmation, published with the evidence.
-            try:
-                announced = await _publish_manual_fence(config, host, action, why, by, evidence)
-            except Exception as err:
-                ok, error = False, str(err) or type(err).__name__
+        if action in ("off", "reboot"):
+            # Off first, even for a reboot: the confirmation must be on the bus before the
+            # host can boot and report again, so the scheduler folds it against the boot
+            # that was running (S6), not the new one.
+            report = await executor.fence(hc, "off")
+            evidence = report.evidence
+            outcome, reason = report.verdict.outcome, report.verdict.reason
+            ok = outcome == "confirmed_off"
+            if ok:
+                # Confirmed off: the VMs it ran are gone, so this counts as the operator's
+                # confirmation, published with the evidence.
+                try:
+                    announced = await _publish_manual_fence(config, host, action, why, by, evidence)
+                except Exception as err:
+                    ok, error = False, str(err) or type(err).__name__
+            if ok and action == "reboot" and report.verdict.level is not None:
+                level = report.verdict.level
+                powered_on = await executor.run_level(level, executor.targets(hc)[level - 1], "on")
+                evidence = [*evidence, *powered_on]
+                ok = all(e.confirmed for e in powered_on)
+                reason += "; powered on again" if ok else "; NOT confirmed on again"
         if as_json:
             print(json.dumps({"host": host, "action": action, "outcome": outcome, "reason": reason,
                               "evidence": msgspec.to_builtins(evidence), "announced": announced,
