@@ -57,6 +57,14 @@ def storage_leases(lease_dir: str, hosts: list[str], live_window_s: float, now: 
     return live
 
 
+def _more_queued(msg: Msg) -> bool:
+    """Whether more events wait behind this one in the stream (JetStream metadata)."""
+    try:
+        return bool(msg.metadata.num_pending)
+    except Exception:  # not a JetStream message (tests): nothing known to wait
+        return False
+
+
 async def run(rt: Runtime) -> None:
     bus, config, timings = rt.bus, rt.config, rt.config.timings
     settings = config.arbiter
@@ -119,7 +127,8 @@ async def run(rt: Runtime) -> None:
             case "suspect":
                 incident_context[event.incident] = extract_context(msg.headers)
                 policy.suspect(event.host, event.incident, now, event.late_hosts)
-                decide_now.set()
+                if not _more_queued(msg):  # a resumed arbiter reads its backlog before it acts
+                    decide_now.set()
             case "alive":
                 policy.alive(event.host)
             case "fence_requested":
