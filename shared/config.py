@@ -132,6 +132,20 @@ class SchedulerSection(_Section):
     # S6: a fenced host that comes back is quarantined until an operator clears it
     # (hafence host clear); true: the scheduler clears it once it reports clean.
     auto_clear: bool = False
+    # VM-level HA (docs/vm-ha.md): an HA VM that fails on a live host (crashed, killed,
+    # panicked) is restarted, first on its own host, then elsewhere.
+    vm_restart: bool = True
+    # Restarts within the window; the next failure raises a vm_restart_limit alert instead.
+    vm_max_restarts: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 3
+    vm_restart_window_s: PositiveSeconds = 3600.0
+    # Of those, how many go back to the host it failed on before it is moved elsewhere.
+    vm_same_host_restarts: Annotated[int, msgspec.Meta(ge=0, le=1000)] = 1
+    # Wait before the n-th restart in the window: 0 for the first, then this, doubling, capped.
+    vm_restart_backoff_s: Seconds = 10.0
+    vm_restart_backoff_max_s: Seconds = 300.0
+    # A shutdown from inside the guest is not a failure unless this (or the VM's own
+    # setting) says so (XAPI's ha-reboot-vm-on-internal-shutdown).
+    restart_on_guest_shutdown: bool = False
 
 
 class AgentSection(_Section):
@@ -258,6 +272,9 @@ class VmConfig(_Section):
     labels: list[str] = []
     # Path of the libvirt domain XML on shared storage (libvirt driver).
     definition: str = ""
+    # VM-level HA overrides of [scheduler] (unset: the section's value).
+    max_restarts: Annotated[int, msgspec.Meta(ge=0, le=1000)] | None = None
+    restart_on_guest_shutdown: bool | None = None
 
     def spec(self) -> VmSpec:
         return VmSpec(name=self.name, memory_mb=self.memory_mb, vcpus=self.vcpus, ha=self.ha, uuid=self.uuid,

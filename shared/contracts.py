@@ -64,9 +64,24 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     definition: str = ""
 
 
+# Why a VM is not running, as its host's agent saw it stop (``VmInfo.stop_reason``). A
+# failure is one the agent did not order: the scheduler restarts an HA VM after one
+# (docs/vm-ha.md). A plain string on the wire, not a Literal: a newer agent's reason
+# must not make an older scheduler refuse the whole inventory.
+VM_FAILURES: tuple[str, ...] = ("crashed", "killed", "panicked", "guest_shutdown")
+# Not failures: stopped by a hafence command, moved away by a migration, saved to disk,
+# or stopped for a reason the hypervisor did not give (never restarted on a guess).
+VM_STOPS: tuple[str, ...] = ("command", "migrated", "saved", "other")
+StopReason = Annotated[str, msgspec.Meta(max_length=32)]
+
+
 class VmInfo(msgspec.Struct, frozen=True, kw_only=True):
     spec: VmSpec
     state: Literal["running", "stopped"]
+    # Stopped: why (VM_FAILURES or VM_STOPS; "" when the agent did not see it stop) and
+    # when the agent saw it (its clock; with the host and boot, the failure's identity).
+    stop_reason: StopReason = ""
+    stopped_at: Seconds = 0.0
 
 
 class Inventory(Message, tag="inventory", kw_only=True):
@@ -197,6 +212,9 @@ VmEventKind = Literal[
     "placed", "started", "failed", "pending",
     # S0 watch: the VM is reported running on two hosts; the copy that must go was stopped.
     "duplicate", "stopped",
+    # VM-level HA (docs/vm-ha.md): an HA VM failed on a live host (crashed, killed,
+    # panicked, shut down by its guest), was restarted, or failed too often to be.
+    "crashed", "restarted", "restart_limit",
 ]
 
 
