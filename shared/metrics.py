@@ -83,12 +83,25 @@ HA_RESERVATION = Gauge("hafence_ha_reservation_ok",
                        registry=None)
 VM_EVENTS = Counter("hafence_vm_events_total", "VM events published by the scheduler, by kind (duplicate: S0 watch)",
                     ["kind"], registry=None)
+# VM-level HA (docs/vm-ha.md): restarts of HA VMs that failed on a live host.
+VmFailure = Literal["crashed", "killed", "panicked", "guest_shutdown"]
+RestartWhere = Literal["same_host", "elsewhere"]
+RestartResult = Literal["started", "failed", "unanswered"]
+VM_RESTARTS = Counter("hafence_vm_restarts_total",
+                      "Restarts of HA VMs that failed on a live host, by failure reason, where, and result",
+                      ["reason", "where", "result"], registry=None)
+VM_RESTART_LIMITS = Counter("hafence_vm_restart_limits_total",
+                            "HA VMs no longer restarted (restart limit reached, or no host could start them)",
+                            registry=None)
 
 # --- agents ---
 AGENT_HEARTBEATS = Counter("hafence_agent_heartbeats_sent_total", "Heartbeats this host's agent published",
                            ["host"], registry=None)
 AGENT_VM_STARTS = Counter("hafence_agent_vm_starts_total", "VM starts asked of this host's hypervisor, by result",
                           ["host", "result"], registry=None)
+AGENT_VM_FAILURES = Counter("hafence_agent_vm_failures_total",
+                            "VMs this host's agent saw stop without an order, by reason", ["host", "reason"],
+                            registry=None)
 AGENT_POWERED = Gauge("hafence_agent_powered", "1 while the host is powered on (lab: its simulated switch)",
                       ["host"], registry=None)
 STORAGE_LEASE = Gauge("hafence_agent_storage_lease_renewed_timestamp_seconds",
@@ -108,8 +121,8 @@ OWN: dict[str, tuple[Collector, ...]] = {
     "heartbeat": (HEARTBEATS, HOSTS, MONITOR_LAG, MONITOR_OVERLOADED),
     "arbiter": (HOSTS, DECISIONS),
     "fencer": (FENCES, FENCE_SECONDS, PROTECTED),
-    "scheduler": (PLACEMENTS, PENDING, FAILOVER_SECONDS, HA_RESERVATION, VM_EVENTS),
-    "agent": (AGENT_HEARTBEATS, AGENT_VM_STARTS, AGENT_POWERED, STORAGE_LEASE),
+    "scheduler": (PLACEMENTS, PENDING, FAILOVER_SECONDS, HA_RESERVATION, VM_EVENTS, VM_RESTARTS, VM_RESTART_LIMITS),
+    "agent": (AGENT_HEARTBEATS, AGENT_VM_STARTS, AGENT_VM_FAILURES, AGENT_POWERED, STORAGE_LEASE),
 }
 
 
@@ -145,11 +158,17 @@ def prime(service: str, config: ClusterConfig | None, host: str = "") -> None:
             PLACEMENTS.labels(result)
         for kind in get_args(VmEventKind):
             VM_EVENTS.labels(kind)
+        for reason in get_args(VmFailure):
+            for where in get_args(RestartWhere):
+                for result in get_args(RestartResult):
+                    VM_RESTARTS.labels(reason, where, result)
         HA_RESERVATION.set(math.nan)  # no verdict yet: neither "ok" nor "lost"
     elif service == "agent" and host:
         AGENT_HEARTBEATS.labels(host)
         for result in get_args(AgentStartResult):
             AGENT_VM_STARTS.labels(host, result)
+        for reason in get_args(VmFailure):
+            AGENT_VM_FAILURES.labels(host, reason)
 
 
 def registry_for(service: str) -> CollectorRegistry:
