@@ -17,12 +17,23 @@ domain carrying hafence metadata or known to the config. libvirt blocks, so
 every call runs in a worker thread of the driver's own pool (sized for the
 agent's parallel starts; the loop's default pool has cores + 4 threads). Tested
 against libvirt's built-in ``test:///default``.
+
+VM-level HA: a stopped domain's state reason says why it stopped (crashed,
+destroyed = killed, shut down by its guest, migrated, saved...); a domain left
+in the ``crashed`` state after a guest panic (``on_crash = preserve``) counts as
+stopped, is destroyed before it is started again, and is reported ``panicked``.
+Lifecycle events (``VIR_DOMAIN_EVENT_ID_LIFECYCLE``) wake the agent at once; they
+need libvirt's default event loop, registered once per process before the first
+connection and run in a daemon thread. Without it the agent's poll still sees
+every stop, a heartbeat interval later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +43,58 @@ from hafence.agent.hypervisor import HypervisorError
 from hafence.contracts import VmInfo, VmSpec
 
 NS = "https://hafence.dev/xmlns/vm/1"
+
+log = logging.getLogger("hafence.agent")
+
+# libvirt's (state, reason) numbers (libvirt-domain.h; stable ABI), so the mapping
+# is plain data that tests can read without libvirt.
+SHUTOFF, CRASHED = 5, 6
+SHUTOFF_REASONS = {0: "other", 1: "guest_shutdown", 2: "killed", 3: "crashed", 4: "migrated", 5: "saved",
+                   6: "crashed", 7: "other", 8: "killed"}
+CRASHED_PANICKED = 1
+# Lifecycle events: STARTED, STOPPED, CRASHED (detail PANICKED = 0).
+EVENT_STARTED, EVENT_STOPPED, EVENT_CRASHED = 2, 5, 8
+
+
+def stop_reason(state: int, reason: int) -> str:
+    """Why a domain in ``state`` (not running) stopped, in hafence's words. Anything
+    libvirt does not call a failure (migrated, saved, restored from a snapshot, unknown)
+    is not one: a VM migrated away must never be started again here."""
+    if state == CRASHED:
+        return "panicked" if reason == CRASHED_PANICKED else "crashed"
+    if state == SHUTOFF:
+        return SHUTOFF_REASONS.get(reason, "other")
+    return "other"
+
+
+_events_lock = threading.Lock()
+_events_started = False
+
+
+def start_event_loop(libvirt: Any) -> bool:
+    """libvirt's default event implementation, once per process, run by a daemon
+    thread (it must be registered before a connection is opened to get its events)."""
+    global _events_started
+    with _events_lock:
+        if _events_started:
+            return True
+        try:
+            libvirt.virEventRegisterDefaultImpl()
+        except Exception as err:  # an old or odd build: the poll still sees every stop
+            log.warning("libvirt events unavailable (%s): VM stops are seen by polling", err)
+            return False
+
+        def run() -> None:
+            while True:
+                try:
+                    libvirt.virEventRunDefaultImpl()
+                except Exception as err:
+                    log.warning("libvirt event loop: %s", err)
+                    threading.Event().wait(1.0)
+
+        threading.Thread(target=run, daemon=True, name="libvirt-events").start()
+        _events_started = True
+        return True
 
 
 def _split(value: str | None) -> list[str]:
@@ -71,6 +134,12 @@ class LibvirtHypervisor:
 
         self._libvirt = libvirt
         self.uri = uri
+        self._events = start_event_loop(libvirt)
+        self._listener: Callable[[], None] | None = None
+        self._callback_id: int | None = None
+        # A guest panic seen as an event, for the stop that follows (on_crash = destroy
+        # leaves the domain shut off with reason "crashed").
+        self._panicked: set[str] = set()
         try:
             self.conn: Any = libvirt.open(uri)
         except libvirt.libvirtError as err:
@@ -87,11 +156,60 @@ class LibvirtHypervisor:
         except self._libvirt.libvirtError:
             return None
 
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Lifecycle events call ``callback`` in the caller's loop (from libvirt's thread)."""
+        loop = asyncio.get_running_loop()
+        self._listener = lambda: loop.call_soon_threadsafe(callback)
+        if self._events and self._callback_id is None:
+            try:
+                self._callback_id = self.conn.domainEventRegisterAny(
+                    None, self._libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_event, None)
+            except self._libvirt.libvirtError as err:
+                log.warning("libvirt lifecycle events not delivered (%s): VM stops are seen by polling", err)
+
+    def _on_event(self, _conn: Any, dom: Any, event: int, detail: int, _opaque: Any) -> None:
+        """libvirt's event thread: note a panic, wake the agent. Never raises into libvirt."""
+        try:
+            name = dom.name()
+            if event == EVENT_CRASHED:
+                self._panicked.add(name)
+            elif event == EVENT_STARTED:
+                self._panicked.discard(name)
+            if self._listener is not None:
+                self._listener()
+        except Exception as err:  # the loop may be closed at shutdown
+            log.debug("libvirt event not handled: %s", err)
+
+    def close(self) -> None:
+        if self._callback_id is not None:
+            try:
+                self.conn.domainEventDeregisterAny(self._callback_id)
+            except self._libvirt.libvirtError:
+                pass
+            self._callback_id = None
+        self._listener = None
+
+    @staticmethod
+    def _state(dom: Any) -> tuple[int, int]:
+        state, reason = dom.state()
+        return int(state), int(reason)
+
+    def _running(self, dom: Any) -> bool:
+        """Running: active and not left crashed after a panic (on_crash = preserve)."""
+        return bool(dom.isActive()) and self._state(dom)[0] != CRASHED
+
     def _list(self) -> list[VmInfo]:
         out = []
         for dom in self.conn.listAllDomains():
             spec = spec_of(dom.XMLDesc(0))
-            out.append(VmInfo(spec=spec, state="running" if dom.isActive() else "stopped"))
+            state, reason = self._state(dom)
+            if dom.isActive() and state != CRASHED:
+                out.append(VmInfo(spec=spec, state="running"))
+                continue
+            why = stop_reason(state, reason)
+            if why == "crashed" and spec.name in self._panicked:
+                why = "panicked"
+            out.append(VmInfo(spec=spec, state="stopped", stop_reason=why))
         return out
 
     def _start(self, spec: VmSpec) -> None:
@@ -108,9 +226,12 @@ class LibvirtHypervisor:
                 dom.setAutostart(0)  # S6: it starts on command only, never at the host's next boot
             except self._libvirt.libvirtError as err:
                 raise HypervisorError(f"cannot define {spec.name}: {err}") from None
+        if dom.isActive() and self._state(dom)[0] == CRASHED:
+            dom.destroy()  # kept after a panic (on_crash = preserve): it must go before it boots again
         if dom.isActive():
             return  # started meanwhile (the agent serializes starts of one VM; this is belt and braces)
         try:
+            self._panicked.discard(spec.name)
             dom.create()
         except self._libvirt.libvirtError as err:
             raise HypervisorError(f"cannot start {spec.name}: {err}") from None
@@ -127,7 +248,7 @@ class LibvirtHypervisor:
 
     def _is_running(self, name: str) -> bool:
         dom = self._domain(name)
-        return dom is not None and bool(dom.isActive())
+        return dom is not None and self._running(dom)
 
     def _disable_autostart(self, names: set[str]) -> list[str]:
         changed = []

@@ -41,6 +41,7 @@ from opentelemetry.trace import SpanKind
 
 from hafence import metrics
 from hafence.agent.hypervisor import Hypervisor, SimHypervisor
+from hafence.agent.vm_watch import VmWatch, reported
 from hafence.bus import Reject
 from hafence.contracts import AgentReply, Decoders, Heartbeat, HostEvent, Inventory, VmSpec, VmStart, VmStop, encode
 from hafence.lab.power import SimPowerSwitch
@@ -92,17 +93,20 @@ class Agent:
         self.vm_locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self.managed = {vm.name for vm in rt.config.vms}
         self.published: list[tuple[str, str]] | None = None
+        # VM-level HA: stops of VMs seen running that this agent did not order (vm_watch.py).
+        self.watch = VmWatch()
 
     def power_is_on(self) -> bool:
         return self.power is None or self.power.read(self.host) == "on"
 
     async def publish_inventory(self) -> None:
-        vms = await self.hypervisor.list_vms()
+        vms, failed = self.watch.observe(await self.hypervisor.list_vms(), time.time())
         inv = Inventory(
             host=self.host, boot_id=self.boot_id, memory_mb=self.config.memory_mb, vcpus=self.config.vcpus,
             labels=self.config.labels, vms=vms, sent_at=time.time(), quarantined=self.quarantined,
         )
-        await self.bus.publish(self.bus.subjects.inventory(self.host), inv)
+        with reported(self.host, self.boot_id, failed):  # a failure's report roots its restart's trace
+            await self.bus.publish(self.bus.subjects.inventory(self.host), inv)
         self.published = self._summary(vms)
 
     @staticmethod
@@ -129,6 +133,7 @@ class Agent:
             self.power_cycles = cycles
             if not self.powered and on:
                 self.boot_id, self.seq, self.quarantined = uuid.uuid4().hex, 0, True
+                self.watch.reset()
                 log.warning("power is on: host booted", extra=fields(host=self.host, boot_id=self.boot_id))
                 await self.hypervisor.boot()
                 await self.no_autostart()
@@ -238,11 +243,16 @@ class Agent:
                     if refused:
                         raise ValueError(refused)
                     await self.hypervisor.start(cmd.vm)
+                    self.watch.started(name)
                     metrics.AGENT_VM_STARTS.labels(self.host, "started").inc()
                     state = "running"
                 else:
                     log.warning("stopping VM", extra=fields(vm=name, reason=cmd.reason))
-                    await self.hypervisor.stop(name)
+                    self.watch.stopping(name)
+                    try:
+                        await self.hypervisor.stop(name)
+                    finally:
+                        self.watch.stop_done(name, time.time())
                     state = "stopped"
             except Exception as err:
                 if isinstance(cmd, VmStart):
@@ -295,6 +305,7 @@ class Agent:
                              self.on_cleared)  # type: ignore[arg-type]
 
     async def run(self) -> None:
+        self.hypervisor.on_change(self.changed.set)  # a VM stopping by itself: report it now
         await self.no_autostart()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.watch_cleared())

@@ -1,0 +1,120 @@
+"""What the agent says about its VMs' stops (VM-level HA, docs/vm-ha.md).
+
+A *failure* is a stop of a VM the agent saw running, in this boot, that the agent
+did not order: the hypervisor calls it crashed, killed (destroyed by someone
+else), panicked, or shut down by its guest. The agent reports it in its
+inventory (``VmInfo.stop_reason``, ``stopped_at``), where the scheduler reads it;
+the scheduler decides whether to restart.
+
+The agent never reports a failure it did not see happen. A VM found stopped at
+the agent's start or after a boot has no reason. A stop the agent ordered is
+``command``, and a stop the hypervisor does not call a failure (migrated, saved,
+unknown) is never one, because a VM migrated away must not be started here again.
+
+``VmWatch`` is pure (VMs and ``now`` in, the report out); ``reported`` wraps the
+inventory publish that carries new failures in a span, the root of the trace of
+each restart that follows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import msgspec
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind
+
+from hafence import metrics
+from hafence.contracts import VM_FAILURES, VM_STOPS, VmInfo
+from hafence.logs import fields
+from hafence.telemetry import tracer
+
+log = logging.getLogger("hafence.agent")
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    vm: str
+    reason: str
+    at: float
+
+
+class VmWatch:
+    def __init__(self) -> None:
+        self.running: set[str] = set()  # seen running in this boot
+        self.stopped: dict[str, tuple[str, float]] = {}  # seen stop: (reason, when)
+        self.ordered: set[str] = set()  # stops this agent is carrying out
+
+    def reset(self) -> None:
+        """A new boot: nothing has been seen running in it."""
+        self.running.clear()
+        self.stopped.clear()
+        self.ordered.clear()
+
+    def started(self, name: str) -> None:
+        """A start this agent made: a stop from now on is seen even if it comes before the next look."""
+        self.running.add(name)
+        self.stopped.pop(name, None)
+
+    def stopping(self, name: str) -> None:
+        self.ordered.add(name)
+
+    def stop_done(self, name: str, now: float) -> None:
+        self.ordered.discard(name)
+        if name in self.running or name not in self.stopped:
+            self.running.discard(name)
+            self.stopped[name] = ("command", now)
+        # else: it had failed before (the scheduler confirms it stopped before moving
+        # it): the failure stays what is reported.
+
+    def observe(self, vms: list[VmInfo], now: float) -> tuple[list[VmInfo], list[Failure]]:
+        """The VMs as the agent reports them, and the failures seen since the last look."""
+        out: list[VmInfo] = []
+        failures: list[Failure] = []
+        present: set[str] = set()
+        for vm in vms:
+            name = vm.spec.name
+            present.add(name)
+            if vm.state == "running":
+                self.running.add(name)
+                self.stopped.pop(name, None)
+                out.append(vm if not vm.stop_reason and not vm.stopped_at
+                           else msgspec.structs.replace(vm, stop_reason="", stopped_at=0.0))
+                continue
+            seen = self.stopped.get(name)
+            if seen is None and name in self.running:
+                said = vm.stop_reason if vm.stop_reason in VM_FAILURES + VM_STOPS else "other"
+                reason = "command" if name in self.ordered else said
+                seen = self.stopped[name] = (reason, now)
+                if reason in VM_FAILURES:
+                    failures.append(Failure(name, reason, now))
+            self.running.discard(name)
+            reason, at = seen if seen is not None else ("", 0.0)
+            out.append(vm if (vm.stop_reason, vm.stopped_at) == (reason, at)
+                       else msgspec.structs.replace(vm, stop_reason=reason, stopped_at=at))
+        self.running &= present  # undefined meanwhile: forget
+        for name in [n for n in self.stopped if n not in present]:
+            del self.stopped[name]
+        return out, failures
+
+
+@contextmanager
+def reported(host: str, boot_id: str, failures: list[Failure]) -> Iterator[None]:
+    """Log and count new failures and open the span their report is published in."""
+    if not failures:
+        yield
+        return
+    for failure in failures:
+        log.error("VM failed", extra=fields(host=host, vm=failure.vm, reason=failure.reason))
+        metrics.AGENT_VM_FAILURES.labels(host, failure.reason).inc()
+    names = ", ".join(f"{f.vm} ({f.reason})" for f in failures)
+    # A new trace: the failure is where the story of each restart begins.
+    with tracer().start_as_current_span(
+        f"vm failed on {host}: {names}", context=Context(), kind=SpanKind.PRODUCER,
+        attributes={"hafence.host": host, "hafence.boot_id": boot_id,
+                    "hafence.vms": [f.vm for f in failures], "hafence.reasons": [f.reason for f in failures]},
+    ):
+        yield
