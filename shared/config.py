@@ -86,8 +86,10 @@ class ArbiterSection(_Section):
     # Two-host clusters: wait this long before fencing the peer, so two halves of a split
     # cannot shoot each other at the same moment (Pacemaker's pcmk_delay).
     two_host_delay_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
-    # A suspect host still renewing its storage lease is isolated, not dead.
-    isolated_host_action: Literal["skip", "fence"] = "skip"
+    # A suspect host still renewing its storage lease is isolated, not dead: "skip" it
+    # (alert), "fence" it through its topology, or write its poison "pill" (a fence
+    # through its watchdog levels only: it resets itself; docs/watchdog.md).
+    isolated_host_action: Literal["skip", "fence", "pill"] = "skip"
     # Whole-topology attempts after a failed fence (each after a growing back-off), then escalate.
     fence_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
     fence_retry_backoff_s: Annotated[float, msgspec.Meta(ge=0)] = 15.0
@@ -110,6 +112,19 @@ class StorageSection(_Section):
     # Directory on the shared storage holding <vm>.xml libvirt definitions: where a VM
     # not defined on its new host is defined from (never from an agent's report).
     definitions_dir: str = ""
+    # Watchdog self-fencing (docs/watchdog.md). Directory on the shared storage with
+    # each host's slot: <host>.slot (its agent's record: boot, counter, armed watchdog
+    # and timeout) and <host>.pill (the poison pill the fencer writes). Empty: no slots.
+    slot_dir: str = ""
+    # How often an agent checks its slot (and writes its record); at most half the
+    # watchdog timeout, so a pill is seen and obeyed well inside msgwait.
+    slot_interval_s: PositiveSeconds = 1.0
+    # The timeout an agent asks its watchdog device for (the device may round it:
+    # the agent reports what the device says).
+    watchdog_timeout_s: PositiveSeconds = 10.0
+    # Without storage, an agent feeds its watchdog only while the monitor's view
+    # listing it is at most this old; at most half the watchdog timeout.
+    view_max_age_s: PositiveSeconds = 3.0
 
 
 class FencerSection(_Section):
@@ -236,8 +251,20 @@ class FenceAgentDevice(_Device, tag="agent", kw_only=True):
     timeout_s: PositiveSeconds = 30.0
 
 
-Device = SimDevice | IpmiDevice | ApcSnmpDevice | RedfishDevice | FenceAgentDevice
-DRIVERS = ("sim", "ipmi", "apc_snmp", "redfish", "agent")
+class WatchdogDevice(_Device, tag="watchdog", kw_only=True):
+    """Watchdog self-fencing through the host's slot on shared storage (SBD-style):
+    "off" writes the poison pill; it reads "off" once the host has provably stopped
+    (docs/watchdog.md). Serves every host with a watchdog; a level entry names no port.
+    ``power_timeout_s`` must exceed msgwait."""
+
+    # At least twice the host's reported watchdog timeout; 0: exactly that.
+    msgwait_s: Seconds = 0.0
+    power_timeout_s: PositiveSeconds = 60.0
+    retries: Annotated[int, msgspec.Meta(ge=0, le=10)] = 0
+
+
+Device = SimDevice | IpmiDevice | ApcSnmpDevice | RedfishDevice | FenceAgentDevice | WatchdogDevice
+DRIVERS = ("sim", "ipmi", "apc_snmp", "redfish", "agent", "watchdog")
 
 
 class LevelDevice(_Section):
@@ -257,6 +284,8 @@ class HostConfig(_Section):
     levels: list[FenceLevel] = []
     maintenance: bool = False
     labels: list[str] = []
+    # The host's watchdog device ("/dev/watchdog"); empty: none (docs/watchdog.md).
+    watchdog: str = ""
 
 
 class VmConfig(_Section):
@@ -396,7 +425,7 @@ def has_ports(device: Device) -> bool:
     """Whether a level entry's ``port`` chooses what the device powers: an outlet,
     a plug, a sim port. A BMC (ipmi, redfish) powers exactly one machine."""
     match device:
-        case IpmiDevice() | RedfishDevice():
+        case IpmiDevice() | RedfishDevice() | WatchdogDevice():
             return False
         case FenceAgentDevice():
             return bool(device.port_option)
@@ -422,6 +451,8 @@ def power_target(name: str, device: Device, port: str, host: str) -> tuple[objec
             return ("sim", device.state_dir, port or host)
         case FenceAgentDevice():
             return ("agent", name, port or host) if device.port_option else ("agent", name)
+        case WatchdogDevice():
+            return ("watchdog", host)  # the host's own slot: never another host's
     return (name, port or host)
 
 
@@ -473,8 +504,44 @@ def worst_fence_s(config: ClusterConfig, host: HostConfig) -> float:
     return total * (2 if config.arbiter.action == "reboot" else 1)
 
 
+def check_watchdog(config: ClusterConfig) -> list[ConfigIssue]:
+    """A watchdog level works only with slots on shared storage, a watchdog on the
+    host, intervals that let a pill be obeyed inside msgwait, and a device timeout
+    longer than msgwait (docs/watchdog.md)."""
+    issues: list[ConfigIssue] = []
+    st = config.storage
+    half = st.watchdog_timeout_s / 2
+    if st.slot_dir and st.slot_interval_s > half:
+        issues.append(ConfigIssue("storage.slot_interval_s", (
+            f"{st.slot_interval_s:g}s is more than half of watchdog_timeout_s ({st.watchdog_timeout_s:g}s): "
+            "a host could feed its watchdog on a check older than msgwait allows")))
+    if st.slot_dir and st.view_max_age_s > half:
+        issues.append(ConfigIssue("storage.view_max_age_s", (
+            f"{st.view_max_age_s:g}s is more than half of watchdog_timeout_s ({st.watchdog_timeout_s:g}s): "
+            "a host without storage could feed its watchdog on a view older than msgwait allows")))
+    for i, host in enumerate(config.hosts):
+        for j, level in enumerate(host.levels):
+            for k, ref in enumerate(level.devices):
+                device = config.devices.get(ref.device)
+                if not isinstance(device, WatchdogDevice):
+                    continue
+                key = f"hosts[{i}].levels[{j}].devices[{k}]"
+                if not st.slot_dir:
+                    issues.append(ConfigIssue(key, f"device {ref.device!r} (watchdog) needs [storage] slot_dir"))
+                if not host.watchdog:
+                    issues.append(ConfigIssue(f"hosts[{i}].watchdog", (
+                        f"host {host.name!r} has a watchdog level but no watchdog device (e.g. \"/dev/watchdog\")")))
+                msgwait = max(device.msgwait_s, 2 * st.watchdog_timeout_s)
+                if device.power_timeout_s <= msgwait + st.slot_interval_s:
+                    issues.append(ConfigIssue(f"devices.{ref.device}.power_timeout_s", (
+                        f"{device.power_timeout_s:g}s cannot see msgwait ({msgwait:g}s) pass: make it more than "
+                        f"{msgwait + st.slot_interval_s:g}s")))
+    return issues
+
+
 def check_consistency(config: ClusterConfig) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = check_power_targets(config)
+    issues += check_watchdog(config)
     seen_hosts: set[str] = set()
     for i, host in enumerate(config.hosts):
         if host.name in seen_hosts:

@@ -94,6 +94,12 @@ class Inventory(Message, tag="inventory", kw_only=True):
     sent_at: float
     # S6: a host that was fenced starts nothing on its own until it is cleared.
     quarantined: bool = False
+    # Watchdog self-fencing (docs/watchdog.md): the agent's watchdog is armed, with
+    # the timeout the device reports; ``pill``: a poison pill is in the host's slot
+    # (it was fenced through it and starts nothing until `hafence host clear`).
+    watchdog_armed: bool = False
+    watchdog_timeout_s: Seconds = 0.0
+    pill: bool = False
 
 
 HostEventKind = Literal[
@@ -149,6 +155,19 @@ class FenceRequest(Message, tag="fence_request", kw_only=True):
     requested_at: float
     reason: str = ""
     boot_id: str = ""
+    # "watchdog": only the host's watchdog levels (the isolation response "pill":
+    # an isolated host resets itself through its slot); "topology": every level.
+    method: Literal["topology", "watchdog"] = "topology"
+
+
+class MonitorView(Message, tag="monitor_view", kw_only=True):
+    """The heartbeat monitor's leader hears ``host`` (watchdog hosts only, every
+    interval): without storage, an agent feeds its watchdog only while a recent
+    view lists it, and the fencer's watchdog level waits until it is out of view."""
+
+    host: Name
+    term: Count
+    at: float
 
 
 class DeviceEvidence(msgspec.Struct, frozen=True, kw_only=True):
@@ -274,10 +293,11 @@ class Decoders:
     agent_reply = msgspec.json.Decoder(AgentReply)
     vm_event = msgspec.json.Decoder(VmEvent)
     alert = msgspec.json.Decoder(Alert)
+    monitor_view = msgspec.json.Decoder(MonitorView)
     dead_letter = msgspec.json.Decoder(DeadLetter)
     scheduler_input = msgspec.json.Decoder(Inventory | HostEvent | FenceResult)
     arbiter_input = msgspec.json.Decoder(HostEvent | FenceResult)
     any = msgspec.json.Decoder(
         Heartbeat | Inventory | HostEvent | FenceRequest | FenceResult | VmStart | VmStop
-        | AgentReply | VmEvent | Alert | DeadLetter
+        | AgentReply | VmEvent | Alert | DeadLetter | MonitorView
     )

@@ -33,6 +33,7 @@ from hafence.contracts import (
     HostEvent,
     Inventory,
     Message,
+    MonitorView,
     VmEvent,
     VmStart,
     VmStop,
@@ -116,6 +117,7 @@ ROUTES: tuple[Route, ...] = (
     Route("agent.*.cmd", (VmStart, VmStop)),
     Route("alert.{kind}", (Alert,)),
     Route("dlq.{service}", (DeadLetter,)),
+    Route("view.{host}", (MonitorView,)),
 )
 
 

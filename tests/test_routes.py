@@ -20,6 +20,7 @@ from hafence.contracts import (
     HostEvent,
     Inventory,
     Message,
+    MonitorView,
     VmEvent,
     VmInfo,
     VmSpec,
@@ -36,6 +37,7 @@ from hafence.routes import (
     accepted_types,
     nesting_exceeds,
 )
+from hafence.slots import view_subject
 from hafence.subjects import HOST_EVENT_KINDS, VM_EVENT_KINDS, InvalidName, Subjects, check_name
 
 R = Routes.for_prefix("hafence")
@@ -147,6 +149,7 @@ def test_every_subject_the_project_builds_has_a_route_for_its_message() -> None:
         (S.agent_cmd("h1"), VmStop(vm="vm-a")),
         (S.alert("overload"), Alert(kind="overload", at=1.0, service="heartbeat", reason="r")),
         (S.dlq("fencer"), DeadLetter(service="fencer", subject="x", error="e", raw=b"\0", at=1.0)),
+        (view_subject(S, "h1"), MonitorView(host="h1", term=1, at=1.0)),
     ]
     built += [(S.host_event("h1", k), HostEvent(host="h1", kind=k, at=1.0)) for k in HOST_EVENT_KINDS]  # type: ignore[arg-type]
     built += [(S.vm_event("vm-a", k), VmEvent(vm="vm-a", kind=k, at=1.0)) for k in VM_EVENT_KINDS]  # type: ignore[arg-type]

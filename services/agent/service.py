@@ -42,11 +42,13 @@ from opentelemetry.trace import SpanKind
 from hafence import metrics
 from hafence.agent.hypervisor import Hypervisor, SimHypervisor
 from hafence.agent.vm_watch import VmWatch, reported
+from hafence.agent.watchdog import LinuxWatchdog, WatchdogDevice, WatchdogGuard
 from hafence.bus import Reject
 from hafence.contracts import AgentReply, Decoders, Heartbeat, HostEvent, Inventory, VmSpec, VmStart, VmStop, encode
 from hafence.lab.power import SimPowerSwitch
 from hafence.logs import fields
 from hafence.service import Runtime
+from hafence.slots import view_subject
 from hafence.subjects import check_name
 from hafence.telemetry import extract_context, tracer
 
@@ -72,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-delay", type=float, default=0.0, help="lab: seconds every VM start takes")
     parser.add_argument("--sim-power", default="", help="lab: directory of the simulated power switch")
     parser.add_argument("--boot-vms", action="store_true", help="lab: start the host's configured VMs at boot")
+    parser.add_argument("--sim-watchdog", default="", help="lab: directory of the simulated watchdog devices")
 
 
 class Agent:
@@ -95,6 +98,19 @@ class Agent:
         self.published: list[tuple[str, str]] | None = None
         # VM-level HA: stops of VMs seen running that this agent did not order (vm_watch.py).
         self.watch = VmWatch()
+        # Watchdog self-fencing through a slot on shared storage (watchdog.py).
+        self.guard: WatchdogGuard | None = None
+        if rt.config.storage.slot_dir:
+            device: WatchdogDevice | None = None
+            if getattr(rt.args, "sim_watchdog", ""):
+                from hafence.lab.watchdogsim import SimWatchdog
+
+                device = SimWatchdog(rt.args.sim_watchdog, self.host)
+            elif self.config.watchdog:
+                device = LinuxWatchdog(self.config.watchdog)
+            self.guard = WatchdogGuard(rt.config, self.host, device, lambda: self.powered and self.power_is_on(),
+                                       lambda: self.boot_id, self.on_pill)
+            self.guard.changed = self.changed.set
 
     def power_is_on(self) -> bool:
         return self.power is None or self.power.read(self.host) == "on"
@@ -103,7 +119,11 @@ class Agent:
         vms, failed = self.watch.observe(await self.hypervisor.list_vms(), time.time())
         inv = Inventory(
             host=self.host, boot_id=self.boot_id, memory_mb=self.config.memory_mb, vcpus=self.config.vcpus,
-            labels=self.config.labels, vms=vms, sent_at=time.time(), quarantined=self.quarantined,
+            labels=self.config.labels, vms=vms, sent_at=time.time(),
+            quarantined=self.quarantined or bool(self.guard and self.guard.pill),
+            watchdog_armed=bool(self.guard and self.guard.armed),
+            watchdog_timeout_s=self.guard.timeout_s if self.guard and self.guard.armed else 0.0,
+            pill=bool(self.guard and self.guard.pill),
         )
         with reported(self.host, self.boot_id, failed):  # a failure's report roots its restart's trace
             await self.bus.publish(self.bus.subjects.inventory(self.host), inv)
@@ -239,7 +259,7 @@ class Agent:
                     if await self.hypervisor.is_running(name):
                         metrics.AGENT_VM_STARTS.labels(self.host, "already").inc()
                         return AgentReply(host=self.host, vm=name, ok=True, state="running", already=True)
-                    refused = self.definition_allowed(cmd.vm)
+                    refused = self.definition_allowed(cmd.vm) or (self.guard.start_refusal() if self.guard else "")
                     if refused:
                         raise ValueError(refused)
                     await self.hypervisor.start(cmd.vm)
@@ -293,6 +313,8 @@ class Agent:
             raise Reject(f"not a 'cleared' event for {self.host}")
         if event.boot_id and event.boot_id != self.boot_id:
             return None  # for another boot of this host: this one stays quarantined
+        if self.guard is not None and self.guard.pill:
+            return None  # the pill in its slot keeps it fenced: `hafence host clear` removes it first
         if self.quarantined:
             log.warning("cleared: leaving quarantine",
                         extra=fields(host=self.host, by=event.by, rule=event.rule, reason=event.reason))
@@ -314,6 +336,23 @@ class Agent:
             tg.create_task(self.serve())
             if self.rt.config.storage.lease_dir:
                 tg.create_task(self.storage_lease())
+            if self.guard is not None:
+                tg.create_task(self.guard.run())
+                tg.create_task(self.bus.serve(view_subject(self.bus.subjects, self.host), Decoders.monitor_view,
+                                              self.guard.on_view))  # type: ignore[arg-type]
+
+    async def on_pill(self) -> None:
+        """A poison pill in the slot: power every VM off now (ordered stops, not
+        crashes: nothing restarts them here); the watchdog resets the host."""
+        running = [vm.spec.name for vm in await self.hypervisor.list_vms() if vm.state == "running"]
+        for name in running:
+            self.watch.stopping(name)
+        try:
+            await self.hypervisor.stop_all()
+        finally:
+            for name in running:
+                self.watch.stop_done(name, time.time())
+        self.changed.set()
 
 
 async def run(rt: Runtime) -> None:
