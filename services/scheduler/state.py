@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
-from hafence.contracts import FenceResult, HostEvent, Inventory, VmSpec
+from hafence.contracts import FenceResult, HostEvent, Inventory, VmEvent, VmSpec
 from hafence.scheduler.placement import Candidate
+from hafence.scheduler.restarts import RestartEffect, RestartPolicy, VmRestarts
 from hafence.subjects import check_name
 
 if TYPE_CHECKING:
@@ -84,7 +85,7 @@ class ClearHost:
     reason: str
 
 
-Effect = Duplicate | StopCopy | ClearHost
+Effect = Duplicate | StopCopy | ClearHost | RestartEffect
 StartOutcome = Literal["started", "failed", "unanswered"]
 Step = Literal["place", "resend", "wait"]
 
@@ -121,6 +122,8 @@ class SchedulerState:
     announced: dict[str, frozenset[str]] = field(default_factory=dict)
     stops_sent: dict[tuple[str, str], float] = field(default_factory=dict)
     clears_sent: dict[str, tuple[str, float]] = field(default_factory=dict)
+    # VM-level HA: HA VMs that failed on a live host, and their restarts (restarts.py).
+    restarts: VmRestarts = field(default_factory=VmRestarts)
 
     @classmethod
     def from_config(cls, config: ClusterConfig) -> SchedulerState:
@@ -130,6 +133,7 @@ class SchedulerState:
             definitions_dir=config.storage.definitions_dir,
             auto_clear=config.scheduler.auto_clear,
             start_attempts=config.scheduler.start_attempts,
+            restarts=VmRestarts(RestartPolicy.from_config(config)),
         )
 
     # -- what a VM is -----------------------------------------------------------------
@@ -170,10 +174,11 @@ class SchedulerState:
                     where[vm.spec.name].append(host)
         return where
 
-    def on_inventory(self, inv: Inventory) -> None:
+    def on_inventory(self, inv: Inventory) -> list[str]:
+        """Fold a report; returns the ids of the VM failures it reports first (restarts.py)."""
         host = inv.host
         if inv.boot_id in self.fenced_boots.get(host, ()):
-            return  # a late report from a boot that was fenced: that boot is off
+            return []  # a late report from a boot that was fenced: that boot is off
         boots = self.boots.setdefault(host, OrderedDict())
         boots[inv.boot_id] = inv
         boots.move_to_end(inv.boot_id)
@@ -191,6 +196,11 @@ class SchedulerState:
                 self.lost.pop(vm.spec.name, None)
                 self.reserved.pop((vm.spec.name, host), None)
         self._maybe_rejoin(host)
+        return self.restarts.on_inventory(inv, self)
+
+    def on_vm_event(self, event: VmEvent) -> None:
+        """The scheduler's own VM events: what it did about failures (their count survives a restart)."""
+        self.restarts.on_vm_event(event)
 
     def on_host_event(self, event: HostEvent) -> None:
         host = event.host
@@ -314,6 +324,7 @@ class SchedulerState:
             if sent is None or sent[0] != inv.boot_id or now - sent[1] >= RESEND_S:
                 self.clears_sent[host] = (inv.boot_id, now)
                 out.append(ClearHost(host, inv.boot_id, rule, reason))
+        out += self.restarts.effects(now, self)
         return out
 
     # -- starts: retry on the same host, move, give up (the rules the shell asks) ------
