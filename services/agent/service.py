@@ -47,23 +47,12 @@ from hafence.bus import Reject
 from hafence.contracts import AgentReply, Decoders, Heartbeat, HostEvent, Inventory, VmSpec, VmStart, VmStop, encode
 from hafence.lab.power import SimPowerSwitch
 from hafence.logs import fields
-from hafence.service import Runtime
+from hafence.service import Runtime, stop_if_cancelled
 from hafence.slots import view_subject
 from hafence.subjects import check_name
 from hafence.telemetry import extract_context, tracer
 
 log = logging.getLogger("hafence.agent")
-
-
-def stop_if_cancelled() -> None:
-    """Raise a cancellation that a library swallowed. On Python 3.11, ``wait_for``
-    (nats-py's request and JetStream publish use it) returns normally when the
-    cancel lands as its wait ends; the task is still marked cancelling, so a loop
-    that goes round again would never stop (seen: an agent that ignored SIGTERM
-    after parallel starts). Loops call this once per round."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

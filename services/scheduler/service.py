@@ -26,13 +26,12 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from hafence import metrics
-from hafence.agent.service import stop_if_cancelled
 from hafence.contracts import Alert, Decoders, FenceResult, HostEvent, Inventory, VmEvent, VmStart, VmStop
 from hafence.lease import LeaderLease
 from hafence.logs import fields
 from hafence.scheduler.placement import Pending, largest_host_loss_absorbed, place
 from hafence.scheduler.state import ClearHost, Duplicate, Effect, LostVm, SchedulerState, StopCopy
-from hafence.service import Runtime
+from hafence.service import Runtime, stop_if_cancelled
 from hafence.store import open_store
 from hafence.telemetry import extract_context, tracer
 

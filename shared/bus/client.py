@@ -24,6 +24,7 @@ class Bus(Provisioning, Publishing, DeadLetters, Consuming, Replaying, Serving):
             return
         await self.letters_sent()  # the dead letters of core messages still in flight
         try:
-            await asyncio.wait_for(self.nc.drain(), timeout=5.0)
+            # Bounded: a service must be gone within 2 s of SIGTERM.
+            await asyncio.wait_for(self.nc.drain(), timeout=1.0)
         except Exception:
             await self.nc.close()
