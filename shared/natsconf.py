@@ -32,6 +32,7 @@ from hafence.bus.connection import inbox_prefix
 from hafence.bus.names import StreamNames
 from hafence.bus.provision import fencer_locks_bucket, fencer_state_bucket
 from hafence.config import ClusterConfig
+from hafence.slots import view_subject, views_subject
 from hafence.subjects import Subjects
 
 API = "$JS.API"
@@ -116,6 +117,8 @@ def permissions(config: ClusterConfig) -> dict[str, dict[str, list[str]]]:
     users: dict[str, dict[str, list[str]]] = {
         "heartbeat": service("heartbeat", [
             s.host_events("suspect"), s.host_events("alive"), f"{API}.STREAM.INFO.{n.events}",
+            # The view of the hosts it hears, for watchdog self-fencing (docs/watchdog.md).
+            views_subject(s),
             *_kv_writer(n.leases)], (s.hb_all(),)),
         "arbiter": service("arbiter", [
             s.fence_requests(), *(s.host_events(k) for k in ("fence_requested", "fence_skipped", "fenced",
@@ -130,7 +133,9 @@ def permissions(config: ClusterConfig) -> dict[str, dict[str, list[str]]]:
             # It reads the lease bucket (who leads, the terms), it holds no lease.
             *_kv_reader(n.leases),
             # Replicas share device locks, request claims, the highest term and results.
-            *_kv_writer(fencer_locks_bucket(n)), *_kv_writer(fencer_state_bucket(n))]),
+            *_kv_writer(fencer_locks_bucket(n)), *_kv_writer(fencer_state_bucket(n))],
+            # The watchdog level follows the monitor's views (docs/watchdog.md).
+            (views_subject(s),)),
         "scheduler": service("scheduler", [
             s.vm_events(), s.host_events("ha_reservation_ok"), s.host_events("ha_reservation_lost"),
             # The automatic rule clears a host that reports clean (S6).
@@ -157,7 +162,9 @@ def permissions(config: ClusterConfig) -> dict[str, dict[str, list[str]]]:
             # another service's dead letters out.
             "publish": [s.hb(host.name), s.inventory(host.name), s.dlq("agent")],
             # Its own host's "cleared" ends its quarantine (S6).
-            "subscribe": [s.agent_cmd(host.name), s.host_event(host.name, "cleared"), inbox(user)],
+            # The monitor's view of it keeps its watchdog fed without storage (docs/watchdog.md).
+            "subscribe": [s.agent_cmd(host.name), s.host_event(host.name, "cleared"), view_subject(s, host.name),
+                          inbox(user)],
         }
     return users
 

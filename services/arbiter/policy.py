@@ -27,7 +27,8 @@ Rules, in the order they are checked for each suspect host:
 5. isolation: a host still renewing its storage lease is alive on the storage
    it shares with its VMs; it is isolated from the network, not dead. With
    ``isolated_action = "skip"`` (the default) it is not fenced, and an alert
-   is raised;
+   is raised; with ``"pill"`` it is fenced through its watchdog levels only (the
+   poison pill in its slot on shared storage: it resets itself, docs/watchdog.md);
 6. concurrency: at most ``max_concurrent`` fences in flight; the rest wait.
 
 A host that comes back while its fence is in flight is still fenced: the fence
@@ -56,6 +57,8 @@ class RequestFence:
     request_id: str
     reason: str
     attempt: int = 1
+    # "watchdog": only the host's watchdog levels (isolation response "pill").
+    method: str = "topology"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +115,7 @@ class Policy:
     storm_share: float = 0.5
     storm_window_s: float = 60.0
     two_host_delay_s: float = 0.0
-    isolated_action: Literal["skip", "fence"] = "skip"
+    isolated_action: Literal["skip", "fence", "pill"] = "skip"
     fence_attempts: int = 3
     retry_backoff_s: float = 15.0
     alert_repeat_s: float = 300.0
@@ -240,8 +243,13 @@ class Policy:
                 why = (f"attempt {attempt} of {self.fence_attempts} after: {view.outcome_reason}"
                        if view.phase == "fence_failed"
                        else f"suspect for {now - view.since:.1f}s; {len(lost)} of {len(watched)} hosts lost")
+                # "pill": an isolated host still renewing its storage lease is fenced
+                # through its slot: it resets itself (its watchdog levels only).
+                pill = bool(storage_live.get(host)) and self.isolated_action == "pill"
+                if pill:
+                    why += "; isolated (storage lease live): poison pill through its watchdog levels"
                 out.append(RequestFence(host, view.incident, request_id(view.incident, attempt, view.refusals), why,
-                                        attempt))
+                                        attempt, method="watchdog" if pill else "topology"))
         return out
 
     def _hold(self, out: list[Decision], host: str, view: HostView, now: float, rule: Rule, reason: str,

@@ -170,6 +170,7 @@ async def run(rt: Runtime) -> None:
             request = FenceRequest(
                 request_id=decision.request_id, incident=decision.incident, host=decision.host,
                 action=settings.action, term=lease.term, requested_at=time.time(), reason=decision.reason,
+                method="watchdog" if decision.method == "watchdog" else "topology",
             )
             log.warning("fencing", extra=fields(host=decision.host, request_id=decision.request_id, term=lease.term))
             await bus.publish(subjects.fence_request(decision.host), request,

@@ -43,6 +43,8 @@ from hafence.bus import Reject, Retry
 from hafence.bus.provision import fencer_locks_bucket, fencer_state_bucket
 from hafence.contracts import Alert, Decoders, FenceRequest, FenceResult, HostEvent
 from hafence.fencer.admission import Answer, Refuse, Run
+from hafence.fencer.drivers import make_driver
+from hafence.fencer.drivers.watchdog import fencer_context, levels_for, uses_watchdog, watch_views
 from hafence.fencer.executor import Executor
 from hafence.fencer.journal import FenceJournal
 from hafence.fencer.locks import KvLocks, LockLost, Token, kv_key
@@ -70,7 +72,10 @@ async def run(rt: Runtime) -> None:
     def device_lock(lock_key: str) -> AbstractAsyncContextManager[Token]:
         return locks.hold(kv_key("dev", lock_key), f"device {lock_key}")
 
-    executor = Executor(config, device_lock=device_lock)
+    # The watchdog level watches the monitor's views (docs/watchdog.md).
+    watchdog = fencer_context(config, lambda: int(bus.nc.stats["reconnects"]))
+    executor = Executor(config, device_lock=device_lock,
+                        driver_factory=lambda name, device, port: make_driver(name, device, port, watchdog))
     journal = await FenceJournal.open(rt.db_path("fencer.db"))
     host_locks: dict[str, asyncio.Lock] = {h: asyncio.Lock() for h in hosts}
     ack_wait = config.timings.fence_ack_wait_s
@@ -150,7 +155,7 @@ async def run(rt: Runtime) -> None:
             attributes={"hafence.host": request.host, "hafence.action": request.action,
                         "hafence.request_id": request.request_id, "hafence.claim_token": token.fence},
         ) as fence_span:
-            report = await executor.fence(hosts[request.host], request.action)
+            report = await executor.fence(levels_for(config, hosts[request.host], request.method), request.action)
             fence_span.set_attribute("hafence.outcome", report.verdict.outcome)
         result = FenceResult(
             request_id=request.request_id, incident=request.incident, host=request.host, term=request.term,
@@ -223,6 +228,8 @@ async def run(rt: Runtime) -> None:
     try:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(health())
+            if uses_watchdog(config):
+                tg.create_task(watch_views(bus, watchdog.views))
             tg.create_task(bus.consume(
                 bus.streams.fence_requests, "fencer", Decoders.fence_request, on_request, concurrency=16
             ))

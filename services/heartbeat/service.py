@@ -41,6 +41,7 @@ from hafence.config import read_secret
 from hafence.contracts import Alert, Decoders, HostEvent
 from hafence.heartbeat.liveness import Alive, Liveness, Suspect, Transition, UnknownHost
 from hafence.heartbeat.load import Change, LoadGuard, Overloaded, Recovered, Sample
+from hafence.heartbeat.view import publish_views
 from hafence.heartbeat.wire import FirehoseSubscription
 from hafence.lease import LeaderLease
 from hafence.logs import fields
@@ -264,6 +265,7 @@ async def run(rt: Runtime) -> None:
             tg.create_task(lease.run())
             tg.create_task(_ticker(rt, core, guard, ingest, feed, lease, changes))
             tg.create_task(_publisher(rt, bus, core, ingest, lease, changes))
+            tg.create_task(publish_views(rt.config, bus, core, lease, hosts))  # watchdog hosts (view.py)
     finally:
         # Drop the backlog at once: a stopping monitor has nothing to learn from it,
         # and working through it would hold SIGTERM up.

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from hafence.config import ApcSnmpDevice, Device, FenceAgentDevice, IpmiDevice, RedfishDevice, SimDevice
+from typing import TYPE_CHECKING
+
+from hafence.config import (
+    ApcSnmpDevice,
+    Device,
+    FenceAgentDevice,
+    IpmiDevice,
+    RedfishDevice,
+    SimDevice,
+    WatchdogDevice,
+)
 from hafence.fencer.drivers.base import (
     DeviceAuthError,
     DeviceError,
@@ -10,6 +20,9 @@ from hafence.fencer.drivers.base import (
     PowerDriver,
     PowerRead,
 )
+
+if TYPE_CHECKING:
+    from hafence.fencer.drivers.watchdog import WatchdogContext
 
 __all__ = [
     "DeviceAuthError",
@@ -21,8 +34,9 @@ __all__ = [
 ]
 
 
-def make_driver(name: str, config: Device, port: str) -> PowerDriver:
-    """A driver for one device and one target on it (``port``: outlet, plug or host)."""
+def make_driver(name: str, config: Device, port: str, watchdog: WatchdogContext | None = None) -> PowerDriver:
+    """A driver for one device and one target on it (``port``: outlet, plug or host).
+    ``watchdog``: the fencer's view of the monitor, which the watchdog driver needs."""
     match config:
         case SimDevice():
             from hafence.fencer.drivers.sim import SimDriver
@@ -44,4 +58,8 @@ def make_driver(name: str, config: Device, port: str) -> PowerDriver:
             from hafence.fencer.drivers.fence_agent import FenceAgentDriver
 
             return FenceAgentDriver(name, config, port)
+        case WatchdogDevice():
+            from hafence.fencer.drivers.watchdog import WatchdogDriver
+
+            return WatchdogDriver(name, config, port, watchdog)
     raise ValueError(f"device {name!r}: no driver for {type(config).__name__}")

@@ -1,0 +1,60 @@
+"""The monitor's view, for watchdog self-fencing (docs/watchdog.md).
+
+While it holds the lease, the monitor publishes on ``<prefix>.view.<host>``
+(core NATS), for every watchdog host it hears (alive and heard within 1.5
+heartbeat intervals), a ``MonitorView`` with its term. An agent that cannot read
+its slot on shared storage keeps feeding its watchdog only while such a view is
+recent; the fencer's watchdog level counts msgwait from the last one. A suspect
+host is never listed, so a host the cluster counts dead has no channel left to
+keep itself alive on. One small message per watchdog host per period; each agent
+receives only its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from hafence.bus import Bus
+from hafence.config import ClusterConfig
+from hafence.contracts import MonitorView
+from hafence.heartbeat.liveness import Liveness
+from hafence.lease import LeaderLease
+from hafence.slots import view_subject
+
+log = logging.getLogger("hafence.heartbeat")
+
+HEARD_WITHIN_INTERVALS = 1.5
+
+
+def listed(core: Liveness, hosts: list[str], now: float, interval: float) -> list[str]:
+    """The watchdog hosts the monitor hears now (pure)."""
+    late = set(core.late(now, HEARD_WITHIN_INTERVALS * interval))
+    return [h for h in hosts if core.state(h) == "alive" and h not in late]
+
+
+def view_period(config: ClusterConfig) -> float:
+    """Often enough that a view never ages past ``view_max_age_s`` between two."""
+    return min(config.timings.heartbeat_interval_s, config.storage.view_max_age_s / 3)
+
+
+async def publish_views(config: ClusterConfig, bus: Bus, core: Liveness, lease: LeaderLease,
+                        shard_hosts: list[str]) -> None:
+    ours = set(shard_hosts)
+    hosts = [h.name for h in config.hosts if h.watchdog and h.name in ours]
+    if not hosts or not config.storage.slot_dir:
+        return
+    interval, period = config.timings.heartbeat_interval_s, view_period(config)
+    while True:
+        await asyncio.sleep(period)
+        if not lease.held():
+            continue
+        term = lease.term
+        for host in listed(core, hosts, time.monotonic(), interval):
+            try:
+                await bus.publish_core(view_subject(bus.subjects, host), MonitorView(host=host, term=term,
+                                                                                     at=time.time()))
+            except Exception as err:  # NATS away: the views stop, which is the safe side
+                log.warning("view not published: %s", err or type(err).__name__)
+                break
