@@ -71,7 +71,22 @@ def cmd_host_clear(args: argparse.Namespace) -> int:
     if not args.reason.strip():
         print("hafence: --reason must say why the host may take VMs again", file=sys.stderr)
         return EXIT_USAGE
-    return _host_event(args, "cleared", args.reason.strip())
+    reason = args.reason.strip()
+    config = _load(args.config)
+    if config is not None and config.storage.slot_dir:
+        # Watchdog self-fencing: the poison pill goes first (the agent stays fenced
+        # while it is there, whatever the bus says). docs/watchdog.md
+        from hafence.slots import Slots, SlotUnreachable
+        from hafence.subjects import InvalidName
+
+        try:
+            if Slots(config.storage.slot_dir).clear_pill(args.host):
+                print(f"poison pill of {args.host} removed from {config.storage.slot_dir}")
+                reason += " (poison pill removed)"
+        except (SlotUnreachable, InvalidName) as err:
+            print(f"hafence: cannot clear the poison pill of {args.host}: {err}; host not cleared", file=sys.stderr)
+            return EXIT_NOT_CONFIRMED
+    return _host_event(args, "cleared", reason)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
