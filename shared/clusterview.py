@@ -5,14 +5,18 @@ replay); pure, no I/O. The CLI feeds it and prints it.
 S6 shows here: a host whose new boot reports after a fence is ``quarantined``
 until a ``cleared`` event (the scheduler also waits for it to report clean); a
 VM reported running on two hosts is a ``duplicate`` until the copy is stopped.
-Alerts other services raise (``<prefix>.alert.<kind>``) are listed for an hour."""
+Alerts other services raise (``<prefix>.alert.<kind>``) are listed for an hour.
+
+VM-level HA shows here too: a VM its agent saw fail says how (``crashed on h1``);
+after the scheduler's ``crashed`` event it is ``failed`` until it runs again, and
+it stays ``failed`` (``restart limit: ...``) when it is no longer restarted."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from hafence.config import ClusterConfig
-from hafence.contracts import Alert, FenceResult, HostEvent, Inventory, VmEvent
+from hafence.contracts import VM_FAILURES, Alert, FenceResult, HostEvent, Inventory, VmEvent
 
 # How long a raised alert stays listed (alerts repeat while their cause lasts).
 ALERT_WINDOW_S = 3600.0
@@ -78,9 +82,12 @@ class ClusterView:
                     vm = self.vms.setdefault(info.spec.name, VmRow(info.spec.name))
                     if info.state != "running" and vm.host not in ("", event.host) and vm.state == "running":
                         continue  # a stopped copy here says nothing about the one running there
+                    if info.state != "running" and vm.state == "failed":
+                        vm.ha, vm.memory_mb = info.spec.ha, info.spec.memory_mb
+                        continue  # the scheduler's word on a failure (restarting, or given up) stays
                     vm.host, vm.state, vm.ha, vm.memory_mb = event.host, info.state, info.spec.ha, info.spec.memory_mb
                     if not vm.note.startswith("duplicate"):
-                        vm.note = ""
+                        vm.note = _stop_note(info.stop_reason, event.host) if info.state != "running" else ""
             case HostEvent():
                 row = self.hosts.setdefault(event.host, HostRow(event.host))
                 self._host_event(row, event)
@@ -102,6 +109,14 @@ class ClusterView:
                     vm.host, vm.state, vm.note = event.target, "running", f"restarted from {event.from_host}"
                 elif event.kind == "duplicate":
                     vm.state, vm.note = "duplicate", f"duplicate: {event.reason}"
+                elif event.kind == "crashed":
+                    vm.state, vm.note = "failed", event.reason
+                    vm.host = event.from_host or vm.host
+                elif event.kind == "restarted":
+                    vm.host, vm.state = event.target, "running"
+                    vm.note = f"restarted after it failed on {event.from_host} ({event.reason})"
+                elif event.kind == "restart_limit":
+                    vm.state, vm.note = "failed", f"restart limit: {event.reason}"
                 elif event.kind == "stopped":
                     vm.state, vm.note = "running", f"duplicate copy stopped on {event.target}"
                     if vm.host == event.target:
@@ -138,6 +153,10 @@ class ClusterView:
             case "maintenance_on" | "maintenance_off":
                 row.maintenance = event.kind == "maintenance_on"
 
+    def failed(self) -> list[VmRow]:
+        """HA VMs that failed on a live host and are not running again (yet, or at all)."""
+        return [v for v in self.vms.values() if v.state == "failed"]
+
     def alerts(self, now: float | None = None) -> list[str]:
         out = [f"{h.name}: {h.alert}" for h in self.hosts.values() if h.alert]
         out += [f"{h.name}: {h.protection}" for h in self.hosts.values() if h.protected is False]
@@ -145,9 +164,20 @@ class ClusterView:
                 f"(hafence host clear {h.name} --reason ...)" for h in self.hosts.values() if h.quarantined]
         out += [f"vm {v.name}: pending: {v.note}" for v in self.vms.values() if v.state == "pending"]
         out += [f"vm {v.name}: {v.note}" for v in self.vms.values() if v.state == "duplicate"]
+        out += [f"vm {v.name}: not restarted any more ({v.note}); start it by hand once its cause is fixed"
+                for v in self.failed() if v.note.startswith("restart limit")]
         for (kind, host, vm), alert in sorted(self.raised.items()):
-            if kind == "vm_duplicate" or (now is not None and now - alert.at > ALERT_WINDOW_S):
-                continue  # duplicates show on their VM until the copy is stopped
+            if kind in ("vm_duplicate", "vm_restart_limit") or (now is not None and now - alert.at > ALERT_WINDOW_S):
+                continue  # duplicates and VMs past their restart limit show on their VM while it lasts
             where = " ".join(x for x in (host, f"vm {vm}" if vm else "") if x)
             out.append(f"{kind}{' ' + where if where else ''}: {alert.reason}")
         return out
+
+
+def _stop_note(reason: str, host: str) -> str:
+    """Why a VM is stopped, as its agent saw it (VM-level HA)."""
+    if reason == "guest_shutdown":
+        return f"shut down by its guest on {host}"
+    if reason in VM_FAILURES:
+        return f"{reason} on {host}"
+    return {"command": "stopped by hafence", "migrated": f"migrated away from {host}"}.get(reason, "")

@@ -143,6 +143,7 @@ class RestartVm:
     same_host: bool
     confirm_stop: bool
     attempt: int
+    failure: str = "crashed"  # what the agent reported (VM_FAILURES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,4 +344,4 @@ class VmRestarts:
         same = target == f.host
         where = "on the same host" if same else f"elsewhere (it failed on {f.host})"
         return RestartVm(f.id, f.spec, f.host, target, f"{f.reason}; restart {where}", same, confirm,
-                         len(f.tried) + 1)
+                         len(f.tried) + 1, f.reason)

@@ -11,6 +11,13 @@ duplicates) are the pure core's (``state.py``); this shell feeds it the events
 stream and carries out its effects: VmStart, VmStop of a duplicate copy on a
 quarantined host, ``duplicate``/``stopped`` VM events, ``vm_duplicate`` alerts and
 ``cleared`` host events.
+
+VM-level HA (``restarts.py``, docs/vm-ha.md): an HA VM that failed on a live host
+is announced (``crashed``), restarted in the background (a stop confirmed by the
+failing host first when it moves elsewhere), and its ``restarted``/``failed``
+events are folded back, so the count of restarts survives a restart of the
+scheduler; a VM past its limit gets ``restart_limit`` and a ``vm_restart_limit``
+alert. Each restart is a span whose parent is the agent's failure report.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from hafence.contracts import Alert, Decoders, FenceResult, HostEvent, Inventory
 from hafence.lease import LeaderLease
 from hafence.logs import fields
 from hafence.scheduler.placement import Pending, largest_host_loss_absorbed, place
+from hafence.scheduler.restarts import AnnounceFailure, Outcome, RestartLimit, RestartPending, RestartVm
 from hafence.scheduler.state import ClearHost, Duplicate, Effect, LostVm, SchedulerState, StopCopy
 from hafence.service import Runtime, stop_if_cancelled
 from hafence.store import open_store
@@ -67,11 +75,17 @@ async def run(rt: Runtime) -> None:
     slots = asyncio.Semaphore(32)
     fence_confirmed_at: dict[str, float] = {}
     failover_remaining: dict[str, set[str]] = {}
+    # VM-level HA: the trace of each failure (its report's), and where restarts run.
+    failure_context: dict[str, Context] = {}
+    background: list[asyncio.TaskGroup] = []
 
-    async def on_event(event: Inventory | HostEvent | FenceResult, msg: Msg) -> None:
+    async def on_event(event: Inventory | HostEvent | FenceResult | VmEvent, msg: Msg) -> None:
         match event:
             case Inventory():
-                state.on_inventory(event)
+                for failure_id in state.on_inventory(event):
+                    failure_context[failure_id] = extract_context(msg.headers)
+            case VmEvent():
+                state.on_vm_event(event)
             case HostEvent():
                 state.on_host_event(event)
                 if event.kind == "confirmed_fenced":
@@ -251,11 +265,109 @@ async def run(rt: Runtime) -> None:
                                         host=stop_on[0] if stop_on else hosts[0], vm=vm))
             case StopCopy():
                 await stop_copy(effect)
+            case AnnounceFailure() | RestartLimit() | RestartPending():
+                await vm_failure_event(effect)
+            case RestartVm():
+                # In the background: a host that does not answer must not hold up failovers.
+                background[0].create_task(restart(effect))
             case ClearHost(host=host, boot_id=boot_id, rule=rule, reason=reason):
                 log.info("clearing host", extra=fields(host=host, rule=rule))
                 await bus.publish(subjects.host_event(host, "cleared"),
                                   HostEvent(host=host, kind="cleared", at=time.time(), reason=reason, rule=rule,
                                             by="scheduler", boot_id=boot_id))
+
+    async def vm_failure_event(effect: AnnounceFailure | RestartLimit | RestartPending) -> None:
+        kind = {AnnounceFailure: "crashed", RestartLimit: "restart_limit", RestartPending: "pending"}[type(effect)]
+        if isinstance(effect, AnnounceFailure):
+            reason = f"{effect.reason} on {effect.host}: {effect.action}"
+            log.error("HA VM failed", extra=fields(vm=effect.vm, host=effect.host, reason=effect.reason))
+        else:
+            reason = effect.reason
+            (log.error if kind == "restart_limit" else log.warning)(
+                "HA VM not restarted" if kind == "restart_limit" else "HA VM restart pending",
+                extra=fields(vm=effect.vm, host=effect.host, reason=reason))
+        metrics.VM_EVENTS.labels(kind).inc()
+        with tracer().start_as_current_span(f"vm {effect.vm} {kind}",
+                                            context=failure_context.get(effect.failure_id, Context()),
+                                            attributes={"hafence.vm": effect.vm, "hafence.host": effect.host}):
+            await bus.publish(subjects.vm_event(effect.vm, kind),
+                              VmEvent(vm=effect.vm, kind=kind, at=time.time(),  # type: ignore[arg-type]
+                                      incident=effect.failure_id, from_host=effect.host, reason=reason))
+            if isinstance(effect, RestartLimit):
+                metrics.VM_RESTART_LIMITS.inc()
+                await bus.publish(subjects.alert("vm_restart_limit"),
+                                  Alert(kind="vm_restart_limit", at=time.time(), service="scheduler",
+                                        reason=reason, host=effect.host, vm=effect.vm))
+
+    async def ask(target: str, command: VmStart | VmStop) -> tuple[str, bool, bool]:
+        """(error, unanswered, already): an agent's answer to one command."""
+        try:
+            raw = await bus.request(subjects.agent_cmd(target), command,
+                                    timeout=config.timings.agent_command_timeout_s)
+        except nats.errors.NoRespondersError:
+            return f"no agent listens on {target}", False, False  # nobody got it
+        except Exception as err:  # it may have got it, and be doing it
+            return f"no answer from agent {target} ({type(err).__name__})", True, False
+        try:
+            reply = Decoders.agent_reply.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return f"agent answered with an error: {raw[:200]!r}", False, False
+        if not reply.ok:
+            return reply.error or "agent refused", False, False
+        if isinstance(command, VmStop) and reply.state != "stopped":
+            return f"agent {target} answered {reply.state!r} to a stop", False, False
+        return "", False, reply.already
+
+    async def restart(effect: RestartVm) -> None:
+        """One restart of a failed VM; never raises (it runs in the service's task group)."""
+        vm, target = effect.spec.name, effect.target
+        outcome: Outcome = "failed"
+        error, already = "", False
+        where = "same_host" if effect.same_host else "elsewhere"
+        try:
+            async with slots:
+                with tracer().start_as_current_span(
+                    f"restart vm {vm}", context=failure_context.get(effect.failure_id, Context()),
+                    kind=SpanKind.CLIENT,
+                    attributes={"hafence.vm": vm, "hafence.from_host": effect.from_host, "hafence.target_host": target,
+                                "hafence.incident": effect.failure_id, "hafence.restart.where": where,
+                                "hafence.restart.attempt": effect.attempt},
+                ) as span:
+                    if effect.confirm_stop:
+                        # S0: it moves only once the host it failed on says it is not running there.
+                        stop = VmStop(vm=vm, reason=f"{vm} failed ({effect.reason}): moving it to {target}; "
+                                                    "confirm it is not running here")
+                        error, _, _ = await ask(effect.from_host, stop)
+                        if error:
+                            outcome, error = "unconfirmed", f"{effect.from_host} did not confirm the stop: {error}"
+                    if outcome != "unconfirmed":
+                        error, unanswered, already = await ask(target, VmStart(vm=effect.spec,
+                                                                               incident=effect.failure_id))
+                        outcome = "unanswered" if unanswered else ("failed" if error else "started")
+                    if error:
+                        span.set_status(Status(StatusCode.ERROR, error))
+                    state.restarts.on_result(effect, outcome, time.time(), state)
+                    if outcome == "unconfirmed":
+                        log.warning("VM not moved", extra=fields(vm=vm, target=target, error=error))
+                        return
+                    metrics.VM_RESTARTS.labels(effect.failure, where, outcome).inc()
+                    kind = "restarted" if outcome == "started" else "failed"
+                    (log.info if kind == "restarted" else log.error)(
+                        "VM restarted" if kind == "restarted" else "VM restart failed",
+                        extra=fields(vm=vm, target=target, error=error))
+                    metrics.VM_EVENTS.labels(kind).inc()
+                    await bus.publish(subjects.vm_event(vm, kind), VmEvent(
+                        vm=vm, kind=kind, at=time.time(), incident=effect.failure_id,  # type: ignore[arg-type]
+                        from_host=effect.from_host, target=target,
+                        reason=error or ("already running" if already else effect.reason)))
+        except Exception as err:  # NATS gone mid-way: the core asks again (the same host)
+            log.error("VM restart not completed: %s", err, extra=fields(vm=vm, target=target))
+            if effect.spec.name in state.restarts.in_flight:
+                state.restarts.on_result(effect, "unanswered", time.time(), state)
+        finally:
+            if outcome in ("started", "failed"):
+                failure_context.pop(effect.failure_id, None)
+            wake.set()
 
     async def carry_out_effects() -> None:
         effects = state.effects(time.time())
@@ -315,11 +427,14 @@ async def run(rt: Runtime) -> None:
         subjects.host_events("maintenance_off"),
         subjects.host_events("cleared"),
         subjects.fence_results(),
+        # VM-level HA: what this scheduler (or the one before it) did about failures.
+        *(f"{subjects.prefix}.vm.*.{kind}" for kind in ("crashed", "restarted", "failed", "restart_limit")),
     ]
     try:
         async with asyncio.TaskGroup() as tg:
+            background.append(tg)
             tg.create_task(lease.run())
-            tg.create_task(bus.replay(filters, Decoders.scheduler_input, on_event, caught_up))
+            tg.create_task(bus.replay(filters, (Decoders.scheduler_input, VmEvent), on_event, caught_up))
             tg.create_task(schedule_loop())
     finally:
         await asyncio.shield(db.close())

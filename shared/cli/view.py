@@ -115,8 +115,11 @@ def cmd_view(args: argparse.Namespace) -> int:
         waiting = f": {', '.join(v.name for v in pending)}" if pending else ""
         duplicates = [v.name for v in view.vms.values() if v.state == "duplicate"]
         twice = f", {len(duplicates)} RUNNING TWICE: {', '.join(duplicates)}" if duplicates else ""
+        # VM-level HA: failed on a live host, being restarted or past its restart limit.
+        failed = [v.name for v in view.failed()]
+        down = f", {len(failed)} failed: {', '.join(failed)}" if failed else ""
         print(f"\nVMs: {sum(v.state == 'running' for v in view.vms.values())} running, "
-              f"{len(pending)} HA VMs waiting for a host{waiting}{twice}")
+              f"{len(pending)} HA VMs waiting for a host{waiting}{twice}{down}")
         print("\nalerts:" if alerts else "\nalerts: none")
         for alert in alerts:
             print(f"  ! {alert}")
