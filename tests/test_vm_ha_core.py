@@ -234,3 +234,20 @@ def test_the_restart_count_survives_a_scheduler_restart_through_its_own_events()
     for event in history:  # a new scheduler replays the events stream
         s.on_vm_event(event) if isinstance(event, VmEvent) else s.on_inventory(event)
     assert [type(e).__name__ for e in s.effects(20.0)] == ["AnnounceFailure", "RestartLimit"]
+
+
+def test_s0_a_scheduler_taking_over_asks_the_host_a_start_was_sent_to_never_another() -> None:
+    fid = VmRestarts.failure_id("a", "vm1", 1.0)
+    history = [
+        inv("a", running("vm1")),
+        inv("b", VmInfo(spec=VmSpec(name="big", memory_mb=5000), state="running")),  # spread would pick c
+        inv("c"),
+        inv("a", stopped("vm1", "crashed", 1.0)),
+        # The dead leader confirmed the stop on a and sent the start to b; no answer recorded.
+        VmEvent(vm="vm1", kind="placed", at=10.0, incident=fid, from_host="a", target="b"),
+    ]
+    s = SchedulerState(restarts=VmRestarts(RestartPolicy(same_host=0)))
+    for event in history:
+        s.on_vm_event(event) if isinstance(event, VmEvent) else s.on_inventory(event)
+    [again] = restarts(s.effects(20.0))
+    assert again.target == "b"  # b may be booting it: a start on c could run it twice

@@ -25,9 +25,11 @@ or it was not running), on top of the inventory that reported it stopped, or
 (b) when the boot that reported the failure has been fenced. While the host is
 suspect, nothing moves: its fate decides. A restart on the same host needs no
 such proof, because the agent serialises commands per VM and answers "already
-running". The count of restarts is a fold of the scheduler's own ``restarted`` and
-``failed`` VM events (only the scheduler may publish them), so it survives a
-restart of the scheduler.
+running". A ``placed`` event is published before each start is sent, and a
+scheduler that takes over asks that host again rather than another (as for a
+host's failover). The count of restarts is a fold of the scheduler's own
+``restarted`` and ``failed`` VM events (only the scheduler may publish them), so it
+survives a restart of the scheduler.
 """
 
 from __future__ import annotations
@@ -223,6 +225,11 @@ class VmRestarts:
                 del self.open[event.vm]
             elif mine and f is not None and (event.target, "failed") not in f.tried:
                 f.tried.append((event.target, "failed"))
+        elif event.kind == "placed" and mine and f is not None and event.target:
+            # A start was sent there (perhaps by a scheduler that died before its answer):
+            # it may be booting the VM, so that host is asked again, never another (S0).
+            if f.status != "restarting" and (event.target, "failed") not in f.tried:
+                f.resend = event.target
         elif event.kind == "crashed" and mine and f is not None:
             f.announced = True
         elif event.kind == "restart_limit" and mine and f is not None:

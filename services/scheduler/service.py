@@ -341,6 +341,10 @@ async def run(rt: Runtime) -> None:
                         if error:
                             outcome, error = "unconfirmed", f"{effect.from_host} did not confirm the stop: {error}"
                     if outcome != "unconfirmed":
+                        # Recorded before it is sent: a scheduler taking over asks this host again.
+                        await bus.publish(subjects.vm_event(vm, "placed"), VmEvent(
+                            vm=vm, kind="placed", at=time.time(), incident=effect.failure_id,
+                            from_host=effect.from_host, target=target, reason=effect.reason))
                         error, unanswered, already = await ask(target, VmStart(vm=effect.spec,
                                                                                incident=effect.failure_id))
                         outcome = "unanswered" if unanswered else ("failed" if error else "started")
@@ -428,7 +432,7 @@ async def run(rt: Runtime) -> None:
         subjects.host_events("cleared"),
         subjects.fence_results(),
         # VM-level HA: what this scheduler (or the one before it) did about failures.
-        *(f"{subjects.prefix}.vm.*.{kind}" for kind in ("crashed", "restarted", "failed", "restart_limit")),
+        *(f"{subjects.prefix}.vm.*.{kind}" for kind in ("crashed", "placed", "restarted", "failed", "restart_limit")),
     ]
     try:
         async with asyncio.TaskGroup() as tg:
