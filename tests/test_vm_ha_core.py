@@ -251,3 +251,9 @@ def test_s0_a_scheduler_taking_over_asks_the_host_a_start_was_sent_to_never_anot
         s.on_vm_event(event) if isinstance(event, VmEvent) else s.on_inventory(event)
     [again] = restarts(s.effects(20.0))
     assert again.target == "b"  # b may be booting it: a start on c could run it twice
+
+
+def test_a_stop_time_no_clock_gives_is_ignored_not_a_crash_of_the_fold() -> None:
+    s = cluster()
+    s.on_inventory(inv("a", stopped("vm1", "crashed", 1.7e308)))  # * 1000 is inf: int() of it raises
+    assert s.effects(2.0) == [] and s.inventories["a"].vms[0].state == "stopped"

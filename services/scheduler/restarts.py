@@ -51,6 +51,8 @@ RETRY_S = 5.0
 # Restart records kept per VM (besides the window): bounded against a flood.
 HISTORY_KEPT = 64
 KNOWN_KEPT = 16
+# A stop time beyond this (year 33658) is no clock's: refused, not turned into an id.
+MAX_TIME = 1e12
 
 Outcome = Literal["started", "failed", "unanswered", "unconfirmed"]
 
@@ -198,8 +200,10 @@ class VmRestarts:
                 self.where_ran[name] = (inv.host, inv.boot_id)
                 self.open.pop(name, None)  # it runs again (restarted, or started by someone)
                 continue
-            if not info.stop_reason or not info.stopped_at or self.where_ran.get(name) != (inv.host, inv.boot_id):
-                continue  # not seen failing, or not where it last ran: nothing to believe
+            if not info.stop_reason or not 0 < info.stopped_at < MAX_TIME:
+                continue  # not seen failing (or a time no clock gives: it would not make an id)
+            if self.where_ran.get(name) != (inv.host, inv.boot_id):
+                continue  # not where it last ran: nothing to believe
             fid = self.failure_id(inv.host, name, info.stopped_at)
             known = self.known.setdefault(name, [])
             if fid in known:
