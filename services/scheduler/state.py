@@ -20,6 +20,9 @@ hosts is a duplicate: announced, and the copy on a quarantined host is stopped.
 A VM's definition and placement attributes are never taken from an agent's
 word when the cluster config knows the VM; a definition is never an agent's at
 all (``resolve``).
+
+VM-level HA (an HA VM that fails on a live host) is ``restarts.py``'s, fed from
+here: the same inventories, the scheduler's own VM events, and the same effects.
 """
 
 from __future__ import annotations
