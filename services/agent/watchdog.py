@@ -270,7 +270,7 @@ class WatchdogGuard:
     async def _feed_once(self) -> None:
         decision = feed_decision(self.clock(), self.check, self.pill, self.view_at,
                                  self.timeout_s or self.settings.watchdog_timeout_s, self.settings.view_max_age_s)
-        if decision.feed != self.feeding:
+        if decision.feed != self.feeding and (self.armed or self.pill):  # unarmed: nothing to say
             (log.info if decision.feed else log.error)(
                 "watchdog " + ("fed" if decision.feed else "NOT fed: the host resets"),
                 extra=fields(host=self.host, reason=decision.reason, armed=self.armed))

@@ -83,6 +83,14 @@ class LabSpec:
     # Hosts whose only fence level is their outlet of the PDU (power = "ipmi"): hosts
     # that share one device.
     pdu_only_hosts: tuple[str, ...] = ()
+    # Watchdog self-fencing (docs/watchdog.md): these hosts get a simulated watchdog
+    # (hafence.lab.watchdogsim) and a last fence level "sbd" (the watchdog driver);
+    # slots in <lab>/storage/slots.
+    watchdog_hosts: tuple[str, ...] = ()
+    watchdog_timeout_s: float = 1.0
+    # Hosts whose BMC is dead (nothing answers on its port): it died with its host.
+    dead_bmcs: tuple[str, ...] = ()
+    isolated_host_action: str = "skip"
 
     def host_names(self) -> list[str]:
         return [f"lab-{i}" for i in range(1, self.hosts + 1)]
@@ -114,12 +122,20 @@ def render_config(spec: LabSpec, nats_url: str, lab_dir: Path, ports: LabPorts |
         f"storm_share = {spec.storm_share}",
         f"fence_attempts = {spec.fence_attempts}",
         f"fence_retry_backoff_s = {spec.fence_retry_backoff_s}",
+        f'isolated_host_action = "{spec.isolated_host_action}"',
         "",
         "[store]",
         f'dir = "{lab_dir / "state"}"',
         "",
-        *(["[storage]", f'lease_dir = "{lab_dir / "storage"}"', "renew_interval_s = 0.5",
-           "live_window_s = 3.0", ""] if spec.storage_lease else []),
+        *(["[storage]"] if spec.storage_lease or spec.watchdog_hosts else []),
+        *([f'lease_dir = "{lab_dir / "storage"}"', "renew_interval_s = 0.5",
+           "live_window_s = 3.0"] if spec.storage_lease else []),
+        *([f'slot_dir = "{lab_dir / "storage" / "slots"}"', f"watchdog_timeout_s = {spec.watchdog_timeout_s}",
+           f"slot_interval_s = {spec.watchdog_timeout_s / 4}", f"view_max_age_s = {spec.watchdog_timeout_s / 2}"]
+          if spec.watchdog_hosts else []),
+        *([""] if spec.storage_lease or spec.watchdog_hosts else []),
+        *(["[devices.sbd]", 'driver = "watchdog"', f"power_timeout_s = {4 * spec.watchdog_timeout_s + 5}", ""]
+          if spec.watchdog_hosts else []),
         "[devices.lab-power]",
         'driver = "sim"',
         f'state_dir = "{lab_dir / "power"}"',
@@ -160,12 +176,15 @@ def render_config(spec: LabSpec, nats_url: str, lab_dir: Path, ports: LabPorts |
                 levels += f', {{ devices = [{{ device = "pdu-1", port = "{n}" }}] }}'
         else:
             levels = f'{{ devices = [{{ device = "lab-power", port = "{host}" }}] }}'
+        if host in spec.watchdog_hosts:
+            levels += ', { devices = [{ device = "sbd" }] }'
         lines += [
             "[[hosts]]",
             f'name = "{host}"',
             f"memory_mb = {spec.host_memory_mb}",
             "vcpus = 64",
             f"levels = [{levels}]",
+            *(['watchdog = "sim"'] if host in spec.watchdog_hosts else []),
             "",
         ]
     n = 0
@@ -286,6 +305,8 @@ class Lab:
         text = render_config(self.spec, self.nats_url, self.dir, ports)
         self.config_path.write_text(text)
         self.config = parse_config(text, str(self.config_path))
+        if self.spec.watchdog_hosts:
+            self.start_watchdogs()
         if self.spec.secure:
             self.nats.config_file = str(self.write_nats_conf())
         if self.nats_cluster is not None:
@@ -391,12 +412,30 @@ class Lab:
         hosts = self.spec.host_names()
         ports = LabPorts({h: free_udp_port() for h in hosts}, free_udp_port())
         power = self.dir / "power"
-        self.peers.append(bmc_sim(self.log_dir, power, password, ports.bmcs, off_delay=self.spec.off_delay_s,
+        live = {h: p for h, p in ports.bmcs.items() if h not in self.spec.dead_bmcs}  # dead: nothing answers
+        self.peers.append(bmc_sim(self.log_dir, power, password, live, off_delay=self.spec.off_delay_s,
                                   stuck_on=self.spec.stuck_bmcs).start())
         outlets = {n: h for n, h in enumerate(hosts, start=1)}
         self.peers.append(pdu_sim(self.log_dir, power, community, ports.pdu, outlets,
                                   off_delay=self.spec.off_delay_s, op_log=self.pdu_op_log).start())
         return ports
+
+    @property
+    def watchdog_dir(self) -> Path:
+        return self.dir / "watchdog"
+
+    def start_watchdogs(self) -> None:
+        """The simulated watchdog chips of the watchdog hosts (one process), and the slots."""
+        (self.dir / "storage" / "slots").mkdir(parents=True, exist_ok=True)
+        self.peers.append(Peer("hafence.lab.watchdogsim", ["--dir", str(self.watchdog_dir), "--power-dir",
+                                                           str(self.dir / "power")], self.log_dir,
+                               "watchdogsim").start())
+
+    def power_loss(self, host: str) -> None:
+        """The host loses power (and, for a host in ``dead_bmcs``, its BMC with it)."""
+        from hafence.lab.power import SimPowerSwitch
+
+        SimPowerSwitch(self.dir / "power").switch(host, "off", 0.0)
 
     @property
     def pdu_op_log(self) -> Path:
@@ -434,6 +473,7 @@ class Lab:
             "--sim-power", str(self.dir / "power"), "--boot-vms", "--instance", f"agent-{host}",
             *(["--fail-starts"] if host in self.spec.fail_start_hosts else []),
             *(["--start-delay", str(self.spec.slow_start_hosts[host])] if host in self.spec.slow_start_hosts else []),
+            *(["--sim-watchdog", str(self.watchdog_dir)] if host in self.spec.watchdog_hosts else []),
         ]
         prefix = self.netns.exec_prefix() if self.netns and host == self.spec.netns_host else []
         # Agents serve /metrics too (a network-namespaced agent's port is reachable only inside it).

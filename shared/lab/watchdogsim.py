@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     pending_on: dict[str, float] = {}
-    print("watchdog simulator ready", flush=True)
+    print("watchdog simulator serving", flush=True)
     while running:
         now = time.time()
         for host in sweep(directory, switch, now):
