@@ -276,6 +276,8 @@ class VmRestarts:
 
     def effects(self, now: float, state: SchedulerState) -> list[RestartEffect]:
         out: list[RestartEffect] = []
+        if not self.open:
+            return out  # the usual case: no walk over every VM of the cluster
         copies = state.copies()
         for name, f in sorted(self.open.items()):
             if name in copies:
