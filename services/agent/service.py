@@ -303,7 +303,9 @@ class Agent:
         if event.boot_id and event.boot_id != self.boot_id:
             return None  # for another boot of this host: this one stays quarantined
         if self.guard is not None and self.guard.pill:
-            return None  # the pill in its slot keeps it fenced: `hafence host clear` removes it first
+            await self.guard.recheck()  # `hafence host clear` removes the pill first, then sends this
+            if self.guard.pill:
+                return None  # the pill in its slot keeps it fenced
         if self.quarantined:
             log.warning("cleared: leaving quarantine",
                         extra=fields(host=self.host, by=event.by, rule=event.rule, reason=event.reason))

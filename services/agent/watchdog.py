@@ -247,12 +247,24 @@ class WatchdogGuard:
                       extra=fields(host=self.host, detail=check.detail, armed=self.armed))
             self.changed()
             await self.on_pill()
+        elif check.outcome == "clear" and self.pill and not self.armed:
+            # Booted with the pill (never armed this boot): an operator removed it.
+            self.pill = False
+            log.warning("poison pill cleared: arming the watchdog", extra=fields(host=self.host))
+            self.changed()
+            await self._check_once()  # arms on a clean look
         elif check.outcome == "clear" and not self.pill:
             if not self.seen_clear:
                 self.seen_clear = True
                 self.changed()
             if not self.armed and self.device is not None:
                 await self._arm()
+
+    async def recheck(self) -> None:
+        """Look at the slot now (an operator's "cleared" arrived: is the pill gone?)."""
+        if self.task is not None and not self.task.done():
+            await asyncio.shield(self.task)
+        await self._check_once()
 
     async def _arm(self) -> None:
         assert self.device is not None
