@@ -76,7 +76,7 @@ def driver(ctx: WatchdogContext, clock: Clock) -> WatchdogDriver:
 
 
 async def test_off_confirms_only_after_msgwait_since_the_pill(world) -> None:  # type: ignore[no-untyped-def]
-    slots, clock, views, ctx = world
+    slots, clock, _, ctx = world
     renew(slots, 7)
     clock.now += 10  # the fencer has watched the views for a while
     d = driver(ctx, clock)
@@ -273,3 +273,26 @@ def test_watchdog_config_mistakes_are_named(text: str, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(text)
     assert key in {issue.key for issue in err.value.issues}, err.value
+
+
+# --- the isolation response ------------------------------------------------------------
+
+def test_an_isolated_host_with_the_pill_policy_is_fenced_through_its_watchdog_levels_only() -> None:
+    from hafence.arbiter.policy import Policy, RequestFence
+    from hafence.config import HostConfig
+    from hafence.fencer.drivers.watchdog import levels_for
+
+    policy = Policy(["h1", "h2", "h3", "h4", "h5"], detection_window_s=1.0, started_at=0.0, isolated_action="pill")
+    policy.suspect("h1", "i1", 5.0, late=[])
+    [decision] = policy.decide(6.0, storage_live={"h1": True})
+    assert isinstance(decision, RequestFence) and decision.method == "watchdog"
+    assert "poison pill" in decision.reason
+    policy.suspect("h2", "i2", 5.0, late=[])
+    [other] = [d for d in policy.decide(6.0, storage_live={}) if d.host == "h2"]
+    assert isinstance(other, RequestFence) and other.method == "topology"  # not isolated: every level
+
+    config = parse_config(config_text())
+    host = config.hosts[0]
+    two = HostConfig(name="h1", memory_mb=1, levels=[*host.levels, *host.levels], watchdog="/dev/watchdog")
+    assert levels_for(config, two, "topology") is two
+    assert len(levels_for(config, two, "watchdog").levels) == 2
