@@ -154,6 +154,9 @@ class Policy:
     def fence_requested(self, host: str, incident: str, request: str, now: float, attempt: int = 1) -> None:
         view = self.views[host]
         if view.request_id == request and view.phase in ("fencing", "fenced", "fence_failed"):
+            if view.phase == "fencing":
+                # Sent again (a new leader's re-issue): its deadline counts from the last send.
+                view.since = max(view.since, now)
             return
         view.phase, view.incident, view.request_id, view.since, view.held_by = (
             "fencing", incident, request, now, "",

@@ -20,12 +20,20 @@ with a new request id; a leader that cannot raise it (it lost the lease) sends
 nothing more under the refused term. A request with no result within ``fence_deadline_s`` is
 failed (``fence_failed`` with an alert, and ``alert.fence_deadline``), so the
 policy retries and escalates instead of waiting for ever.
+
+Replayed facts keep their own time. Each event is folded at the time it
+happened (``HostEvent.at``, a result's ``finished_at``, else when the stream
+stored it), carried over to the monotonic clock the policy decides by; ``now``
+only decides. So folding the stream gives the same state whenever it is folded:
+a host fenced days ago does not count toward the storm guard after a restart,
+and a request sent before a restart keeps its deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -55,6 +63,52 @@ def storage_leases(lease_dir: str, hosts: list[str], live_window_s: float, now: 
         except OSError:
             live[host] = False
     return live
+
+
+def event_time(event: HostEvent | FenceResult, stored_at: float | None = None) -> float | None:
+    """When a fact happened, on the wall clock: the event's own time (the result's
+    end for a result), else when the stream stored it; None when neither is known."""
+    at = event.finished_at if isinstance(event, FenceResult) else event.at
+    if math.isfinite(at) and at > 0:
+        return at
+    return stored_at
+
+
+def on_policy_clock(at: float | None, wall_now: float, mono_now: float) -> float:
+    """A fact's wall-clock time on the monotonic clock the policy decides by: as
+    long before ``mono_now`` as it happened before ``wall_now``. Never later than
+    now (a publisher's clock ahead of ours); unknown: now."""
+    if at is None or not math.isfinite(at):
+        return mono_now
+    return mono_now - max(0.0, wall_now - at)
+
+
+def fold(policy: Policy, event: HostEvent | FenceResult, at: float) -> None:
+    """Fold one fact into the policy, at ``at`` (the fact's own time on the policy's
+    clock, ``on_policy_clock``): pure, so a replay gives the same state whenever it runs."""
+    if isinstance(event, FenceResult):
+        policy.fence_result(event.host, event.request_id, event.outcome, event.reason, at)
+        return
+    match event.kind:
+        case "suspect":
+            policy.suspect(event.host, event.incident, at, event.late_hosts)
+        case "alive":
+            policy.alive(event.host)
+        case "fence_requested":
+            policy.fence_requested(event.host, event.incident, event.request_id or f"fence-{event.incident}",
+                                   at, event.attempt or 1)
+        case "confirmed_fenced":
+            policy.confirmed_by_operator(event.host)
+        case "maintenance_on" | "maintenance_off":
+            policy.set_maintenance(event.host, event.kind == "maintenance_on")
+
+
+def _stored_at(msg: Msg) -> float | None:
+    """When the stream stored the message (JetStream metadata), if known."""
+    try:
+        return msg.metadata.timestamp.timestamp()
+    except Exception:  # not a JetStream message (tests)
+        return None
 
 
 def _more_queued(msg: Msg) -> bool:
@@ -99,10 +153,11 @@ async def run(rt: Runtime) -> None:
 
     async def on_event(event: HostEvent | FenceResult, msg: Msg) -> None:
         nonlocal refused_below
-        now = time.monotonic()
         if event.host not in policy.views:
             log.warning("event for unknown host", extra=fields(host=event.host, subject=msg.subject))
             return
+        # The fact's own time, not the time of this (re)play: ``now`` only decides.
+        at = on_policy_clock(event_time(event, _stored_at(msg)), time.time(), time.monotonic())
         if isinstance(event, FenceResult):
             # Terms the cluster has used: ours must stay above them (S3).
             lease.learn(event.term)
@@ -112,7 +167,7 @@ async def run(rt: Runtime) -> None:
                 # (bounded: a corrupt term must not silence the arbiter for good).
                 refused_below = min(MAX_TERM, max(refused_below, event.highest_term, event.term + 1))
                 lease.learn(refused_below)
-            policy.fence_result(event.host, event.request_id, event.outcome, event.reason, now)
+            fold(policy, event, at)
             if caught_up.is_set() and lease.held() and event.outcome != "refused":
                 kind = "fenced" if event.outcome == "confirmed_off" else "fence_failed"
                 await bus.publish(
@@ -123,22 +178,13 @@ async def run(rt: Runtime) -> None:
                     msg_id=f"{kind}:{event.request_id}",
                 )
             return
-        match event.kind:
-            case "suspect":
-                incident_context[event.incident] = extract_context(msg.headers)
-                policy.suspect(event.host, event.incident, now, event.late_hosts)
-                if not _more_queued(msg):  # a resumed arbiter reads its backlog before it acts
-                    decide_now.set()
-            case "alive":
-                policy.alive(event.host)
-            case "fence_requested":
-                lease.learn(event.term)
-                policy.fence_requested(event.host, event.incident, event.request_id or f"fence-{event.incident}",
-                                       now, event.attempt or 1)
-            case "confirmed_fenced":
-                policy.confirmed_by_operator(event.host)
-            case "maintenance_on" | "maintenance_off":
-                policy.set_maintenance(event.host, event.kind == "maintenance_on")
+        if event.kind == "suspect":
+            incident_context[event.incident] = extract_context(msg.headers)
+        elif event.kind == "fence_requested":
+            lease.learn(event.term)
+        fold(policy, event, at)
+        if event.kind == "suspect" and not _more_queued(msg):  # a resumed arbiter reads its backlog before it acts
+            decide_now.set()
 
     async def carry_out(decision: Decision) -> None:
         parent = incident_context.get(decision.incident, Context())
