@@ -27,6 +27,10 @@ stored it), carried over to the monotonic clock the policy decides by; ``now``
 only decides. So folding the stream gives the same state whenever it is folded:
 a host fenced days ago does not count toward the storm guard after a restart,
 and a request sent before a restart keeps its deadline.
+
+A decision whose publish fails (a stream electing its leader) is retried a few
+times with back-off (``hafence.retry``); if it still fails, the decision is left
+to be taken again at the next tick, and the loop goes on.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from hafence.arbiter.policy import Decision, Policy, RequestFence, SkipFence
 from hafence.contracts import Alert, Decoders, FenceRequest, FenceResult, HostEvent
 from hafence.lease import MAX_TERM, LeaderLease
 from hafence.logs import fields
+from hafence.retry import NotPublished, publish_retrying
 from hafence.service import Runtime
 from hafence.telemetry import extract_context, tracer
 
@@ -150,6 +155,14 @@ async def run(rt: Runtime) -> None:
     refused_below = 0
     # Trace context of each open incident, so every decision joins the incident's trace.
     incident_context: dict[str, Context] = {}
+    async def publish(subject: str, message: HostEvent | FenceRequest, msg_id: str = "") -> bool:
+        """Publish a decision (retried through a NATS hiccup); False if it could not be."""
+        try:
+            await publish_retrying(bus, subject, message, msg_id)
+            return True
+        except NotPublished as err:
+            log.error("decision not published; it will be taken again", extra=fields(error=str(err)))
+            return False
 
     async def on_event(event: HostEvent | FenceResult, msg: Msg) -> None:
         nonlocal refused_below
@@ -170,7 +183,8 @@ async def run(rt: Runtime) -> None:
             fold(policy, event, at)
             if caught_up.is_set() and lease.held() and event.outcome != "refused":
                 kind = "fenced" if event.outcome == "confirmed_off" else "fence_failed"
-                await bus.publish(
+                # The result was folded: a lost event is only lost news (logged), not a lost decision.
+                await publish(
                     subjects.host_event(event.host, kind),
                     HostEvent(host=event.host, kind=kind, at=time.time(), incident=event.incident,
                               reason=event.reason, term=lease.term, request_id=event.request_id,
@@ -186,7 +200,8 @@ async def run(rt: Runtime) -> None:
         if event.kind == "suspect" and not _more_queued(msg):  # a resumed arbiter reads its backlog before it acts
             decide_now.set()
 
-    async def carry_out(decision: Decision) -> None:
+    async def carry_out(decision: Decision) -> bool:
+        """Carry out one decision; False if it was not (it is taken again next tick)."""
         parent = incident_context.get(decision.incident, Context())
         with tracer().start_as_current_span(
             f"arbiter {'fence' if isinstance(decision, RequestFence) else 'skip'} {decision.host}",
@@ -201,35 +216,46 @@ async def run(rt: Runtime) -> None:
             if isinstance(decision, SkipFence):
                 (log.error if decision.alert else log.warning)(
                     "not fencing", extra=fields(host=decision.host, rule=decision.rule, reason=decision.reason))
-                await bus.publish(
+                # No message id: a skip may be announced again for the same incident and rule
+                # (a repeated alert); a retry after a lost ack may store it twice, which is harmless.
+                if not await publish(
                     subjects.host_event(decision.host, "fence_skipped"),
                     HostEvent(host=decision.host, kind="fence_skipped", at=time.time(), incident=decision.incident,
                               reason=decision.reason, term=lease.term, rule=decision.rule, alert=decision.alert),
-                )
-                return
+                ):
+                    # Not announced: let the policy announce it again at the next tick.
+                    policy.views[decision.host].held_by = ""
+                    return False
+                return True
             if lease.term < refused_below and not await lease.raise_term():
                 # The fencer refused this term already: raise it first (above every known
                 # term), or send nothing (a stale leader). The policy asks again next tick.
                 log.warning("not fencing under a term the fencer refused",
                             extra=fields(host=decision.host, term=lease.term, refused_below=refused_below))
-                return
+                return False
             request = FenceRequest(
                 request_id=decision.request_id, incident=decision.incident, host=decision.host,
                 action=settings.action, term=lease.term, requested_at=time.time(), reason=decision.reason,
                 method="watchdog" if decision.method == "watchdog" else "topology",
             )
             log.warning("fencing", extra=fields(host=decision.host, request_id=decision.request_id, term=lease.term))
-            await bus.publish(subjects.fence_request(decision.host), request,
-                              msg_id=f"{decision.request_id}:t{lease.term}")
-            await bus.publish(
+            # The policy learns of the request only once both are out: a publish that
+            # fails leaves the decision to be taken again (same request id and message
+            # ids, so what did get through is not stored twice).
+            if not await publish(subjects.fence_request(decision.host), request,
+                                 msg_id=f"{decision.request_id}:t{lease.term}"):
+                return False
+            if not await publish(
                 subjects.host_event(decision.host, "fence_requested"),
                 HostEvent(host=decision.host, kind="fence_requested", at=time.time(), incident=decision.incident,
                           reason=decision.reason, term=lease.term, request_id=decision.request_id,
                           attempt=decision.attempt),
                 msg_id=f"fence_requested:{decision.request_id}:t{lease.term}",
-            )
+            ):
+                return False
             policy.fence_requested(decision.host, decision.incident, decision.request_id, time.monotonic(),
                                    decision.attempt)
+            return True
 
     def storage_view() -> dict[str, bool]:
         if not config.storage.lease_dir:
@@ -250,8 +276,7 @@ async def run(rt: Runtime) -> None:
                 reissued = False
                 continue
             if not reissued:
-                reissued = True
-                await reissue_in_flight()
+                reissued = await reissue_in_flight()
             await fail_overdue()
             live = await asyncio.to_thread(storage_view)
             for phase in ("up", "suspect", "fencing", "fenced", "fence_failed"):
@@ -266,13 +291,16 @@ async def run(rt: Runtime) -> None:
             reason = (f"no result for fence request {late.request_id} within {deadline:g}s "
                       "(fencer down, stuck, or refusing); failed so it is retried and escalated")
             log.error("fence past its deadline", extra=fields(host=late.host, request_id=late.request_id))
-            policy.fence_result(late.host, late.request_id, "failed", reason, time.monotonic())
-            await bus.publish(
+            # Published before it is folded: if it cannot be, the request stays overdue
+            # and is failed again at the next tick.
+            if not await publish(
                 subjects.host_event(late.host, "fence_failed"),
                 HostEvent(host=late.host, kind="fence_failed", at=time.time(), incident=late.incident,
                           reason=reason, term=lease.term, request_id=late.request_id, alert=True),
                 msg_id=f"fence_failed:{late.request_id}",
-            )
+            ):
+                continue
+            policy.fence_result(late.host, late.request_id, "failed", reason, time.monotonic())
             try:
                 await bus.publish(subjects.alert("fence_deadline"), Alert(
                     kind="fence_deadline", at=time.time(), service="arbiter", reason=reason, host=late.host,
@@ -280,14 +308,17 @@ async def run(rt: Runtime) -> None:
             except Exception as err:  # the fence_failed event above is the one that counts
                 log.error("cannot publish alert", extra=fields(kind="fence_deadline", error=str(err)))
 
-    async def reissue_in_flight() -> None:
+    async def reissue_in_flight() -> bool:
         """A new leader re-sends the requests in flight, under its own term: the
         fencer answers from its journal if it ran them (S4); if the old leader died
-        before they arrived, this is what finishes the incident."""
+        before they arrived, this is what finishes the incident. False if one could
+        not be sent (all are sent again at the next tick)."""
+        done = True
         for host in policy.in_flight():
             view = policy.views[host]
-            await carry_out(RequestFence(host, view.incident, view.request_id,
-                                         "re-issued by a new arbiter leader", view.attempt or 1))
+            done = await carry_out(RequestFence(host, view.incident, view.request_id,
+                                                "re-issued by a new arbiter leader", view.attempt or 1)) and done
+        return done
 
     filters = [
         subjects.host_events(kind)
