@@ -18,6 +18,12 @@ failing host first when it moves elsewhere), and its ``restarted``/``failed``
 events are folded back, so the count of restarts survives a restart of the
 scheduler; a VM past its limit gets ``restart_limit`` and a ``vm_restart_limit``
 alert. Each restart is a span whose parent is the agent's failure report.
+
+VM events are published with a message id that says which fact they are
+(``vm_event_id``: VM, incident, kind, target, and the attempt or the reason where
+one fact can happen more than once), and retried through a NATS hiccup
+(``hafence.retry``): a stream electing its leader must not lose a ``started`` or
+a ``placed``, and a retry whose first try did get through is not stored twice.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
 
 import msgspec
 import nats.errors
@@ -36,6 +43,7 @@ from hafence import metrics
 from hafence.contracts import Alert, Decoders, FenceResult, HostEvent, Inventory, VmEvent, VmStart, VmStop
 from hafence.lease import LeaderLease
 from hafence.logs import fields
+from hafence.retry import NotPublished, publish_retrying
 from hafence.scheduler.placement import Pending, largest_host_loss_absorbed, place
 from hafence.scheduler.restarts import AnnounceFailure, Outcome, RestartLimit, RestartPending, RestartVm
 from hafence.scheduler.state import ClearHost, Duplicate, Effect, LostVm, SchedulerState, StopCopy
@@ -59,6 +67,20 @@ MIGRATIONS = [
     """,
 ]
 
+
+def vm_event_id(event: VmEvent, attempt: int = 0) -> str:
+    """The message id of a VM event: the same fact twice (a retry whose ack was
+    lost, a new leader announcing it again) is one message in the stream. A fact
+    is the VM, the incident (or failure), the kind and the target; a restart's
+    events also the attempt; ``failed`` and ``pending`` also their reason, since one
+    target can fail, or one VM wait, for several reasons in one incident. ``duplicate``
+    and ``stopped`` have no id: the same copy can come back, and must be told again."""
+    parts = ["vm", event.vm, event.incident, event.kind, event.target]
+    if attempt:
+        parts.append(f"a{attempt}")
+    if event.kind in ("failed", "pending"):
+        parts.append(f"{zlib.crc32(event.reason.encode()):08x}")
+    return ":".join(parts)
 
 
 async def run(rt: Runtime) -> None:
@@ -117,12 +139,15 @@ async def run(rt: Runtime) -> None:
         await db.commit()
 
     async def vm_event(lost: LostVm, kind: str, target: str = "", reason: str = "") -> None:
+        """A failover's VM event. The starts table is the record the scheduler acts on,
+        so an event that cannot be published at all is logged, and the failover goes on."""
         metrics.VM_EVENTS.labels(kind).inc()
-        await bus.publish(
-            subjects.vm_event(lost.spec.name, kind),
-            VmEvent(vm=lost.spec.name, kind=kind, at=time.time(), incident=lost.incident,  # type: ignore[arg-type]
-                    from_host=lost.from_host, target=target, reason=reason),
-        )
+        event = VmEvent(vm=lost.spec.name, kind=kind, at=time.time(), incident=lost.incident,  # type: ignore[arg-type]
+                        from_host=lost.from_host, target=target, reason=reason)
+        try:
+            await publish_retrying(bus, subjects.vm_event(lost.spec.name, kind), event, vm_event_id(event))
+        except NotPublished as err:
+            log.error("VM event lost", extra=fields(vm=lost.spec.name, kind=kind, error=str(err)))
 
     async def start(lost: LostVm, target: str) -> None:
         async with slots:
@@ -246,8 +271,9 @@ async def run(rt: Runtime) -> None:
             return
         log.warning("duplicate copy stopped", extra=fields(vm=effect.vm, host=effect.host))
         metrics.VM_EVENTS.labels("stopped").inc()
-        await bus.publish(subjects.vm_event(effect.vm, "stopped"),
-                          VmEvent(vm=effect.vm, kind="stopped", at=time.time(), target=effect.host, reason=reason))
+        await publish_retrying(bus, subjects.vm_event(effect.vm, "stopped"),
+                               VmEvent(vm=effect.vm, kind="stopped", at=time.time(), target=effect.host,
+                                       reason=reason))
 
     async def carry_out(effect: Effect) -> None:
         match effect:
@@ -257,9 +283,9 @@ async def run(rt: Runtime) -> None:
                 reason = f"running on {', '.join(hosts)}; {action}"
                 log.error("VM runs on two hosts", extra=fields(vm=vm, hosts=list(hosts)))
                 metrics.VM_EVENTS.labels("duplicate").inc()
-                await bus.publish(subjects.vm_event(vm, "duplicate"),
-                                  VmEvent(vm=vm, kind="duplicate", at=time.time(), target=",".join(stop_on),
-                                          reason=reason))
+                await publish_retrying(bus, subjects.vm_event(vm, "duplicate"),
+                                       VmEvent(vm=vm, kind="duplicate", at=time.time(), target=",".join(stop_on),
+                                               reason=reason))
                 await bus.publish(subjects.alert("vm_duplicate"),
                                   Alert(kind="vm_duplicate", at=time.time(), service="scheduler", reason=reason,
                                         host=stop_on[0] if stop_on else hosts[0], vm=vm))
@@ -290,9 +316,9 @@ async def run(rt: Runtime) -> None:
         with tracer().start_as_current_span(f"vm {effect.vm} {kind}",
                                             context=failure_context.get(effect.failure_id, Context()),
                                             attributes={"hafence.vm": effect.vm, "hafence.host": effect.host}):
-            await bus.publish(subjects.vm_event(effect.vm, kind),
-                              VmEvent(vm=effect.vm, kind=kind, at=time.time(),  # type: ignore[arg-type]
-                                      incident=effect.failure_id, from_host=effect.host, reason=reason))
+            event = VmEvent(vm=effect.vm, kind=kind, at=time.time(),  # type: ignore[arg-type]
+                            incident=effect.failure_id, from_host=effect.host, reason=reason)
+            await publish_retrying(bus, subjects.vm_event(effect.vm, kind), event, vm_event_id(event))
             if isinstance(effect, RestartLimit):
                 metrics.VM_RESTART_LIMITS.inc()
                 await bus.publish(subjects.alert("vm_restart_limit"),
@@ -342,9 +368,11 @@ async def run(rt: Runtime) -> None:
                             outcome, error = "unconfirmed", f"{effect.from_host} did not confirm the stop: {error}"
                     if outcome != "unconfirmed":
                         # Recorded before it is sent: a scheduler taking over asks this host again.
-                        await bus.publish(subjects.vm_event(vm, "placed"), VmEvent(
-                            vm=vm, kind="placed", at=time.time(), incident=effect.failure_id,
-                            from_host=effect.from_host, target=target, reason=effect.reason))
+                        # If it cannot be published, nothing is sent (the error ends this try).
+                        placed = VmEvent(vm=vm, kind="placed", at=time.time(), incident=effect.failure_id,
+                                         from_host=effect.from_host, target=target, reason=effect.reason)
+                        await publish_retrying(bus, subjects.vm_event(vm, "placed"), placed,
+                                               vm_event_id(placed, effect.attempt))
                         error, unanswered, already = await ask(target, VmStart(vm=effect.spec,
                                                                                incident=effect.failure_id))
                         outcome = "unanswered" if unanswered else ("failed" if error else "started")
@@ -360,10 +388,10 @@ async def run(rt: Runtime) -> None:
                         "VM restarted" if kind == "restarted" else "VM restart failed",
                         extra=fields(vm=vm, target=target, error=error))
                     metrics.VM_EVENTS.labels(kind).inc()
-                    await bus.publish(subjects.vm_event(vm, kind), VmEvent(
-                        vm=vm, kind=kind, at=time.time(), incident=effect.failure_id,  # type: ignore[arg-type]
-                        from_host=effect.from_host, target=target,
-                        reason=error or ("already running" if already else effect.reason)))
+                    done = VmEvent(vm=vm, kind=kind, at=time.time(), incident=effect.failure_id,  # type: ignore[arg-type]
+                                   from_host=effect.from_host, target=target,
+                                   reason=error or ("already running" if already else effect.reason))
+                    await publish_retrying(bus, subjects.vm_event(vm, kind), done, vm_event_id(done, effect.attempt))
         except Exception as err:  # NATS gone mid-way: the core asks again (the same host)
             log.error("VM restart not completed: %s", err, extra=fields(vm=vm, target=target))
             if effect.spec.name in state.restarts.in_flight:
