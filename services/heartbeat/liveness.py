@@ -38,6 +38,7 @@ class Suspect:
     host: str
     incident: str
     last_seen: float
+    # How long it had been silent when it was declared (its declaration: last_seen + silent_for).
     silent_for: float
 
 
@@ -57,6 +58,7 @@ class _Host:
     boot_id: str = ""
     seq: int = -1
     incident: str = ""
+    silent_for: float = 0.0  # when declared suspect
 
 
 class UnknownHost(KeyError):
@@ -106,7 +108,7 @@ class Liveness:
                 # replica of the monitor names the same incident the same way.
                 last = (f"{_token(entry.boot_id, 16)}-{entry.seq}" if entry.seq >= 0
                         else f"never-seen-{self.nonce}")
-                entry.incident = f"{host}-{last}"
+                entry.incident, entry.silent_for = f"{host}-{last}", silent_for
                 out.append(Suspect(host, entry.incident, entry.last_seen, silent_for))
         return out
 
@@ -116,8 +118,11 @@ class Liveness:
         return [h for h, e in self._hosts.items() if e.state != "suspect" and now - e.last_seen > after]
 
     def suspects(self) -> list[Suspect]:
+        """The current suspicions as they were declared (a new leader re-announces them
+        under the same message id: the same silence)."""
         return [
-            Suspect(h, e.incident, e.last_seen, 0.0) for h, e in self._hosts.items() if e.state == "suspect"
+            Suspect(h, e.incident, e.last_seen, e.silent_for)
+            for h, e in self._hosts.items() if e.state == "suspect"
         ]
 
     def state(self, host: str) -> State:

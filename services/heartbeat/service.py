@@ -385,8 +385,10 @@ async def _emit(bus: Bus, core: Liveness, lease: LeaderLease, t: Transition, wal
                         "hafence.silent_for_s": round(t.silent_for, 3), "hafence.term": lease.term},
         ):
             log.warning("host is suspect", extra=fields(host=t.host, incident=t.incident))
+            # As declared, also when a new leader re-announces it (same message id): the
+            # silence it was declared after, and the time it was declared (its own time).
             event = HostEvent(
-                host=t.host, kind="suspect", at=time.time(), incident=t.incident,
+                host=t.host, kind="suspect", at=t.last_seen + t.silent_for + wall_offset, incident=t.incident,
                 reason=f"no heartbeat for {t.silent_for:.1f}s (window {core.window:.1f}s)",
                 term=lease.term, last_seen=t.last_seen + wall_offset, late_hosts=late,
             )
