@@ -7,7 +7,7 @@ a current one changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import aiosqlite
@@ -44,3 +44,29 @@ async def open_store(path: str | Path, migrations: Sequence[str]) -> aiosqlite.C
         await db.close()
         raise
     return db
+
+
+async def write_many(
+    db: aiosqlite.Connection, sql: str, rows: Iterable[Sequence[object]], *, durable: bool = True
+) -> None:
+    """Run one statement for many rows in one transaction: one commit, and so one
+    fsync of the WAL, however many rows.
+
+    ``durable=False`` commits with ``synchronous=NORMAL`` (the connection is put back
+    to FULL afterwards): the rows survive a crash of the process but may be lost
+    in a power cut of this machine until the next durable commit or checkpoint.
+    Only for records whose loss costs a retry, never a wrong decision."""
+    if not durable:
+        await db.execute("PRAGMA synchronous=NORMAL")
+    try:
+        await db.executemany(sql, rows)
+        await db.commit()
+    except BaseException:
+        try:
+            await db.rollback()
+        except Exception:  # the first error is the one to report
+            pass
+        raise
+    finally:
+        if not durable:
+            await db.execute("PRAGMA synchronous=FULL")

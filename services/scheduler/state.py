@@ -28,6 +28,7 @@ here: the same inventories, the scheduler's own VM events, and the same effects.
 from __future__ import annotations
 
 import posixpath
+from bisect import insort
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -127,6 +128,23 @@ class SchedulerState:
     clears_sent: dict[str, tuple[str, float]] = field(default_factory=dict)
     # VM-level HA: HA VMs that failed on a live host, and their restarts (restarts.py).
     restarts: VmRestarts = field(default_factory=VmRestarts)
+    # Moves whenever what placement and the HA reservation see may have changed: an
+    # inventory that differs from that host's previous one (beyond its send time), a
+    # phase, maintenance. The shell re-runs the HA reservation check only when it
+    # moved. A thousand agents re-sending the same inventory every 30 s are then a
+    # comparison each, not a walk over every VM.
+    capacity_version: int = 0
+    # Per host: the revision of its inventory's content, and what placement reads
+    # from it (its candidate without reservations, its HA VMs) for that revision.
+    _revisions: dict[str, int] = field(default_factory=dict, repr=False)
+    _loads: dict[str, tuple[int, Candidate, list[VmSpec]]] = field(default_factory=dict, repr=False)
+    _hosts: list[str] = field(default_factory=list, repr=False)
+    # ``copies()``, kept up to date host by host (a fleet's worth of VMs is not walked
+    # again for each inventory or fence): VM -> hosts (sorted), what each host adds
+    # to it, and the VMs with more than one host.
+    _where: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _indexed: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
+    _twice: set[str] = field(default_factory=set, repr=False)
 
     @classmethod
     def from_config(cls, config: ClusterConfig) -> SchedulerState:
@@ -167,15 +185,44 @@ class SchedulerState:
         return {vm: hosts[-1] for vm, hosts in self.copies().items()}
 
     def copies(self) -> dict[str, list[str]]:
-        """Every host (not fenced) whose latest report has the VM running."""
-        where: dict[str, list[str]] = {}
-        for host, inv in sorted(self.inventories.items()):
-            if self.phases.get(host) == "fenced":
-                continue
-            for vm in inv.vms:
-                if vm.state == "running" and host not in where.setdefault(vm.spec.name, []):
-                    where[vm.spec.name].append(host)
-        return where
+        """Every host (not fenced) whose latest report has the VM running, sorted by
+        name. Kept up to date as reports and phases change: callers must not change it."""
+        return self._where
+
+    def _reindex(self, host: str) -> None:
+        """Bring ``copies()`` up to date for one host: its latest report's running VMs,
+        none while it is fenced."""
+        inv = self.inventories.get(host)
+        now = (frozenset(vm.spec.name for vm in inv.vms if vm.state == "running")
+               if inv is not None and self.phases.get(host) != "fenced" else frozenset())
+        before = self._indexed.get(host, frozenset())
+        if now == before:
+            return
+        for vm in before - now:
+            hosts = self._where[vm]
+            hosts.remove(host)
+            if len(hosts) < 2:
+                self._twice.discard(vm)
+            if not hosts:
+                del self._where[vm]
+        for vm in now - before:
+            hosts = self._where.setdefault(vm, [])
+            insort(hosts, host)
+            if len(hosts) > 1:
+                self._twice.add(vm)
+        self._indexed[host] = now
+
+    def hosts(self) -> list[str]:
+        """Every host that has reported, sorted (hosts are never forgotten: a cache by count)."""
+        if len(self._hosts) != len(self.inventories):
+            self._hosts = sorted(self.inventories)
+        return self._hosts
+
+    def _set_phase(self, host: str, phase: HostPhase) -> None:
+        if self.phases.get(host) != phase:
+            self.phases[host] = phase
+            self.capacity_version += 1
+            self._reindex(host)
 
     def on_inventory(self, inv: Inventory) -> list[str]:
         """Fold a report; returns the ids of the VM failures it reports first (restarts.py)."""
@@ -188,8 +235,17 @@ class SchedulerState:
         while len(boots) > BOOTS_KEPT:
             boots.popitem(last=False)
         if self.phases.get(host) == "fenced":
-            self.phases[host] = "quarantined"  # it booted again: S6
-        self.phases.setdefault(host, "up")
+            self._set_phase(host, "quarantined")  # it booted again: S6
+        if host not in self.phases:
+            self._set_phase(host, "up")
+        previous = self.inventories.get(host)
+        # The same report sent again (only its send time differs) changes nothing
+        # placement, the reservation or the duplicates check read.
+        if previous is None or msgspec.structs.replace(inv, sent_at=previous.sent_at) != previous:
+            self._revisions[host] = self._revisions.get(host, 0) + 1
+            self.capacity_version += 1
+            self.inventories[host] = inv
+            self._reindex(host)
         self.inventories[host] = inv
         for vm in inv.vms:
             if vm.state == "running":
@@ -208,18 +264,20 @@ class SchedulerState:
     def on_host_event(self, event: HostEvent) -> None:
         host = event.host
         if event.kind == "suspect" and self.phases.get(host) not in ("fenced", "quarantined"):
-            self.phases[host] = "suspect"
+            self._set_phase(host, "suspect")
             inv = self.inventories.get(host)
             self.suspect_boot[host] = event.boot_id or (inv.boot_id if inv else "")
         elif event.kind == "alive" and self.phases.get(host) == "suspect":
-            self.phases[host] = "up"
+            self._set_phase(host, "up")
             self.suspect_boot.pop(host, None)
         elif event.kind == "confirmed_fenced":
             self._fenced(host, event.incident, event.boot_id)
         elif event.kind == "maintenance_on":
             self.maintenance.add(host)
+            self.capacity_version += 1
         elif event.kind == "maintenance_off":
             self.maintenance.discard(host)
+            self.capacity_version += 1
         elif event.kind == "cleared":
             q = self.quarantine.get(host)
             if q is not None and (not event.boot_id or event.boot_id not in self.fenced_boots.get(host, ())):
@@ -257,13 +315,15 @@ class SchedulerState:
         self.quarantine[host] = Quarantine(fenced_boot=boot)
         # The host may have reported a newer boot already (action "reboot"): it is back, quarantined.
         back = latest is not None and bool(boot) and latest.boot_id != boot
-        self.phases[host] = "quarantined" if back else "fenced"
+        self._set_phase(host, "quarantined" if back else "fenced")
         if inv is None:
             return True
-        elsewhere = {vm for vm, hosts in self.copies().items() if set(hosts) - {host}}
+        copies = self.copies()
         for vm in inv.vms:
+            if vm.state != "running" or any(h != host for h in copies.get(vm.spec.name, ())):
+                continue  # running elsewhere already
             spec = self.resolve(vm.spec)
-            if vm.state == "running" and spec.ha and vm.spec.name not in elsewhere:
+            if spec.ha:
                 self.lost[vm.spec.name] = LostVm(spec, host, incident)
         return True
 
@@ -281,12 +341,12 @@ class SchedulerState:
     def _maybe_rejoin(self, host: str) -> None:
         q = self.quarantine.get(host)
         if self.phases.get(host) == "quarantined" and q is not None and q.cleared_by and self.clean(host):
-            self.phases[host] = "up"
+            self._set_phase(host, "up")
             del self.quarantine[host]
         # A stop on another host may have made this one clean: let every cleared one try.
         for other, oq in list(self.quarantine.items()):
             if other != host and oq.cleared_by and self.phases.get(other) == "quarantined" and self.clean(other):
-                self.phases[other] = "up"
+                self._set_phase(other, "up")
                 del self.quarantine[other]
 
     # -- effects (what the shell must do; only the leader asks) -----------------------
@@ -294,9 +354,8 @@ class SchedulerState:
     def effects(self, now: float) -> list[Effect]:
         out: list[Effect] = []
         copies = self.copies()
-        for vm, hosts in sorted(copies.items()):
-            if len(hosts) < 2:
-                continue
+        for vm in sorted(self._twice):
+            hosts = copies[vm]
             # Only a quarantined host's copy is known to be the wrong one, and only
             # while a copy runs on a host in good standing.
             quarantined = tuple(h for h in hosts if self.phases.get(h) == "quarantined")
@@ -313,7 +372,8 @@ class SchedulerState:
             del self.announced[vm]
         for key in [k for k in self.stops_sent if k[1] not in copies.get(k[0], ())]:
             del self.stops_sent[key]
-        for host, inv in sorted(self.inventories.items()):
+        for host in self.hosts():
+            inv = self.inventories[host]
             phase = self.phases.get(host)
             q = self.quarantine.get(host)
             if phase == "quarantined" and q is not None and not q.cleared_by and self.auto_clear and self.clean(host):
@@ -366,23 +426,69 @@ class SchedulerState:
 
     # -- placement inputs -------------------------------------------------------------
 
+    def _load(self, host: str) -> tuple[Candidate, list[VmSpec]]:
+        """A host's candidate from its running VMs alone, and its HA VMs: computed
+        once per revision of its inventory (most reports repeat the last one)."""
+        revision = self._revisions.get(host, 0)
+        cached = self._loads.get(host)
+        if cached is not None and cached[0] == revision:
+            return cached[1], cached[2]
+        inv = self.inventories[host]
+        specs = [self.attributes(vm.spec) for vm in inv.vms if vm.state == "running"]
+        candidate = _candidate(host, inv.memory_mb, inv.vcpus, frozenset(inv.labels), specs)
+        ha = [s for s in specs if s.ha]
+        self._loads[host] = (revision, candidate, ha)
+        return candidate, ha
+
     def candidates(self) -> list[Candidate]:
+        # Reservations (starts not yet in an inventory) are few and change during a
+        # failover: added on top of the cached candidate of their host.
+        reserved: dict[str, list[VmSpec]] = {}
+        for (_vm, target), spec in self.reserved.items():
+            reserved.setdefault(target, []).append(spec)
         out = []
-        for host, inv in sorted(self.inventories.items()):
+        for host in self.hosts():
             if self.phases.get(host) != "up" or host in self.maintenance:
                 continue
-            specs = [self.attributes(vm.spec) for vm in inv.vms if vm.state == "running"]
-            specs += [spec for (_vm, target), spec in self.reserved.items() if target == host]
-            out.append(Candidate(
-                host, inv.memory_mb, inv.vcpus, sum(s.memory_mb for s in specs), sum(s.vcpus for s in specs),
-                frozenset(inv.labels), frozenset(g for s in specs for g in s.affinity),
-                frozenset(g for s in specs for g in s.anti_affinity),
-            ))
+            candidate, _ = self._load(host)
+            if host in reserved:
+                inv = self.inventories[host]
+                specs = [self.attributes(vm.spec) for vm in inv.vms if vm.state == "running"] + reserved[host]
+                candidate = _candidate(host, inv.memory_mb, inv.vcpus, candidate.labels, specs)
+            out.append(candidate)
         return out
 
     def ha_vms_by_host(self) -> dict[str, list[VmSpec]]:
+        """Callers must not change the lists (cached per inventory revision)."""
         return {
-            host: [spec for vm in inv.vms if vm.state == "running" and (spec := self.attributes(vm.spec)).ha]
-            for host, inv in self.inventories.items()
+            host: self._load(host)[1]
+            for host in self.hosts()
             if self.phases.get(host) == "up" and host not in self.maintenance
         }
+
+
+def _candidate(host: str, memory_mb: int, vcpus: int, labels: frozenset[str], specs: list[VmSpec]) -> Candidate:
+    return Candidate(
+        host, memory_mb, vcpus, sum(s.memory_mb for s in specs), sum(s.vcpus for s in specs), labels,
+        frozenset(g for s in specs for g in s.affinity), frozenset(g for s in specs for g in s.anti_affinity),
+    )
+
+
+@dataclass
+class ReservationGate:
+    """When the shell runs the HA reservation check (``largest_host_loss_absorbed``,
+    a walk over every host): only when ``capacity_version`` moved since the last
+    verdict (an unchanged inventory moves nothing), at most once per ``every_s``, and
+    never while a failover is being carried out: a failover's starts come first, the
+    check is a warning about the next failure."""
+
+    every_s: float = 1.0
+    checked: int = -1
+    last_at: float = float("-inf")
+
+    def due(self, version: int, now: float, failover_busy: bool) -> bool:
+        return not failover_busy and version != self.checked and now - self.last_at >= self.every_s
+
+    def done(self, version: int, now: float) -> None:
+        """A verdict was given for ``version`` (the version read before the check)."""
+        self.checked, self.last_at = version, now
