@@ -14,8 +14,8 @@ def test_a_host_that_misses_k_intervals_becomes_suspect_once() -> None:
     assert live.tick(3.4) == []
     live.heartbeat("b", "boot2", 1, now=3.0)
     out = live.tick(3.6)
-    assert out == [Suspect("a", "a-boot1-0", 0.5, pytest.approx(3.1))]
-    assert live.tick(10.0) == [Suspect("b", "b-boot2-1", 3.0, 7.0)]
+    assert out == [Suspect("a", "a-boot1-0", 0.5, pytest.approx(3.1), "boot1")]
+    assert live.tick(10.0) == [Suspect("b", "b-boot2-1", 3.0, 7.0, "boot2")]
     assert live.tick(11.0) == []
 
 

@@ -28,6 +28,10 @@ only decides. So folding the stream gives the same state whenever it is folded:
 a host fenced days ago does not count toward the storm guard after a restart,
 and a request sent before a restart keeps its deadline.
 
+Boot ids ride through the incident: the monitor's suspect names the boot it
+last heard from; the request, the ``fence_requested``/``fenced``/``fence_failed``
+events carry it, so the scheduler folds the result against that boot (S6).
+
 A decision whose publish fails (a stream electing its leader) is retried a few
 times with back-off (``hafence.retry``); if it still fails, the decision is left
 to be taken again at the next tick, and the loop goes on.
@@ -155,6 +159,13 @@ async def run(rt: Runtime) -> None:
     refused_below = 0
     # Trace context of each open incident, so every decision joins the incident's trace.
     incident_context: dict[str, Context] = {}
+    # host -> (incident, boot id): the boot the host's latest incident is about (S6).
+    incident_boot: dict[str, tuple[str, str]] = {}
+
+    def boot_of(host: str, incident: str) -> str:
+        known = incident_boot.get(host)
+        return known[1] if known is not None and known[0] == incident else ""
+
     async def publish(subject: str, message: HostEvent | FenceRequest, msg_id: str = "") -> bool:
         """Publish a decision (retried through a NATS hiccup); False if it could not be."""
         try:
@@ -171,6 +182,8 @@ async def run(rt: Runtime) -> None:
             return
         # The fact's own time, not the time of this (re)play: ``now`` only decides.
         at = on_policy_clock(event_time(event, _stored_at(msg)), time.time(), time.monotonic())
+        if isinstance(event, HostEvent) and event.kind in ("suspect", "fence_requested") and event.boot_id:
+            incident_boot[event.host] = (event.incident, event.boot_id)
         if isinstance(event, FenceResult):
             # Terms the cluster has used: ours must stay above them (S3).
             lease.learn(event.term)
@@ -188,7 +201,8 @@ async def run(rt: Runtime) -> None:
                     subjects.host_event(event.host, kind),
                     HostEvent(host=event.host, kind=kind, at=time.time(), incident=event.incident,
                               reason=event.reason, term=lease.term, request_id=event.request_id,
-                              alert=kind == "fence_failed"),
+                              alert=kind == "fence_failed",
+                              boot_id=event.boot_id or boot_of(event.host, event.incident)),
                     msg_id=f"{kind}:{event.request_id}",
                 )
             return
@@ -221,7 +235,8 @@ async def run(rt: Runtime) -> None:
                 if not await publish(
                     subjects.host_event(decision.host, "fence_skipped"),
                     HostEvent(host=decision.host, kind="fence_skipped", at=time.time(), incident=decision.incident,
-                              reason=decision.reason, term=lease.term, rule=decision.rule, alert=decision.alert),
+                              reason=decision.reason, term=lease.term, rule=decision.rule, alert=decision.alert,
+                              boot_id=boot_of(decision.host, decision.incident)),
                 ):
                     # Not announced: let the policy announce it again at the next tick.
                     policy.views[decision.host].held_by = ""
@@ -233,10 +248,11 @@ async def run(rt: Runtime) -> None:
                 log.warning("not fencing under a term the fencer refused",
                             extra=fields(host=decision.host, term=lease.term, refused_below=refused_below))
                 return False
+            boot = boot_of(decision.host, decision.incident)
             request = FenceRequest(
                 request_id=decision.request_id, incident=decision.incident, host=decision.host,
                 action=settings.action, term=lease.term, requested_at=time.time(), reason=decision.reason,
-                method="watchdog" if decision.method == "watchdog" else "topology",
+                method="watchdog" if decision.method == "watchdog" else "topology", boot_id=boot,
             )
             log.warning("fencing", extra=fields(host=decision.host, request_id=decision.request_id, term=lease.term))
             # The policy learns of the request only once both are out: a publish that
@@ -249,7 +265,7 @@ async def run(rt: Runtime) -> None:
                 subjects.host_event(decision.host, "fence_requested"),
                 HostEvent(host=decision.host, kind="fence_requested", at=time.time(), incident=decision.incident,
                           reason=decision.reason, term=lease.term, request_id=decision.request_id,
-                          attempt=decision.attempt),
+                          attempt=decision.attempt, boot_id=boot),
                 msg_id=f"fence_requested:{decision.request_id}:t{lease.term}",
             ):
                 return False
@@ -296,7 +312,8 @@ async def run(rt: Runtime) -> None:
             if not await publish(
                 subjects.host_event(late.host, "fence_failed"),
                 HostEvent(host=late.host, kind="fence_failed", at=time.time(), incident=late.incident,
-                          reason=reason, term=lease.term, request_id=late.request_id, alert=True),
+                          reason=reason, term=lease.term, request_id=late.request_id, alert=True,
+                          boot_id=boot_of(late.host, late.incident)),
                 msg_id=f"fence_failed:{late.request_id}",
             ):
                 continue

@@ -9,6 +9,9 @@ For each request, in this order (S3 and S4 under concurrency):
    if this very request (id, incident and host) was recorded (S4), else record it;
 3. run the host's topology, journal the result, and only then publish and ack.
 
+Every result carries the request's ``boot_id`` (the boot of the host the
+incident is about), so the scheduler folds it against that boot's inventory (S6).
+
 A request redelivered, or re-issued with the same request id, while the first
 one runs waits at step 1 and gets the recorded result at step 2: the host is
 power-cycled once. A fencer killed mid-request gets the request redelivered and
@@ -101,7 +104,7 @@ async def run(rt: Runtime) -> None:
         return FenceResult(
             request_id=request.request_id, incident=request.incident, host=request.host,
             term=request.term, outcome="refused", reason=reason, started_at=started,
-            finished_at=time.time(), highest_term=highest,
+            finished_at=time.time(), highest_term=highest, boot_id=request.boot_id,
         ), f"refused:{request.request_id}:t{request.term}"
 
     def answered(request: FenceRequest, recorded: FenceResult, where: str) -> tuple[FenceResult, str]:
@@ -188,7 +191,7 @@ async def run(rt: Runtime) -> None:
             now = time.time()
             await bus.publish(subjects.fence_result(request.host), FenceResult(
                 request_id=request.request_id, incident=request.incident, host=request.host, term=request.term,
-                outcome="failed", reason=reason, started_at=now, finished_at=now,
+                outcome="failed", reason=reason, started_at=now, finished_at=now, boot_id=request.boot_id,
             ), msg_id=f"result:{request.request_id}")
             return
         async with asyncio.TaskGroup() as tg:

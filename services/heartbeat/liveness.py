@@ -40,6 +40,8 @@ class Suspect:
     last_seen: float
     # How long it had been silent when it was declared (its declaration: last_seen + silent_for).
     silent_for: float
+    # The boot it was last heard from ("" if never heard from): the incident is about that boot (S6).
+    boot_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +111,7 @@ class Liveness:
                 last = (f"{_token(entry.boot_id, 16)}-{entry.seq}" if entry.seq >= 0
                         else f"never-seen-{self.nonce}")
                 entry.incident, entry.silent_for = f"{host}-{last}", silent_for
-                out.append(Suspect(host, entry.incident, entry.last_seen, silent_for))
+                out.append(Suspect(host, entry.incident, entry.last_seen, silent_for, entry.boot_id))
         return out
 
     def late(self, now: float, after: float) -> list[str]:
@@ -119,9 +121,9 @@ class Liveness:
 
     def suspects(self) -> list[Suspect]:
         """The current suspicions as they were declared (a new leader re-announces them
-        under the same message id: the same silence)."""
+        under the same message id: the same silence, the same boot)."""
         return [
-            Suspect(h, e.incident, e.last_seen, e.silent_for)
+            Suspect(h, e.incident, e.last_seen, e.silent_for, e.boot_id)
             for h, e in self._hosts.items() if e.state == "suspect"
         ]
 

@@ -391,6 +391,7 @@ async def _emit(bus: Bus, core: Liveness, lease: LeaderLease, t: Transition, wal
                 host=t.host, kind="suspect", at=t.last_seen + t.silent_for + wall_offset, incident=t.incident,
                 reason=f"no heartbeat for {t.silent_for:.1f}s (window {core.window:.1f}s)",
                 term=lease.term, last_seen=t.last_seen + wall_offset, late_hosts=late,
+                boot_id=t.boot_id,  # the boot last heard from: the incident is about it (S6)
             )
             await bus.publish(bus.subjects.host_event(t.host, "suspect"), event, msg_id=f"suspect:{t.incident}")
     elif isinstance(t, Alive):
