@@ -22,6 +22,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from hafence.config import ClusterConfig, parse_config
+from hafence.lab.fleet import provision
 from hafence.lab.natsserver import NatsServer
 from hafence.service import Body, run_service
 
@@ -151,15 +152,6 @@ async def running(
         await asyncio.wait_for(task, timeout=10)
 
 
-async def provision(config: ClusterConfig) -> None:
-    """``hafence deploy provision``, in-process: streams, the fencer's consumer, the bucket."""
-    from hafence.bus import Bus
-
-    bus = await Bus.connect(config, "provisioner")
-    try:
-        await bus.provision()
-    finally:
-        await bus.close()
 
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:

@@ -17,6 +17,19 @@ def _load(path: str) -> ClusterConfig | None:
         return None
 
 
+def _load_for_host(path: str, host: str) -> ClusterConfig | None:
+    """The config, if it loads and names ``host``; else the error is printed."""
+    config = _load(path)
+    if config is None:
+        return None
+    try:
+        config.host(host)
+    except KeyError as err:
+        print(f"hafence: {err.args[0]}", file=sys.stderr)
+        return None
+    return config
+
+
 def operator() -> str:
     import getpass
     import os

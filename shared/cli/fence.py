@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from hafence.cli.common import EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_USAGE, _load, operator
+from hafence.cli.common import EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_USAGE, _load_for_host, operator
 from hafence.config import ClusterConfig
 from hafence.contracts import DeviceEvidence, HostEvent
 
@@ -133,13 +133,8 @@ async def _fence(config: ClusterConfig, host: str, action: str, as_json: bool, w
 
 
 def cmd_fence(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load_for_host(args.config, args.host)
     if config is None:
-        return EXIT_USAGE
-    try:
-        config.host(args.host)
-    except KeyError as err:
-        print(f"hafence: {err.args[0]}", file=sys.stderr)
         return EXIT_USAGE
     why = (args.reason or "").strip()
     if args.action in ("off", "reboot") and not why:

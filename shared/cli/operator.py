@@ -9,7 +9,7 @@ import sys
 import time
 import uuid
 
-from hafence.cli.common import EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_USAGE, _load, operator
+from hafence.cli.common import EXIT_NOT_CONFIRMED, EXIT_OK, EXIT_USAGE, _load_for_host, operator
 from hafence.config import ClusterConfig
 from hafence.contracts import HostEvent
 
@@ -30,13 +30,8 @@ async def _announce(config: ClusterConfig, event: HostEvent) -> None:
 
 
 def _host_event(args: argparse.Namespace, kind: str, reason: str) -> int:
-    config = _load(args.config)
+    config = _load_for_host(args.config, args.host)
     if config is None:
-        return EXIT_USAGE
-    try:
-        config.host(args.host)
-    except KeyError as err:
-        print(f"hafence: {err.args[0]}", file=sys.stderr)
         return EXIT_USAGE
     now = time.time()
     event = HostEvent(host=args.host, kind=kind, at=now, reason=reason, by=args.by or operator(),  # type: ignore[arg-type]
@@ -72,8 +67,10 @@ def cmd_host_clear(args: argparse.Namespace) -> int:
         print("hafence: --reason must say why the host may take VMs again", file=sys.stderr)
         return EXIT_USAGE
     reason = args.reason.strip()
-    config = _load(args.config)
-    if config is not None and config.storage.slot_dir:
+    config = _load_for_host(args.config, args.host)
+    if config is None:
+        return EXIT_USAGE
+    if config.storage.slot_dir:
         # Watchdog self-fencing: the poison pill goes first (the agent stays fenced
         # while it is there, whatever the bus says). docs/watchdog.md
         from hafence.slots import Slots, SlotUnreachable
