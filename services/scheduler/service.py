@@ -4,7 +4,9 @@ while it holds the lease, restarts lost HA VMs through the agents.
 Every start is keyed by (VM, incident) in the scheduler's database and written
 before the command is sent, so a scheduler restarted mid-failover sends a start
 again only to the host it chose before, and the agent answers "already
-running" if it did start. VMs of one failover start in parallel.
+running" if it did start. VMs of one failover start in parallel: the starts of a
+wave are recorded in one transaction (one fsync) before any of its commands is
+sent, and their results a wave at a time.
 
 The rules (which host to ask again, when a VM moves on, S6's quarantine and
 duplicates) are the pure core's (``state.py``); this shell feeds it the events
@@ -46,9 +48,9 @@ from hafence.logs import fields
 from hafence.retry import NotPublished, publish_retrying
 from hafence.scheduler.placement import Pending, largest_host_loss_absorbed, place
 from hafence.scheduler.restarts import AnnounceFailure, Outcome, RestartLimit, RestartPending, RestartVm
-from hafence.scheduler.state import ClearHost, Duplicate, Effect, LostVm, SchedulerState, StopCopy
+from hafence.scheduler.state import ClearHost, Duplicate, Effect, LostVm, ReservationGate, SchedulerState, StopCopy
 from hafence.service import Runtime, stop_if_cancelled
-from hafence.store import open_store
+from hafence.store import open_store, write_many
 from hafence.telemetry import extract_context, tracer
 
 log = logging.getLogger("hafence.scheduler")
@@ -65,7 +67,17 @@ MIGRATIONS = [
         PRIMARY KEY (vm, incident, target)
     );
     """,
+    # A wave reads the history of its incidents in one query each.
+    "CREATE INDEX starts_by_incident ON starts (incident, at);",
 ]
+RECORD_START = """INSERT INTO starts (vm, incident, target, state, error, at) VALUES (?, ?, ?, ?, ?, ?)
+    ON CONFLICT (vm, incident, target) DO UPDATE SET state = excluded.state, error = excluded.error, at = excluded.at"""
+# Commands in flight at once (starts and restarts). Agents bound their own parallel
+# starts; this only bounds the scheduler's own tasks and reply inboxes.
+COMMANDS_IN_FLIGHT = 128
+# The HA reservation check (a walk over every host) runs at most this often, and
+# only when capacity changed (``ReservationGate``).
+RESERVATION_EVERY_S = 1.0
 
 
 def vm_event_id(event: VmEvent, attempt: int = 0) -> str:
@@ -94,7 +106,7 @@ async def run(rt: Runtime) -> None:
     wake = asyncio.Event()
     incident_context: dict[str, Context] = {}
     announced_pending: dict[str, str] = {}
-    slots = asyncio.Semaphore(32)
+    slots = asyncio.Semaphore(COMMANDS_IN_FLIGHT)
     fence_confirmed_at: dict[str, float] = {}
     failover_remaining: dict[str, set[str]] = {}
     # VM-level HA: the trace of each failure (its report's), and where restarts run.
@@ -123,20 +135,27 @@ async def run(rt: Runtime) -> None:
                                 extra=fields(host=event.host, vms=len(state.lost)))
         wake.set()
 
-    async def start_history(vm: str, incident: str) -> list[tuple[str, str]]:
-        async with db.execute(
-            "SELECT target, state FROM starts WHERE vm = ? AND incident = ? ORDER BY at", (vm, incident)
-        ) as cur:
-            return [(r[0], r[1]) for r in await cur.fetchall()]
+    # The starts table as this process reads and writes it: incident -> VM -> [(target,
+    # state)], oldest first. Read from the table once per open incident (after a
+    # restart the table is the truth), dropped when the incident has no lost VM left.
+    history: dict[str, dict[str, list[tuple[str, str]]]] = {}
 
-    async def record(vm: str, incident: str, target: str, status: str, error: str = "") -> None:
-        await db.execute(
-            """INSERT INTO starts (vm, incident, target, state, error, at) VALUES (?, ?, ?, ?, ?, ?)
-               ON CONFLICT (vm, incident, target) DO UPDATE SET state = excluded.state,
-               error = excluded.error, at = excluded.at""",
-            (vm, incident, target, status, error, time.time()),
-        )
-        await db.commit()
+    async def load_history(incidents: set[str]) -> None:
+        for incident in incidents - history.keys():
+            runs: dict[str, list[tuple[str, str]]] = {}
+            async with db.execute("SELECT vm, target, state FROM starts WHERE incident = ? ORDER BY at",
+                                  (incident,)) as cur:
+                for vm, target, status in await cur.fetchall():
+                    runs.setdefault(vm, []).append((target, status))
+            history[incident] = runs
+        for incident in history.keys() - incidents:
+            del history[incident]
+
+    def note(lost: LostVm, target: str, status: str) -> None:
+        """Mirror of one upsert into the table (an updated row moves to the end, as its ``at`` does)."""
+        runs = history.setdefault(lost.incident, {}).setdefault(lost.spec.name, [])
+        runs[:] = [run for run in runs if run[0] != target]
+        runs.append((target, status))
 
     async def vm_event(lost: LostVm, kind: str, target: str = "", reason: str = "") -> None:
         """A failover's VM event. The starts table is the record the scheduler acts on,
@@ -149,7 +168,9 @@ async def run(rt: Runtime) -> None:
         except NotPublished as err:
             log.error("VM event lost", extra=fields(vm=lost.spec.name, kind=kind, error=str(err)))
 
-    async def start(lost: LostVm, target: str) -> None:
+    async def start(lost: LostVm, target: str, results: list[tuple[str, str, str, str, str, float]]) -> None:
+        """One start of a wave; its "sending" record is already on disk. Its result is
+        appended to ``results``, which the wave writes once all its starts are done."""
         async with slots:
             with tracer().start_as_current_span(
                 f"start vm {lost.spec.name}",
@@ -159,7 +180,6 @@ async def run(rt: Runtime) -> None:
                             "hafence.from_host": lost.from_host, "hafence.incident": lost.incident,
                             "hafence.vm.memory_mb": lost.spec.memory_mb},
             ) as span:
-                await record(lost.spec.name, lost.incident, target, "sending")
                 await vm_event(lost, "placed", target)
                 error = ""
                 unanswered = False
@@ -193,13 +213,15 @@ async def run(rt: Runtime) -> None:
                     log.error("VM start failed", extra=fields(vm=lost.spec.name, target=target, error=error))
                     state.on_start_result(lost.spec.name, target, "failed")
                     metrics.PLACEMENTS.labels("failed").inc()
-                    await record(lost.spec.name, lost.incident, target, "failed", error)
+                    note(lost, target, "failed")
+                    results.append((lost.spec.name, lost.incident, target, "failed", error, time.time()))
                     await vm_event(lost, "failed", target, error)
                 else:
                     state.on_start_result(lost.spec.name, target, "started")
                     log.info("VM started", extra=fields(vm=lost.spec.name, target=target))
                     metrics.PLACEMENTS.labels("started").inc()
-                    await record(lost.spec.name, lost.incident, target, "started")
+                    note(lost, target, "started")
+                    results.append((lost.spec.name, lost.incident, target, "started", "", time.time()))
                     remaining = failover_remaining.get(lost.incident)
                     if remaining is not None:
                         remaining.discard(lost.spec.name)
@@ -209,24 +231,28 @@ async def run(rt: Runtime) -> None:
                     await vm_event(lost, "started", target, "already running" if reply.already else "")
         wake.set()
 
-    async def schedule_once() -> None:
+    async def schedule_once() -> int:
         """Priority waves: every high-priority VM is started (in parallel), and its
-        failed starts retried on other hosts, before any medium one; then low."""
+        failed starts retried on other hosts, before any medium one; then low.
+        Returns how many starts were sent."""
+        sent = 0
+        await load_history({lost.incident for lost in state.lost.values()})
         for priority in ("high", "medium", "low"):
             for _ in range(config.scheduler.start_attempts):
                 failures = state.failures()
-                await wave(priority)
+                sent += await wave(priority)
                 if state.failures() == failures:
                     break
+        return sent
 
-    async def wave(priority: str) -> None:
+    async def wave(priority: str) -> int:
         in_flight = {vm for vm, _ in state.reserved}
         todo: list[LostVm] = []
         resend: list[tuple[LostVm, str]] = []
         for lost in list(state.lost.values()):
             if lost.spec.name in in_flight or lost.spec.priority != priority:
                 continue
-            step, target = state.next_step(lost, await start_history(lost.spec.name, lost.incident))
+            step, target = state.next_step(lost, list(history.get(lost.incident, {}).get(lost.spec.name, ())))
             if step == "resend":
                 resend.append((lost, target))
             elif step == "place":
@@ -249,12 +275,35 @@ async def run(rt: Runtime) -> None:
                 log.warning("VM pending", extra=fields(vm=p.vm.name, reason=p.reason))
                 await vm_event(lost, "pending", reason=p.reason)
         jobs = [(by_name[p.vm.name], p.host) for p in placements] + resend
+        if not jobs:
+            return 0
         for lost, target in jobs:
             state.reserved[(lost.spec.name, target)] = lost.spec
-        if jobs:
-            async with asyncio.TaskGroup() as tg:
-                for lost, target in jobs:
-                    tg.create_task(start(lost, target))
+        # S0: every start is on disk before any command of the wave leaves, so a
+        # scheduler restarted mid-failover asks the same host again, never another.
+        # synchronous=FULL (the store's default): the record must outlive a power cut
+        # of this machine too, since the command it stands for may already have
+        # reached the agent. One transaction, so one fsync for the whole wave.
+        now = time.time()
+        try:
+            await write_many(db, RECORD_START,
+                             [(lost.spec.name, lost.incident, target, "sending", "", now) for lost, target in jobs])
+        except BaseException:
+            for lost, target in jobs:
+                state.reserved.pop((lost.spec.name, target), None)
+            raise
+        for lost, target in jobs:
+            note(lost, target, "sending")
+        results: list[tuple[str, str, str, str, str, float]] = []
+        async with asyncio.TaskGroup() as tg:
+            for lost, target in jobs:
+                tg.create_task(start(lost, target, results))
+        # Results may be lost (a crash, or a power cut: synchronous=NORMAL) at no
+        # risk: the "sending" record then stands, and the same host is asked again
+        # and answers "already running" (or fails again, and the VM moves on).
+        if results:
+            await write_many(db, RECORD_START, results, durable=False)
+        return len(jobs)
 
     async def stop_copy(effect: StopCopy) -> None:
         """S6: stop the copy of a duplicate VM on the host that was fenced."""
@@ -409,25 +458,28 @@ async def run(rt: Runtime) -> None:
                     tg.create_task(carry_out(effect))
 
     reservation: dict[str, object] = {"ok": None}
+    gate = ReservationGate(every_s=RESERVATION_EVERY_S)
     started_at = time.monotonic()
 
-    async def check_reservation() -> None:
-        """Publish a warning when the loss of the largest host could no longer be absorbed, and when it can again."""
+    async def check_reservation() -> bool:
+        """Publish a warning when the loss of the largest host could no longer be absorbed, and
+        when it can again. False when there is no verdict yet (hosts still reporting in)."""
         settling = time.monotonic() - started_at < 2 * config.timings.detection_window_s
         if settling and len(state.inventories) < len(config.hosts):
-            return  # hosts are still reporting in: no verdict on half a cluster
+            return False  # hosts are still reporting in: no verdict on half a cluster
         ok, host, reason = largest_host_loss_absorbed(
             state.candidates(), state.ha_vms_by_host(), config.scheduler.strategy,
             config.scheduler.memory_overcommit, config.scheduler.cpu_overcommit,
         )
         metrics.HA_RESERVATION.set(1 if ok else 0)
         if reservation["ok"] == ok or not host:
-            return
+            return True
         reservation["ok"] = ok
         kind = "ha_reservation_ok" if ok else "ha_reservation_lost"
         (log.info if ok else log.error)("HA reservation", extra=fields(ok=ok, reason=reason))
         await bus.publish(subjects.host_event(host, kind),
                           HostEvent(host=host, kind=kind, at=time.time(), reason=reason, alert=not ok))
+        return True
 
     async def schedule_loop() -> None:
         await caught_up.wait()
@@ -438,17 +490,21 @@ async def run(rt: Runtime) -> None:
                     await wake.wait()
             except TimeoutError:
                 pass
-            changed = wake.is_set()
             wake.clear()
             metrics.PENDING.set(len(state.lost))
             if lease.held():
                 await carry_out_effects()
+            sent = 0
             if lease.held() and state.lost:
-                await schedule_once()
-            # The reservation is a function of the state: recheck it when the state moved
-            # (or while no verdict has been given yet), not every second.
-            if lease.held() and (changed or reservation["ok"] is None):
-                await check_reservation()
+                sent = await schedule_once()
+            # The reservation is a function of what placement sees: rechecked when that
+            # moved (an inventory sent again unchanged does not move it), at most once a
+            # second, and not in a round that sent starts (failover work first; the next
+            # round comes as their results do).
+            version = state.capacity_version
+            if lease.held() and gate.due(version, time.monotonic(), failover_busy=sent > 0):
+                if await check_reservation():
+                    gate.done(version, time.monotonic())
 
     filters = [
         subjects.inventory_all(),
