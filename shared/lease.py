@@ -19,6 +19,11 @@ key's value, where standbys and operators read it.
 A holder also checks its own monotonic clock: after a pause longer than the
 lease (SIGSTOP, a long GC, a VM migration) it stops acting before its next
 renewal attempt has even been answered.
+
+Fault injection is no business of this module: the lab's S3 test binds a lease
+that never notices it lost its lease (the lab's ``stale_arbiter``, a subclass
+passed to the arbiter as its ``lease_factory``), so production code reads no
+fault switch.
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 
@@ -68,13 +72,7 @@ class LeaderLease:
         self._valid_until = 0.0
         self.acquired = asyncio.Event()
 
-    # Fault injection for the S3 test: a leader that never notices it lost its lease
-    # (a partitioned leader with a frozen clock). The fencer's term check must stop it.
-    stale_on_purpose = os.environ.get("HAFENCE_FAULT_STALE_LEASE") == "1"
-
     def held(self) -> bool:
-        if self.stale_on_purpose and self.term:
-            return True
         return self.term > 0 and self.clock() < self._valid_until
 
     def _value(self) -> bytes:
@@ -113,7 +111,7 @@ class LeaderLease:
     async def raise_term(self) -> bool:
         """Take a term above every known one while holding the lease (a fencer
         refused ours). False if the lease is lost or the bucket did not answer."""
-        if self.stale_on_purpose or not self.held():
+        if not self.held():
             return False
         if not self.needs_raise():
             return True
@@ -148,8 +146,6 @@ class LeaderLease:
 
     async def step(self) -> None:
         """One acquire-or-renew attempt."""
-        if self.stale_on_purpose and self.term:
-            return
         started = self.clock()
         if self.term and started >= self._valid_until:
             self._set(0, 0, started)

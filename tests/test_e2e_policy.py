@@ -68,12 +68,13 @@ async def test_an_isolated_host_with_a_live_storage_lease_is_not_fenced() -> Non
 async def test_s3_a_stale_arbiter_is_refused_and_nothing_is_fenced_twice() -> None:
     """Two arbiters. The leader is frozen past its lease and the other takes over
     and fences a host. The old one resumes believing it still leads (a fault
-    injected on purpose: its own lease check is broken) and fences too: the
+    injected on purpose: the lab binds a lease whose check is broken,
+    hafence.lab.stale_arbiter) and fences too: the
     fencer refuses it by its term."""
     lab = Lab(LabSpec(heartbeat_interval_s=0.3, lease_ttl_s=2.0))
     try:
         await lab.start(services=("heartbeat", "fencer", "scheduler"))
-        stale = lab.start_service("arbiter", "arbiter-a", env={"HAFENCE_FAULT_STALE_LEASE": "1"})
+        stale = lab.start_service("arbiter", "arbiter-a", module="hafence.lab.stale_arbiter")
         await eventually(lambda: _leads(lab, "arbiter-a"))
         lab.start_service("arbiter", "arbiter-b")
         await lab.wait_ready()

@@ -19,7 +19,9 @@ A VM definition reaches libvirt only as a path under ``[storage]
 definitions_dir`` or the one the config gives that VM: inline XML or any other
 path in a command is refused.
 
-In the lab (``--sim-power DIR``) the host obeys a simulated power switch: when
+In the lab (``--sim-power DIR``) the host obeys a simulated power switch (the
+port ``hafence.bindings.PowerSwitch``, bound as ``power_switch:sim`` by the lab;
+the simulated watchdog of ``--sim-watchdog`` likewise as ``watchdog:sim``): when
 its port reads off (or was off since the last look), the host is dead (VMs
 gone, no heartbeats, no answers); when it reads on again, the host boots with a
 new boot id and runs what is marked autostart (nothing, once the agent ran).
@@ -39,13 +41,12 @@ from nats.aio.msg import Msg
 from opentelemetry import context as otel_context
 from opentelemetry.trace import SpanKind
 
-from hafence import metrics
+from hafence import bindings, metrics
 from hafence.agent.hypervisor import Hypervisor, SimHypervisor
 from hafence.agent.vm_watch import VmWatch, reported
 from hafence.agent.watchdog import LinuxWatchdog, WatchdogDevice, WatchdogGuard
 from hafence.bus import Reject
 from hafence.contracts import AgentReply, Decoders, Heartbeat, HostEvent, Inventory, VmSpec, VmStart, VmStop, encode
-from hafence.lab.power import SimPowerSwitch
 from hafence.logs import fields
 from hafence.service import Runtime, stop_if_cancelled
 from hafence.slots import view_subject
@@ -67,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class Agent:
-    def __init__(self, rt: Runtime, host: str, hypervisor: Hypervisor, power: SimPowerSwitch | None) -> None:
+    def __init__(self, rt: Runtime, host: str, hypervisor: Hypervisor, power: bindings.PowerSwitch | None) -> None:
         self.rt = rt
         self.bus = rt.bus
         self.host = check_name("host", host)
@@ -92,9 +93,7 @@ class Agent:
         if rt.config.storage.slot_dir:
             device: WatchdogDevice | None = None
             if getattr(rt.args, "sim_watchdog", ""):
-                from hafence.lab.watchdogsim import SimWatchdog
-
-                device = SimWatchdog(rt.args.sim_watchdog, self.host)
+                device = bindings.resolve("watchdog", "sim")(rt.args.sim_watchdog, self.host)
             elif self.config.watchdog:
                 device = LinuxWatchdog(self.config.watchdog)
             self.guard = WatchdogGuard(rt.config, self.host, device, lambda: self.powered and self.power_is_on(),
@@ -352,7 +351,8 @@ async def run(rt: Runtime) -> None:
         rt.config.host(host)
     except KeyError as err:
         raise SystemExit(f"hafence agent: {err.args[0]}") from None
-    power = SimPowerSwitch(rt.args.sim_power) if getattr(rt.args, "sim_power", "") else None
+    sim_power = getattr(rt.args, "sim_power", "")
+    power = bindings.power_switch("sim", sim_power) if sim_power else None
     hypervisor: Hypervisor
     if getattr(rt.args, "hypervisor", None) is not None:
         hypervisor = rt.args.hypervisor  # tests: a hypervisor object of their own, in process

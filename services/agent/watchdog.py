@@ -18,7 +18,7 @@ slot arms nothing, starts nothing and reports ``pill`` (and ``quarantined``)
 until an operator clears it (``hafence host clear``).
 
 The device is a port (``WatchdogDevice``): ``LinuxWatchdog`` speaks the Linux
-watchdog API; the lab's ``hafence.lab.watchdogsim.SimWatchdog`` is a file a
+watchdog API; the lab binds ``watchdog:sim`` (``hafence.bindings``) to a file a
 simulator process watches. Decisions are a pure function (``feed_decision``);
 the storage is touched from one thread of its own, so a hung NFS read can never
 block the event loop or stack up threads.

@@ -457,9 +457,11 @@ class Lab:
         return self.start_service("fencer", instance=f"fencer-{n}", config_path=path)
 
     def start_service(self, name: str, instance: str = "", env: dict[str, str] | None = None,
-                      config_path: Path | None = None) -> Service:
+                      config_path: Path | None = None, module: str = "") -> Service:
+        """``module``: run the service through another entry point that binds lab ports
+        (e.g. ``hafence.lab.stale_arbiter``); it keeps the service's name and identity."""
         key = instance or name
-        args = ["-m", f"hafence.{name}", "--config", str(config_path or self.config_path), "--instance", key]
+        args = ["-m", module or f"hafence.{name}", "--config", str(config_path or self.config_path), "--instance", key]
         self.metrics_ports[key] = free_port()
         metrics_env = {"HAFENCE_METRICS_PORT": str(self.metrics_ports[key]), "HAFENCE_METRICS_ADDRESS": "127.0.0.1"}
         env = {**self.service_env(), **metrics_env, **self.identity(name), **(env or {})}

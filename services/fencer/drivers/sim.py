@@ -1,12 +1,15 @@
-"""The ``sim`` driver: a simulated power switch shared through files with the lab's hosts."""
+"""The ``sim`` driver: a simulated power switch shared through files with the lab's hosts.
+
+The switch is the port ``hafence.bindings.PowerSwitch`` bound as ``power_switch:sim``
+(the lab's ``SimPowerSwitch``); this module does not import the lab."""
 
 from __future__ import annotations
 
 import asyncio
 
+from hafence import bindings
 from hafence.config import SimDevice
 from hafence.fencer.drivers.base import PowerRead
-from hafence.lab.power import SimPowerSwitch
 
 
 class SimDriver:
@@ -16,7 +19,7 @@ class SimDriver:
         self.name = name
         self.config = config
         self.port = port
-        self.switch = SimPowerSwitch(config.state_dir)
+        self.switch = bindings.power_switch("sim", config.state_dir)
         self.lock_key = f"sim:{config.state_dir}:{port}"
 
     async def power_off(self) -> None:
