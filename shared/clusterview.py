@@ -9,7 +9,13 @@ Alerts other services raise (``<prefix>.alert.<kind>``) are listed for an hour.
 
 VM-level HA shows here too: a VM its agent saw fail says how (``crashed on h1``);
 after the scheduler's ``crashed`` event it is ``failed`` until it runs again, and
-it stays ``failed`` (``restart limit: ...``) when it is no longer restarted."""
+it stays ``failed`` (``restart limit: ...``) when it is no longer restarted.
+
+A host's phase moves only through ``hafence.host_phase`` (the one state machine,
+a table); this fold turns stream facts into its events and keeps the boots. An
+event illegal in the host's phase leaves the phase as it was and is counted
+(``ClusterView.illegal``, in ``hafence status --json``) and listed among the
+alerts with its reason."""
 
 from __future__ import annotations
 
@@ -17,15 +23,25 @@ from dataclasses import dataclass, field
 
 from hafence.config import ClusterConfig
 from hafence.contracts import VM_FAILURES, Alert, FenceResult, HostEvent, Inventory, VmEvent
+from hafence.host_phase import EventKind, Illegal, Phase, step
 
 # How long a raised alert stays listed (alerts repeat while their cause lasts).
 ALERT_WINDOW_S = 3600.0
+# Illegal events kept with their host and reason (the counts are kept whole).
+ILLEGAL_KEPT = 20
+
+# Host events that move the phase; the others (protection, maintenance, skips) are flags.
+_HOST_EVENTS = {"suspect": EventKind.SUSPECT, "alive": EventKind.HEARD,
+                "fence_requested": EventKind.FENCE_REQUESTED, "fenced": EventKind.CONFIRMED_OFF,
+                "confirmed_fenced": EventKind.OPERATOR_CONFIRMED, "fence_failed": EventKind.FENCE_FAILED,
+                "cleared": EventKind.CLEARED}
 
 
 @dataclass
 class HostRow:
     name: str
-    state: str = "unknown"
+    phase: Phase = Phase.UNKNOWN
+    state: str = "unknown"  # the phase's name, for printing
     since: float = 0.0
     last_heartbeat: float | None = None
     protected: bool | None = None
@@ -56,6 +72,9 @@ class ClusterView:
     hosts: dict[str, HostRow] = field(default_factory=dict)
     vms: dict[str, VmRow] = field(default_factory=dict)
     raised: dict[tuple[str, str, str], Alert] = field(default_factory=dict)
+    # Events illegal in their host's phase: counts by "<event> in <phase>", and the last few.
+    illegal: dict[str, int] = field(default_factory=dict)
+    illegal_recent: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, config: ClusterConfig) -> ClusterView:
@@ -72,12 +91,13 @@ class ClusterView:
                 row = self.hosts.setdefault(event.host, HostRow(event.host))
                 if row.fenced_boot and event.boot_id == row.fenced_boot:
                     return  # a late report from the boot that was fenced
+                # After a fence, any boot but the fenced one is a new boot (an unknown fenced
+                # boot included: quarantine is the safe side, S6).
+                off = row.phase in (Phase.FENCED, Phase.FENCED_CLEARED)
+                new = off or (bool(row.boot_id) and event.boot_id != row.boot_id)
+                self._step(row, EventKind.NEW_BOOT if new else EventKind.REPORTED, event.sent_at)
                 row.boot_id, row.agent_quarantined = event.boot_id, event.quarantined
                 row.vms = sum(1 for v in event.vms if v.state == "running")
-                if row.fenced_boot and row.state in ("fenced", "quarantined"):
-                    row.state, row.quarantined = "quarantined", True
-                elif row.state in ("unknown", "fenced"):
-                    row.state = "up"
                 for info in event.vms:
                     vm = self.vms.setdefault(info.spec.name, VmRow(info.spec.name))
                     if info.state != "running" and vm.host not in ("", event.host) and vm.state == "running":
@@ -93,9 +113,13 @@ class ClusterView:
                 self._host_event(row, event)
             case FenceResult():
                 row = self.hosts.setdefault(event.host, HostRow(event.host))
-                if event.outcome == "confirmed_off":
-                    row.state, row.since, row.alert = "fenced", event.finished_at, ""
-                    row.fenced_boot = event.boot_id or row.suspect_boot or row.boot_id
+                if event.outcome == "refused":
+                    self._step(row, EventKind.REFUSED, event.finished_at)
+                # A failure reaches the phase as the arbiter's fence_failed event (it retries first).
+                if event.outcome == "confirmed_off" and self._step(row, EventKind.CONFIRMED_OFF, event.finished_at):
+                    row.alert = ""
+                    if row.phase == Phase.FENCED:
+                        row.fenced_boot = event.boot_id or row.suspect_boot or row.boot_id
                     for vm in self.vms.values():
                         if vm.host == event.host and vm.state == "running":
                             vm.state, vm.note = ("down", "host fenced") if vm.ha else ("stopped", "host fenced")
@@ -124,30 +148,43 @@ class ClusterView:
             case Alert():
                 self.raised[(event.kind, event.host, event.vm)] = event
 
+    def _step(self, row: HostRow, kind: EventKind, at: float) -> bool:
+        """Move ``row``'s phase by the table. False if the event is illegal there: the
+        phase stays, the event is counted and kept with its reason."""
+        was = row.phase
+        nxt = step(was, kind)
+        if isinstance(nxt, Illegal):
+            key = f"{kind} in {was}"
+            self.illegal[key] = self.illegal.get(key, 0) + 1
+            self.illegal_recent = [*self.illegal_recent, f"{row.name}: {nxt}"][-ILLEGAL_KEPT:]
+            return False
+        if nxt != was:
+            row.phase, row.state, row.since = nxt, nxt.value, at
+        row.quarantined = nxt == Phase.QUARANTINED
+        if was in (Phase.QUARANTINED, Phase.FENCED_CLEARED) and nxt == Phase.UP:
+            row.fenced_boot = ""  # cleared: its next fence names its own boot
+        return True
+
     def _host_event(self, row: HostRow, event: HostEvent) -> None:
+        kind = _HOST_EVENTS.get(event.kind)
+        if kind is not None and not self._step(row, kind, event.at):
+            return
         match event.kind:
             case "suspect":
-                row.state, row.since = "suspect", event.at
-                row.suspect_boot = event.boot_id or row.boot_id
+                if row.phase == Phase.SUSPECT:
+                    row.suspect_boot = event.boot_id or row.boot_id
             case "alive":
-                if row.state in ("suspect", "unknown"):
-                    row.state, row.since = "up", event.at
-                if row.state == "suspect" or row.alert.startswith("not fenced"):
+                if row.alert.startswith("not fenced"):
                     row.alert = ""
-            case "fence_requested":
-                row.state, row.since = "fencing", event.at
             case "fence_skipped":
                 if event.alert:
                     row.alert = f"not fenced ({event.rule}): {event.reason}"
             case "fenced" | "confirmed_fenced":
-                row.state, row.alert = "fenced", ""
-                row.fenced_boot = event.boot_id or row.suspect_boot or row.boot_id
+                row.alert = ""
+                if row.phase == Phase.FENCED:
+                    row.fenced_boot = event.boot_id or row.suspect_boot or row.boot_id
             case "fence_failed":
-                row.state, row.alert = "fence_failed", f"fence failed: {event.reason}"
-            case "cleared":
-                if row.quarantined or row.state == "fenced":
-                    row.state, row.since = ("up" if row.quarantined else row.state), event.at
-                    row.quarantined, row.fenced_boot = False, ""
+                row.alert = f"fence failed: {event.reason}"
             case "protected" | "not_protected":
                 row.protected, row.protection = event.kind == "protected", event.reason
             case "maintenance_on" | "maintenance_off":
@@ -162,6 +199,9 @@ class ClusterView:
         out += [f"{h.name}: {h.protection}" for h in self.hosts.values() if h.protected is False]
         out += [f"{h.name}: quarantined after its fence: it takes no VM until it reports clean and is cleared "
                 f"(hafence host clear {h.name} --reason ...)" for h in self.hosts.values() if h.quarantined]
+        if self.illegal:
+            out.append(f"{sum(self.illegal.values())} host events illegal in their host's phase, "
+                       f"last: {self.illegal_recent[-1]}")
         out += [f"vm {v.name}: pending: {v.note}" for v in self.vms.values() if v.state == "pending"]
         out += [f"vm {v.name}: {v.note}" for v in self.vms.values() if v.state == "duplicate"]
         out += [f"vm {v.name}: not restarted any more ({v.note}); start it by hand once its cause is fixed"

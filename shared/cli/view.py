@@ -102,9 +102,11 @@ def cmd_view(args: argparse.Namespace) -> int:
     alerts = view.alerts(time.time())
     if args.json:
         payload = {"hosts": [vars(h) for h in view.hosts.values()], "vms": [vars(v) for v in view.vms.values()],
-                   "alerts": alerts}
+                   "alerts": alerts,
+                   # Host events the phase table (hafence.host_phase) calls illegal: counted, never dropped.
+                   "illegal_events": {"counts": view.illegal, "recent": view.illegal_recent}}
         print(json.dumps({k: payload[k] for k in ({"hosts": ["hosts"], "vms": ["vms"]}.get(
-            args.command, ["hosts", "vms", "alerts"]))}, default=str))
+            args.command, ["hosts", "vms", "alerts", "illegal_events"]))}, default=str))
     elif args.command == "hosts":
         print(_table(hosts))
     elif args.command == "vms":
