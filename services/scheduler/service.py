@@ -184,8 +184,11 @@ async def run(rt: Runtime) -> None:
                 # acts on; the placed event is for people and tools. So it goes out with
                 # the command, not before it: waiting for its JetStream ack held every
                 # command up by a round trip (10-15 ms with a wave of 50 on the wire).
-                # Published first on this connection, it is still stored before the result.
+                # One yield lets the task write its message into the connection's buffer
+                # ahead of the command: on the wire (and to every subscriber) the placed
+                # event still comes first; only its ack is not waited for.
                 placed = asyncio.create_task(vm_event(lost, "placed", target))
+                await asyncio.sleep(0)
                 error = ""
                 unanswered = False
                 try:
