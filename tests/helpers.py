@@ -50,3 +50,21 @@ def fence_request(host: str, request_id: str, term: int = 1, incident: str = "")
 async def publish_request(nc: NatsClient, req: FenceRequest, msg_id: str = "") -> None:
     headers = {"Nats-Msg-Id": msg_id} if msg_id else None
     await nc.jetstream().publish(f"hafence.fence.request.{req.host}", encode(req), headers=headers)
+
+
+async def leaders_elected(nc: NatsClient) -> bool:
+    """Heartbeat, arbiter and scheduler each hold their lease."""
+    try:
+        kv = await nc.jetstream().key_value("HAFENCE_leases")
+        return {"heartbeat", "arbiter", "scheduler"} <= set(await kv.keys())
+    except Exception:
+        return False
+
+
+async def inventories_seen(nc: NatsClient, hosts: set[str]) -> bool:
+    """Every one of ``hosts`` has reported an inventory to the events stream."""
+    try:
+        reports = await read_stream(nc, "HAFENCE_EVENTS", "hafence.inventory.*", Decoders.inventory)
+    except Exception:
+        return False
+    return hosts <= {r.host for r in reports}

@@ -16,7 +16,7 @@ from hafence.fencer.service import run as fencer
 from hafence.heartbeat.service import run as heartbeat
 from hafence.scheduler.service import run as scheduler
 from tests.conftest import eventually, running
-from tests.helpers import dead_letters, read_stream
+from tests.helpers import dead_letters, inventories_seen, leaders_elected, read_stream
 
 GARBAGE = b'{"type":"heartbeat","host":"h1","seq":"not a number"}'
 
@@ -57,9 +57,9 @@ async def test_every_consumed_subject_dead_letters_garbage_and_failover_still_wo
         running("agent", config, agent, host="h1", instance="agent-h1", **agent_args),
     ):
         async with running("agent", config, agent, host="h2", instance="agent-h2", **agent_args):
-            await eventually(lambda: _leaders(nc))
+            await eventually(lambda: leaders_elected(nc))
             # Agents only publish (they may not create streams): wait until both have reported.
-            await eventually(lambda: _inventories(nc, {"h1", "h2"}), timeout=15)
+            await eventually(lambda: inventories_seen(nc, {"h1", "h2"}), timeout=15)
             js = nc.jetstream()
             for service, subjects in CONSUMED.items():
                 for subject in subjects:
@@ -91,22 +91,6 @@ async def test_every_consumed_subject_dead_letters_garbage_and_failover_still_wo
 
 
 _published: set[str] = set()
-
-
-async def _leaders(nc: NatsClient) -> bool:
-    try:
-        kv = await nc.jetstream().key_value("HAFENCE_leases")
-        return {"heartbeat", "arbiter", "scheduler"} <= set(await kv.keys())
-    except Exception:
-        return False
-
-
-async def _inventories(nc: NatsClient, hosts: set[str]) -> bool:
-    try:
-        reports = await read_stream(nc, "HAFENCE_EVENTS", "hafence.inventory.*", Decoders.inventory)
-    except Exception:
-        return False
-    return hosts <= {r.host for r in reports}
 
 
 async def _dead_lettered(nc: NatsClient, expected: set[tuple[str, str]]) -> bool:

@@ -39,7 +39,7 @@ from hafence.heartbeat.service import run as heartbeat
 from hafence.routes import MAX_MESSAGE_BYTES
 from hafence.scheduler.service import run as scheduler
 from tests.conftest import eventually, provision, running
-from tests.helpers import dead_letters, read_stream
+from tests.helpers import dead_letters, inventories_seen, leaders_elected
 
 VMS = """
 [[vms]]
@@ -129,8 +129,8 @@ async def test_hostile_catalogue_on_every_consumed_subject_then_a_failover_with_
         running("agent", config, agent, host="h1", instance="agent-h1", **agent_args),
     ):
         async with running("agent", config, agent, host="h2", instance="agent-h2", **agent_args):
-            await eventually(lambda: _leaders(nc))
-            await eventually(lambda: _inventories(nc, {"h1", "h2"}), timeout=15)
+            await eventually(lambda: leaders_elected(nc))
+            await eventually(lambda: inventories_seen(nc, {"h1", "h2"}), timeout=15)
             js = nc.jetstream()
             for body, headers in catalogue:
                 for subject in CORE:
@@ -175,22 +175,6 @@ async def test_hostile_catalogue_on_every_consumed_subject_then_a_failover_with_
     for letter in await dead_letters(nc):
         assert len(letter.raw) <= 64 * 1024 and letter.size >= len(letter.raw)
         assert letter.error
-
-
-async def _leaders(nc: NatsClient) -> bool:
-    try:
-        kv = await nc.jetstream().key_value("HAFENCE_leases")
-        return {"heartbeat", "arbiter", "scheduler"} <= set(await kv.keys())
-    except Exception:
-        return False
-
-
-async def _inventories(nc: NatsClient, hosts: set[str]) -> bool:
-    try:
-        reports = await read_stream(nc, "HAFENCE_EVENTS", "hafence.inventory.*", Decoders.inventory)
-    except Exception:
-        return False
-    return hosts <= {r.host for r in reports}
 
 
 async def _dead_lettered(nc: NatsClient, expected: set[tuple[str, str, bytes]]) -> bool:
