@@ -160,7 +160,7 @@ def permissions(config: ClusterConfig) -> dict[str, dict[str, list[str]]]:
             # All agents share the dead-letter subject "agent": the DLQ stream caps
             # it (messages per subject, discard old), so one agent cannot push
             # another service's dead letters out.
-            "publish": [s.hb(host.name), s.inventory(host.name), s.dlq("agent")],
+            "publish": [s.hb(host.name), s.inventory(host.name), s.dlq(f"agent-{host.name}")],
             # Its own host's "cleared" ends its quarantine (S6).
             # The monitor's view of it keeps its watchdog fed without storage (docs/watchdog.md).
             "subscribe": [s.agent_cmd(host.name), s.host_event(host.name, "cleared"), view_subject(s, host.name),

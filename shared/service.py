@@ -178,6 +178,8 @@ async def run_service(
         # checks they exist (and says which is missing). Agents only publish.
         if name != "agent" and not await bus.wait_provisioned(name, stop):
             return
+        if name == "agent" and getattr(args, "host", ""):
+            bus.dlq_name = f"agent-{args.host}"
         runtime = Runtime(name=name, config=config, bus=bus, instance=instance, args=args)
         log.info("started", extra={"fields": {"instance": instance}})
         try:

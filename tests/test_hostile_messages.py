@@ -50,7 +50,7 @@ ha = true
 """
 
 # Every subject some service consumes, and who consumes it (the CLI reads the events stream too).
-CORE = {"hafence.hb.h1": {"heartbeat"}, "hafence.agent.h1.cmd": {"agent"}}
+CORE = {"hafence.hb.h1": {"heartbeat"}, "hafence.agent.h1.cmd": {"agent-h1"}}
 WORK_QUEUE = {"hafence.fence.request.h1": {"fencer"}}
 EVENTS = {
     "hafence.inventory.h1": {"scheduler"},
@@ -61,7 +61,7 @@ EVENTS = {
     "hafence.host.h1.fence_requested": {"arbiter"},
     "hafence.fence.result.h1": {"scheduler", "arbiter"},
     # The agent watches its own "cleared" events on a core subscription as well.
-    "hafence.host.h1.cleared": {"scheduler", "agent"},
+    "hafence.host.h1.cleared": {"scheduler", "agent-h1"},
     "hafence.vm.vm-a.started": set(),  # only the CLI reads VM events and alerts
     "hafence.alert.overload": set(),
 }

@@ -164,7 +164,7 @@ async def test_each_identity_can_do_its_job(secure: Secure) -> None:
     for kind in ("confirmed_fenced", "maintenance_on", "maintenance_off", "cleared"):
         await js["operator"].publish(subj.host_event("h1", kind), event)
     await js["agent-h1"].publish(subj.inventory("h1"), event)
-    await js["agent-h1"].publish(subj.dlq("agent"), event)
+    await js["agent-h1"].publish(subj.dlq("agent-h1"), event)
     await idents["agent-h1"].nc.publish(subj.hb("h1"), b"{}")
     # Lease holders: the bucket's keys (create, update, read, delete).
     for service in ("heartbeat", "arbiter", "scheduler"):
@@ -215,7 +215,7 @@ async def test_an_agent_cannot_publish_for_others_nor_read_their_inboxes(secure:
     await watcher.nc.subscribe("hafence.>", cb=saw)
     forbidden = ["hafence.fence.request.h2", "hafence.fence.result.h2", "hafence.hb.h2", "hafence.inventory.h2",
                  "hafence.host.h2.confirmed_fenced", "hafence.host.h1.cleared", "hafence.host.h2.suspect",
-                 "hafence.vm.x.started", "hafence.alert.x", "hafence.dlq.fencer", "hafence.agent.h2.cmd",
+                 "hafence.vm.x.started", "hafence.alert.x", "hafence.dlq.fencer", "hafence.dlq.agent-h2", "hafence.dlq.agent", "hafence.agent.h2.cmd",
                  "$KV.HAFENCE_leases.arbiter", "$JS.API.STREAM.INFO.HAFENCE_EVENTS"]
     for subject in forbidden:
         await agent.nc.publish(subject, b"{}")
@@ -277,7 +277,7 @@ async def _consumers(nc: NatsClient, stream: str) -> AsyncIterator[nats.js.api.C
 async def test_services_write_only_their_own_dead_letter_subject(secure: Secure) -> None:
     for user in SERVICES:
         ident = await secure.connect(user)
-        others = [f"hafence.dlq.{o}" for o in (*SERVICES, "agent") if o != user]
+        others = [f"hafence.dlq.{o}" for o in (*SERVICES, "agent", "agent-h1") if o != user]
         for subject in others:
             await ident.nc.publish(subject, b"{}")
         for subject in others:

@@ -24,6 +24,9 @@ class BusBase:
         self.js: JetStreamContext = nc.jetstream()
         self.config = config
         self.service = service
+        # Whose dead letters these are: the service, or for an agent its host's own
+        # subject (``agent-<host>``), so one agent cannot fill or forge another's.
+        self.dlq_name = service
         self.subjects = Subjects(config.cluster.subject_prefix)
         self.streams = StreamNames.for_prefix(config.cluster.subject_prefix)
         # S5: what each subject may carry, checked for every message any consumer takes.

@@ -68,14 +68,14 @@ class DeadLetters(BusBase):
             subject = subject[:_MAX_SUBJECT]
             log.warning("dead-lettered a message", extra=fields(
                 subject=_printable(subject, _MAX_SUBJECT), error=_printable(error, 512),
-                size=len(raw), dlq=self.subjects.dlq(self.service)))
-            letter = DeadLetter(service=self.service, subject=subject, error=error, raw=raw[:MAX_DEAD_LETTER_RAW],
+                size=len(raw), dlq=self.subjects.dlq(self.dlq_name)))
+            letter = DeadLetter(service=self.dlq_name, subject=subject, error=error, raw=raw[:MAX_DEAD_LETTER_RAW],
                                 at=time.time(), size=len(raw), truncated=len(raw) > MAX_DEAD_LETTER_RAW)
             hdrs = kept_headers(headers)
             if msg_id:
                 hdrs["Nats-Msg-Id"] = msg_id
             hdrs["Hafence-Error"] = _printable(error, 512)
-            await self.js.publish(self.subjects.dlq(self.service), encode(letter), headers=hdrs, timeout=5.0)
+            await self.js.publish(self.subjects.dlq(self.dlq_name), encode(letter), headers=hdrs, timeout=5.0)
             return True
         except asyncio.CancelledError:
             raise
