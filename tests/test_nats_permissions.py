@@ -215,7 +215,8 @@ async def test_an_agent_cannot_publish_for_others_nor_read_their_inboxes(secure:
     await watcher.nc.subscribe("hafence.>", cb=saw)
     forbidden = ["hafence.fence.request.h2", "hafence.fence.result.h2", "hafence.hb.h2", "hafence.inventory.h2",
                  "hafence.host.h2.confirmed_fenced", "hafence.host.h1.cleared", "hafence.host.h2.suspect",
-                 "hafence.vm.x.started", "hafence.alert.x", "hafence.dlq.fencer", "hafence.dlq.agent-h2", "hafence.dlq.agent", "hafence.agent.h2.cmd",
+                 "hafence.vm.x.started", "hafence.alert.x", "hafence.dlq.fencer",
+                 "hafence.dlq.agent-h2", "hafence.dlq.agent", "hafence.agent.h2.cmd",
                  "$KV.HAFENCE_leases.arbiter", "$JS.API.STREAM.INFO.HAFENCE_EVENTS"]
     for subject in forbidden:
         await agent.nc.publish(subject, b"{}")
