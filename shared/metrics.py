@@ -17,6 +17,7 @@ Two rules keep the dashboard truthful:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Literal, get_args
@@ -184,9 +185,18 @@ def registry_for(service: str) -> CollectorRegistry:
 
 
 def serve(port: int, address: str = "0.0.0.0", service: str = "", config: ClusterConfig | None = None,
-          host: str = "") -> None:
+          host: str = "") -> bool:
     """Prime the service's series, then start its /metrics endpoint (a daemon thread
-    of prometheus_client)."""
+    of prometheus_client). A port that cannot be bound is an error in the log, not a
+    stopped service: fencing and failover matter more than their metrics."""
     prime(service, config, host)
-    if port:
+    if not port:
+        return False
+    try:
         start_http_server(port, addr=address, registry=registry_for(service))
+    except OSError as err:
+        logging.getLogger("hafence.metrics").error(
+            "metrics endpoint not served: cannot listen on %s:%d (%s); the service runs without /metrics "
+            "(set [metrics] port or HAFENCE_METRICS_PORT)", address, port, err.strerror or err)
+        return False
+    return True

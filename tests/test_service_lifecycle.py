@@ -1,4 +1,6 @@
-"""A service process asked to stop leaves, even when some work swallows its cancellation.
+"""A service process leaves when asked, and stays up when only its metrics cannot.
+
+A service process asked to stop leaves, even when some work swallows its cancellation.
 
 The quality bar: SIGTERM stops a service within 2 s under any load. Work that
 ignores cancellation (a library's ``wait_for`` on Python 3.11 can) must not keep
@@ -7,13 +9,18 @@ the process alive: the entry point leaves by itself after ``STOP_DEADLINE_S``.
 
 from __future__ import annotations
 
+import logging
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
+from hafence import metrics
 from hafence.lab.natsserver import NatsServer
 from tests.conftest import cluster_toml
 
@@ -59,3 +66,15 @@ def test_a_service_whose_work_swallows_cancellation_still_exits_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_metrics_port_in_use_is_an_error_in_the_log_not_a_stopped_service(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with caplog.at_level(logging.ERROR, logger="hafence.metrics"):
+            assert metrics.serve(port, "127.0.0.1", service="agent") is False
+    assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
