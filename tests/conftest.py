@@ -14,7 +14,7 @@ import asyncio
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import nats
@@ -152,6 +152,34 @@ async def running(
         await asyncio.wait_for(task, timeout=10)
 
 
+
+
+@asynccontextmanager
+async def whole_cluster(nc: NatsClient, config: ClusterConfig, power_dir: Path) -> AsyncIterator[AsyncExitStack]:
+    """Every service and agents for h1 and h2 (sim hypervisor and power) in this event
+    loop, until the block ends; entered once leaders are elected and both agents
+    reported. It yields h2's agent: ``await h2.aclose()`` and host h2 dies."""
+    from hafence.agent.service import run as agent
+    from hafence.arbiter.service import run as arbiter
+    from hafence.fencer.service import run as fencer
+    from hafence.heartbeat.service import run as heartbeat
+    from hafence.scheduler.service import run as scheduler
+    from tests.helpers import inventories_seen, leaders_elected
+
+    agent_args = dict(driver="sim", sim_power=str(power_dir), boot_vms=True)
+    async with (
+        running("fencer", config, fencer),
+        running("heartbeat", config, heartbeat),
+        running("arbiter", config, arbiter),
+        running("scheduler", config, scheduler),
+        running("agent", config, agent, host="h1", instance="agent-h1", **agent_args),
+        AsyncExitStack() as h2,
+    ):
+        await h2.enter_async_context(running("agent", config, agent, host="h2", instance="agent-h2", **agent_args))
+        await eventually(lambda: leaders_elected(nc))
+        # Agents only publish (they may not create streams): wait until both have reported.
+        await eventually(lambda: inventories_seen(nc, {"h1", "h2"}), timeout=15)
+        yield h2
 
 
 async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:

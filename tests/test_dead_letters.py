@@ -9,14 +9,9 @@ from pathlib import Path
 import msgspec
 from nats.aio.client import Client as NatsClient
 
-from hafence.agent.service import run as agent
-from hafence.arbiter.service import run as arbiter
 from hafence.contracts import AgentReply, Decoders, VmEvent, VmSpec, VmStart, encode
-from hafence.fencer.service import run as fencer
-from hafence.heartbeat.service import run as heartbeat
-from hafence.scheduler.service import run as scheduler
-from tests.conftest import eventually, running
-from tests.helpers import dead_letters, inventories_seen, leaders_elected, read_stream
+from tests.conftest import eventually, whole_cluster
+from tests.helpers import dead_letters, read_stream
 
 GARBAGE = b'{"type":"heartbeat","host":"h1","seq":"not a number"}'
 
@@ -47,39 +42,28 @@ async def test_every_consumed_subject_dead_letters_garbage_and_failover_still_wo
     nc: NatsClient, make_config, tmp_path: Path
 ) -> None:
     config = make_config(hosts=2, extra=VMS)
-    power = str(tmp_path / "power")
-    agent_args = dict(driver="sim", sim_power=power, boot_vms=True)
-    async with (
-        running("fencer", config, fencer),
-        running("heartbeat", config, heartbeat),
-        running("arbiter", config, arbiter),
-        running("scheduler", config, scheduler),
-        running("agent", config, agent, host="h1", instance="agent-h1", **agent_args),
-    ):
-        async with running("agent", config, agent, host="h2", instance="agent-h2", **agent_args):
-            await eventually(lambda: leaders_elected(nc))
-            # Agents only publish (they may not create streams): wait until both have reported.
-            await eventually(lambda: inventories_seen(nc, {"h1", "h2"}), timeout=15)
-            js = nc.jetstream()
-            for service, subjects in CONSUMED.items():
-                for subject in subjects:
-                    if service == "heartbeat" or service.startswith("agent"):
-                        if subject.endswith(".cmd"):
-                            reply = await nc.request(subject, GARBAGE, timeout=2)
-                            assert b"undecodable message" in reply.data
-                        else:
-                            await nc.publish(subject, GARBAGE)
-                    elif service == "fencer" or subject not in _published:
-                        _published.add(subject)
-                        await js.publish(subject, GARBAGE)
-            expected = {(svc, subj) for svc, subjects in CONSUMED.items() for subj in subjects}
-            await eventually(lambda: _dead_lettered(nc, expected), timeout=15)
-            # The agent still serves commands after a bad one.
-            raw = await nc.request(
-                "hafence.agent.h1.cmd", encode(VmStart(vm=VmSpec(name="vm-x", memory_mb=10))), timeout=2
-            )
-            assert msgspec.json.decode(raw.data, type=AgentReply).ok
-            await asyncio.sleep(config.timings.detection_window_s)  # the arbiter's start-up grace
+    async with whole_cluster(nc, config, tmp_path / "power") as h2:
+        js = nc.jetstream()
+        for service, subjects in CONSUMED.items():
+            for subject in subjects:
+                if service == "heartbeat" or service.startswith("agent"):
+                    if subject.endswith(".cmd"):
+                        reply = await nc.request(subject, GARBAGE, timeout=2)
+                        assert b"undecodable message" in reply.data
+                    else:
+                        await nc.publish(subject, GARBAGE)
+                elif service == "fencer" or subject not in _published:
+                    _published.add(subject)
+                    await js.publish(subject, GARBAGE)
+        expected = {(svc, subj) for svc, subjects in CONSUMED.items() for subj in subjects}
+        await eventually(lambda: _dead_lettered(nc, expected), timeout=15)
+        # The agent still serves commands after a bad one.
+        raw = await nc.request(
+            "hafence.agent.h1.cmd", encode(VmStart(vm=VmSpec(name="vm-x", memory_mb=10))), timeout=2
+        )
+        assert msgspec.json.decode(raw.data, type=AgentReply).ok
+        await asyncio.sleep(config.timings.detection_window_s)  # the arbiter's start-up grace
+        await h2.aclose()
         # h2 dies: the whole pipeline still runs after all that garbage.
         await eventually(lambda: _started(nc, "vm-a"), timeout=20)
     letters = await dead_letters(nc)

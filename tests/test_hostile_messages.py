@@ -16,8 +16,6 @@ import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from hafence.agent.service import run as agent
-from hafence.arbiter.service import run as arbiter
 from hafence.bus import Bus
 from hafence.bus import consume as consume_module
 from hafence.cli.view import _read_view
@@ -34,12 +32,9 @@ from hafence.contracts import (
     VmStop,
     encode,
 )
-from hafence.fencer.service import run as fencer
-from hafence.heartbeat.service import run as heartbeat
 from hafence.routes import MAX_MESSAGE_BYTES
-from hafence.scheduler.service import run as scheduler
-from tests.conftest import eventually, provision, running
-from tests.helpers import dead_letters, inventories_seen, leaders_elected
+from tests.conftest import eventually, provision, whole_cluster
+from tests.helpers import dead_letters
 
 VMS = """
 [[vms]]
@@ -117,55 +112,45 @@ async def test_hostile_catalogue_on_every_consumed_subject_then_a_failover_with_
     caplog.set_level(logging.WARNING)
     config = make_config(hosts=2, extra=VMS)
     await provision(config)
-    power = str(tmp_path / "power")
-    agent_args = dict(driver="sim", sim_power=power, boot_vms=True)
     catalogue = _catalogue()
     forgeries = _forgeries()
-    async with (
-        running("fencer", config, fencer),
-        running("heartbeat", config, heartbeat),
-        running("arbiter", config, arbiter),
-        running("scheduler", config, scheduler),
-        running("agent", config, agent, host="h1", instance="agent-h1", **agent_args),
-    ):
-        async with running("agent", config, agent, host="h2", instance="agent-h2", **agent_args):
-            await eventually(lambda: leaders_elected(nc))
-            await eventually(lambda: inventories_seen(nc, {"h1", "h2"}), timeout=15)
-            js = nc.jetstream()
-            for body, headers in catalogue:
-                for subject in CORE:
-                    if subject.endswith(".cmd"):
-                        reply = await nc.request(subject, body, timeout=5, headers=headers)
-                        assert b'"type":"error"' in reply.data, reply.data[:200]
-                    else:
-                        await nc.publish(subject, body, headers=headers)
-                for subject in (*WORK_QUEUE, *EVENTS):
-                    if headers and "Nats-Expected-Stream" in headers:
-                        stream = "HAFENCE_FENCE_REQUESTS" if subject in WORK_QUEUE else "HAFENCE_EVENTS"
-                        headers = {**headers, "Nats-Expected-Stream": stream, "Nats-Msg-Id": f"x-{subject}"}
-                    await js.publish(subject, body, headers=headers)
-            for subject, body in forgeries:
-                await js.publish(subject, body)
-            # Every hostile body is dead-lettered by every service that consumes its subject.
-            expected = {(svc, subject, body[:40]) for body, _ in catalogue
-                        for subject, services in {**CORE, **WORK_QUEUE, **EVENTS}.items() for svc in services}
-            expected |= {(svc, s, b[:40]) for s, b in forgeries for svc in EVENTS[s]}
-            try:
-                await eventually(lambda: _dead_lettered(nc, expected), timeout=30)
-            except AssertionError:
-                raise AssertionError(f"not dead-lettered: {_missing}") from None
-            # The agent still serves commands after all that.
-            raw = await nc.request(
-                "hafence.agent.h1.cmd", encode(VmStart(vm=VmSpec(name="vm-x", memory_mb=10))), timeout=2
-            )
-            assert msgspec.json.decode(raw.data, type=AgentReply).ok
-            # The CLI reads the same stream: it skips what is forged or broken, and believes none of it.
-            view = await _read_view(config)
-            assert view.hosts["h2"].state == "up"
-            assert view.vms["vm-a"].host == "h2" and view.vms["vm-a"].state == "running"
-            # S0: the forged confirmed_off of a live h2 restarted nothing elsewhere.
-            assert not [e for e in await _vm_events(nc) if e.vm == "vm-a"]
-            await asyncio.sleep(config.timings.detection_window_s)  # the arbiter's start-up grace
+    async with whole_cluster(nc, config, tmp_path / "power") as h2:
+        js = nc.jetstream()
+        for body, headers in catalogue:
+            for subject in CORE:
+                if subject.endswith(".cmd"):
+                    reply = await nc.request(subject, body, timeout=5, headers=headers)
+                    assert b'"type":"error"' in reply.data, reply.data[:200]
+                else:
+                    await nc.publish(subject, body, headers=headers)
+            for subject in (*WORK_QUEUE, *EVENTS):
+                if headers and "Nats-Expected-Stream" in headers:
+                    stream = "HAFENCE_FENCE_REQUESTS" if subject in WORK_QUEUE else "HAFENCE_EVENTS"
+                    headers = {**headers, "Nats-Expected-Stream": stream, "Nats-Msg-Id": f"x-{subject}"}
+                await js.publish(subject, body, headers=headers)
+        for subject, body in forgeries:
+            await js.publish(subject, body)
+        # Every hostile body is dead-lettered by every service that consumes its subject.
+        expected = {(svc, subject, body[:40]) for body, _ in catalogue
+                    for subject, services in {**CORE, **WORK_QUEUE, **EVENTS}.items() for svc in services}
+        expected |= {(svc, s, b[:40]) for s, b in forgeries for svc in EVENTS[s]}
+        try:
+            await eventually(lambda: _dead_lettered(nc, expected), timeout=30)
+        except AssertionError:
+            raise AssertionError(f"not dead-lettered: {_missing}") from None
+        # The agent still serves commands after all that.
+        raw = await nc.request(
+            "hafence.agent.h1.cmd", encode(VmStart(vm=VmSpec(name="vm-x", memory_mb=10))), timeout=2
+        )
+        assert msgspec.json.decode(raw.data, type=AgentReply).ok
+        # The CLI reads the same stream: it skips what is forged or broken, and believes none of it.
+        view = await _read_view(config)
+        assert view.hosts["h2"].state == "up"
+        assert view.vms["vm-a"].host == "h2" and view.vms["vm-a"].state == "running"
+        # S0: the forged confirmed_off of a live h2 restarted nothing elsewhere.
+        assert not [e for e in await _vm_events(nc) if e.vm == "vm-a"]
+        await asyncio.sleep(config.timings.detection_window_s)  # the arbiter's start-up grace
+        await h2.aclose()
         # h2 dies: the whole pipeline still runs.
         await eventually(lambda: _started(nc, "vm-a"), timeout=30)
     restarts = [r.getMessage() for r in caplog.records if "failed; restarting" in r.getMessage()]
