@@ -1,0 +1,108 @@
+"""What a core asks its driver to do. Effects of one ``handle`` call are carried
+out in order; an effect with a ``tag`` reports back with ``Returned(tag, ...)``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from hafence.contracts import Message
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """Publish ``message`` on ``subject``: to JetStream (stored, ``msg_id`` for
+    de-duplication; the driver retries through a NATS hiccup for a few seconds),
+    or with ``core=True`` as a plain core NATS message (heartbeats). With a
+    ``tag``, the driver reports ``Returned(tag, error=...)`` once it is stored or
+    given up on; without one, a failure is only logged."""
+
+    subject: str
+    message: Message
+    msg_id: str = ""
+    tag: str = ""
+    core: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A core NATS request: ``Returned(tag, value=<reply bytes>)`` or
+    ``Returned(tag, error=...)`` (no responders, timeout)."""
+
+    subject: str
+    message: Message
+    timeout: float
+    tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer an ``Asked(token)``; ``message=None`` sends nothing (the asker times out)."""
+
+    token: int
+    message: Message | None
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Nak:
+    """Redeliver after ``delay`` seconds."""
+
+    token: int
+    delay: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Term:
+    """Never redeliver: the driver dead-letters the message with ``reason`` first."""
+
+    token: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class InProgress:
+    """Still working on it: reset the ack wait of a delivery not yet settled."""
+
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetTimer:
+    """``TimerFired(key)`` after ``delay`` seconds of the node's monotonic clock;
+    setting a key again replaces its timer."""
+
+    key: str
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer:
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Ask a port (a power device, the hypervisor, the store, the storage lease,
+    the lease) to do ``op(*args)``; ``Returned(tag, value|error)`` when done.
+    Calls run concurrently: a slow device does not hold up other events. An empty
+    ``tag`` means nobody waits for the outcome (a failure is logged)."""
+
+    port: str
+    op: str
+    args: tuple[Any, ...] = ()
+    tag: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    level: Literal["debug", "info", "warning", "error"]
+    message: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+Effect = Publish | Request | Reply | Ack | Nak | Term | InProgress | SetTimer | CancelTimer | Call | Log
