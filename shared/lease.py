@@ -75,6 +75,11 @@ class LeaderLease:
     def held(self) -> bool:
         return self.term > 0 and self.clock() < self._valid_until
 
+    @property
+    def valid_until(self) -> float:
+        """Until when (on ``clock``) this replica may act as the holder; 0 when it is not."""
+        return self._valid_until if self.term else 0.0
+
     def _value(self) -> bytes:
         return json.dumps({"holder": self.holder, "term": self.term}).encode()
 

@@ -1,0 +1,165 @@
+"""The production driver runs a core over a real nats-server: every input kind,
+every effect kind, settlement of work-queue deliveries, and a core that raises."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NatsClient
+
+from hafence.config import ClusterConfig
+from hafence.contracts import AgentReply, Decoders, FenceRequest, HostEvent, VmStop, encode
+from hafence.core import (
+    Ack,
+    Asked,
+    Call,
+    CaughtUp,
+    Consume,
+    Delivered,
+    Effect,
+    Event,
+    Inputs,
+    Lease,
+    LeaseChanged,
+    Nak,
+    Now,
+    Publish,
+    ReplayInput,
+    Reply,
+    Returned,
+    Serve,
+    SetTimer,
+    Started,
+    Term,
+    TimerFired,
+)
+from hafence.core.driver import drive, request_error
+from hafence.service import Runtime
+from hafence.subjects import Subjects
+from tests.conftest import eventually, running
+from tests.helpers import dead_letters
+
+
+class Echo:
+    """Answers 42 to ``Call("echo", "answer")``."""
+
+    async def answer(self) -> int:
+        await asyncio.sleep(0.01)
+        return 42
+
+    def broken(self) -> int:
+        raise ValueError("the device said no")
+
+
+@dataclass
+class ToyCore:
+    subjects: Subjects
+    streams_fence: str
+    name: str = "toy"
+    seen: list[Event] = field(default_factory=list)
+    nows: list[Now] = field(default_factory=list)
+
+    def inputs(self) -> Inputs:
+        s = self.subjects
+        return Inputs(
+            consumers=[Consume("requests", self.streams_fence, "fencer", [s.fence_requests()],
+                               Decoders.fence_request, ack_wait=5.0)],
+            replays=[ReplayInput("events", [s.host_events("alive")], Decoders.host_event)],
+            serves=[Serve("cmd", s.agent_cmd("h1"), Decoders.agent_command)],
+            lease=Lease(role="toy", ttl=2.0, after="events"),
+        )
+
+    def handle(self, event: Event, now: Now) -> list[Effect]:
+        self.seen.append(event)
+        self.nows.append(now)
+        match event:
+            case Started():
+                return [SetTimer("tick", 0.05), Call("echo", "answer", (), "answer"),
+                        Call("echo", "broken", (), "broken")]
+            case TimerFired(key="tick"):
+                return [Publish(self.subjects.host_event("h1", "alive"),
+                                HostEvent(host="h1", kind="alive", at=now.wall), msg_id="alive-1", tag="published")]
+            case Delivered(source="requests", message=FenceRequest(reason="explode"), attempt=1):
+                raise RuntimeError("a bug in the core")
+            case Delivered(source="requests", token=token, message=FenceRequest(reason=reason), attempt=attempt):
+                if reason == "retry" and attempt == 1:
+                    return [Nak(token, delay=0.05)]
+                if reason == "poison":
+                    return [Term(token, "the core says this can never succeed")]
+                return [Ack(token)]
+            case Asked(token=token, message=VmStop(vm=vm)):
+                return [Reply(token, AgentReply(host="h1", vm=vm, ok=True, state="stopped"))]
+        return []
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.seen if isinstance(e, kind)]
+
+
+async def test_a_core_runs_over_nats_with_every_input_and_effect(
+    nc: NatsClient, make_config: Any
+) -> None:
+    config: ClusterConfig = make_config()
+    subjects = Subjects(config.cluster.subject_prefix)
+    js = nc.jetstream()
+    holder: dict[str, ToyCore] = {}
+
+    async def body(rt: Runtime) -> None:
+        core = holder["core"] = ToyCore(rt.bus.subjects, rt.bus.streams.fence_requests)
+        await drive(core, rt, {"echo": Echo()})
+
+    async with running("toy", config, body):
+        await eventually(lambda: "core" in holder)
+        core = holder["core"]
+        # Started first, then the port calls come back (one value, one named error).
+        await eventually(lambda: {r.tag for r in core.of(Returned)} >= {"answer", "broken", "published"})
+        assert isinstance(core.seen[0], Started)
+        returned = {r.tag: r for r in core.of(Returned)}
+        assert returned["answer"].value == 42 and returned["answer"].ok
+        assert "ValueError" in returned["broken"].error and "the device said no" in returned["broken"].error
+        # The timer's publish is stored, replayed back, and the replay catches up; the lease follows it.
+        await eventually(lambda: any(isinstance(e, Delivered) and e.source == "events" for e in core.seen))
+        await eventually(lambda: core.of(CaughtUp) != [])
+        await eventually(lambda: any(e.held and e.term >= 1 for e in core.of(LeaseChanged)))
+        replayed = next(e for e in core.seen if isinstance(e, Delivered) and e.source == "events")
+        assert replayed.stored_at is not None and abs(replayed.stored_at - time.time()) < 60
+
+        # Work queue: ack, nak then redelivery (attempt 2), term -> dead letter, a raising core -> retried.
+        for i, reason in enumerate(["fine", "retry", "poison", "explode"]):
+            await js.publish(subjects.fence_request("h1"), encode(FenceRequest(
+                request_id=f"r{i}", incident="i", host="h1", term=1, requested_at=time.time(), reason=reason)))
+
+        def attempts(reason: str) -> list[int]:
+            return [e.attempt for e in core.of(Delivered)
+                    if e.source == "requests" and e.message.reason == reason]
+
+        await eventually(lambda: attempts("retry") == [1, 2] and attempts("explode") == [1, 2]
+                         and attempts("fine") == [1] and attempts("poison") == [1], timeout=15)
+        letters = await dead_letters(nc)
+        assert any("can never succeed" in letter.error for letter in letters)
+        info = await js.consumer_info(config_stream(config), "fencer")
+        assert info.num_ack_pending == 0 and info.num_pending == 0
+
+        # Request/reply through Serve and Reply.
+        reply = await nc.request(subjects.agent_cmd("h1"), encode(VmStop(vm="vm1")), timeout=5)
+        assert msgspec.json.decode(reply.data)["vm"] == "vm1"
+        # Every event got the node's clocks.
+        assert all(n.wall > 1e9 and n.mono > 0 for n in core.nows)
+
+
+def config_stream(config: ClusterConfig) -> str:
+    from hafence.bus.names import StreamNames
+
+    return StreamNames.for_prefix(config.cluster.subject_prefix).fence_requests
+
+
+def test_request_errors_say_whether_the_request_may_have_been_done() -> None:
+    import nats.errors
+
+    assert request_error(nats.errors.NoRespondersError()).startswith("no_responders:")
+    assert request_error(nats.errors.TimeoutError()).startswith("timeout:")
+    assert request_error(TimeoutError()).startswith("timeout:")
+    assert request_error(ValueError("x")).startswith("error: ValueError")
