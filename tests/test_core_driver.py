@@ -33,6 +33,7 @@ from hafence.core import (
     Returned,
     Serve,
     SetTimer,
+    Span,
     Started,
     Term,
     TimerFired,
@@ -42,6 +43,9 @@ from hafence.service import Runtime
 from hafence.subjects import Subjects
 from tests.conftest import eventually, running
 from tests.helpers import dead_letters
+
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+TRACEPARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
 
 
 class Echo:
@@ -81,7 +85,9 @@ class ToyCore:
                 return [SetTimer("tick", 0.05), Call("echo", "answer", (), "answer"),
                         Call("echo", "broken", (), "broken")]
             case TimerFired(key="tick"):
-                return [Publish(self.subjects.host_event("h1", "alive"),
+                # A decision at a timer joins the trace of the message it is about.
+                return [Span("toy decide", parent={"traceparent": TRACEPARENT}),
+                        Publish(self.subjects.host_event("h1", "alive"),
                                 HostEvent(host="h1", kind="alive", at=now.wall), msg_id="alive-1", tag="published")]
             case Delivered(source="requests", message=FenceRequest(reason="explode"), attempt=1):
                 raise RuntimeError("a bug in the core")
@@ -126,6 +132,7 @@ async def test_a_core_runs_over_nats_with_every_input_and_effect(
         await eventually(lambda: any(e.held and e.term >= 1 for e in core.of(LeaseChanged)))
         replayed = next(e for e in core.seen if isinstance(e, Delivered) and e.source == "events")
         assert replayed.stored_at is not None and abs(replayed.stored_at - time.time()) < 60
+        assert TRACE_ID in replayed.headers.get("traceparent", "")
 
         # Work queue: ack, nak then redelivery (attempt 2), term -> dead letter, a raising core -> retried.
         for i, reason in enumerate(["fine", "retry", "poison", "explode"]):

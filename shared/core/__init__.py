@@ -21,6 +21,7 @@ from hafence.core.effects import (
     Reply,
     Request,
     SetTimer,
+    Span,
     Term,
 )
 from hafence.core.events import (
@@ -40,5 +41,5 @@ from hafence.core.machine import Core
 __all__ = [
     "Ack", "Asked", "Call", "CancelTimer", "CaughtUp", "Consume", "Core", "Delivered", "Effect", "Event",
     "InProgress", "Inputs", "Lease", "LeaseChanged", "Log", "Nak", "Now", "Publish", "ReplayInput", "Reply",
-    "Request", "Returned", "Serve", "SetTimer", "Started", "Subscribe", "Term", "TimerFired",
+    "Request", "Returned", "Serve", "SetTimer", "Span", "Started", "Subscribe", "Term", "TimerFired",
 ]

@@ -25,6 +25,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from typing import Any
 
 import nats.errors
@@ -45,6 +46,7 @@ from hafence.core.effects import (
     Reply,
     Request,
     SetTimer,
+    Span,
     Term,
 )
 from hafence.core.events import (
@@ -64,6 +66,7 @@ from hafence.lease import LeaderLease
 from hafence.logs import fields
 from hafence.retry import NotPublished, publish_retrying
 from hafence.service import Runtime, stop_if_cancelled
+from hafence.telemetry import extract_context, tracer
 
 log = logging.getLogger("hafence.core")
 
@@ -181,9 +184,19 @@ class Driver:
 
     # -- effects ----------------------------------------------------------------
     async def _carry_out(self, effects: list[Effect]) -> None:
+        with ExitStack() as spans:
+            await self._carry_out_in(effects, spans)
+
+    async def _carry_out_in(self, effects: list[Effect], spans: ExitStack) -> None:
         i = 0
         while i < len(effects):
             effect = effects[i]
+            if isinstance(effect, Span):
+                parent = extract_context(effect.parent) if effect.parent else None
+                spans.enter_context(tracer().start_as_current_span(
+                    effect.name, context=parent, attributes=effect.attributes))
+                i += 1
+                continue
             if isinstance(effect, Publish) and not effect.core:
                 # A run of stored publishes goes out together: nats-py writes them in
                 # order on one connection, so the stream stores them in order, and the

@@ -105,4 +105,17 @@ class Log:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-Effect = Publish | Request | Reply | Ack | Nak | Term | InProgress | SetTimer | CancelTimer | Call | Log
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Open a trace span that the following effects of the same ``handle`` run in
+    (their publishes carry it, their calls and requests inherit it). ``parent``:
+    the W3C trace headers of the message the decision belongs to (a core keeps
+    them from ``Delivered.headers``), so a decision taken at a timer still joins
+    its incident's trace; empty: the span joins the event's own context."""
+
+    name: str
+    parent: dict[str, str] = field(default_factory=dict)
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+Effect = Publish | Request | Reply | Ack | Nak | Term | InProgress | SetTimer | CancelTimer | Call | Log | Span

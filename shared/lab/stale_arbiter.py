@@ -11,6 +11,7 @@ renews and never raises its term; the fencer's term check must stop it (S3).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from hafence.arbiter.service import run
@@ -21,6 +22,10 @@ from hafence.service import service_main
 class StaleLease(LeaderLease):
     def held(self) -> bool:
         return bool(self.term) or super().held()
+
+    @property
+    def valid_until(self) -> float:
+        return math.inf if self.term else 0.0
 
     async def raise_term(self) -> bool:
         return False
