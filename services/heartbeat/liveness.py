@@ -17,10 +17,13 @@ by the stream:
   names one moment of one boot; a heartbeat that does not move it forward (a
   replayed or reordered one) is ignored, so the last one heard never goes back;
 * a host never heard from in this monitor's lifetime: ``<host>-never-seen-<nonce>``,
-  where ``nonce`` is given by the shell, random per lifetime (the core draws no
-  randomness of its own). Without it every lifetime named its silent hosts
-  alike, the stream dropped the second suspicion as a duplicate, and the fencer
-  answered the next incident from its journal.
+  where ``nonce`` is given by whoever builds the core, new per lifetime (the
+  service draws it at random, the simulation from its seed: the core draws no
+  randomness of its own). The id itself comes from ``new_incident_id``, always
+  looked up in this module (the simulation plants "reuse an incident id" there).
+  Without a nonce every lifetime named its silent hosts alike, the stream
+  dropped the second suspicion as a duplicate, and the fencer answered the next
+  incident from its journal.
 """
 
 from __future__ import annotations
@@ -76,6 +79,15 @@ def _token(value: str, limit: int) -> str:
     return _UNSAFE.sub("", value)[:limit] or "none"
 
 
+def new_incident_id(host: str, boot_id: str, seq: int, nonce: str) -> str:
+    """The id of a new suspicion of ``host`` (S4: never reused), derived from what
+    was last heard (``seq`` < 0: nothing), so every replica of the monitor names
+    the same incident the same way. ``nonce``: the monitor's lifetime, for hosts
+    never heard from."""
+    last = f"{_token(boot_id, 16)}-{seq}" if seq >= 0 else f"never-seen-{nonce}"
+    return f"{host}-{last}"
+
+
 class Liveness:
     def __init__(self, hosts: Iterable[str], interval: float, missed: int, now: float, *, nonce: str) -> None:
         if interval <= 0 or missed < 1:
@@ -106,11 +118,10 @@ class Liveness:
             silent_for = now - entry.last_seen
             if entry.state != "suspect" and silent_for > self.window:
                 entry.state = "suspect"
-                # The incident id is derived from what was last heard, so every
-                # replica of the monitor names the same incident the same way.
-                last = (f"{_token(entry.boot_id, 16)}-{entry.seq}" if entry.seq >= 0
-                        else f"never-seen-{self.nonce}")
-                entry.incident, entry.silent_for = f"{host}-{last}", silent_for
+                # Looked up in the module at every call: the simulation plants
+                # "reuse an incident id" by replacing new_incident_id.
+                entry.incident = new_incident_id(host, entry.boot_id, entry.seq, self.nonce)
+                entry.silent_for = silent_for
                 out.append(Suspect(host, entry.incident, entry.last_seen, silent_for, entry.boot_id))
         return out
 

@@ -7,7 +7,7 @@ its slot on shared storage keeps feeding its watchdog only while such a view is
 recent; the fencer's watchdog level counts msgwait from the last one. A suspect
 host is never listed, so a host the cluster counts dead has no channel left to
 keep itself alive on. One small message per watchdog host per period; each agent
-receives only its own.
+receives only its own. Pure: the core (``core.py``) calls it on its view timer.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import time
 from hafence.bus import Bus
 from hafence.config import ClusterConfig
 from hafence.contracts import MonitorView
+from hafence.core.effects import Publish
 from hafence.heartbeat.liveness import Liveness
 from hafence.lease import LeaderLease
 from hafence.slots import view_subject
+from hafence.subjects import Subjects
 
 log = logging.getLogger("hafence.heartbeat")
 
@@ -39,11 +41,26 @@ def view_period(config: ClusterConfig) -> float:
     return min(config.timings.heartbeat_interval_s, config.storage.view_max_age_s / 3)
 
 
+def watchdog_hosts(config: ClusterConfig, shard_hosts: list[str]) -> list[str]:
+    """The hosts of this shard a view is published for: none without a slot directory."""
+    if not config.storage.slot_dir:
+        return []
+    ours = set(shard_hosts)
+    return [h.name for h in config.hosts if h.watchdog and h.name in ours]
+
+
+def views(subjects: Subjects, core: Liveness, hosts: list[str], mono: float, wall: float, interval: float,
+          term: int) -> list[Publish]:
+    """One view per watchdog host heard now, as core NATS messages (the leader's only)."""
+    return [Publish(view_subject(subjects, host), MonitorView(host=host, term=term, at=wall), core=True)
+            for host in listed(core, hosts, mono, interval)]
+
+
 async def publish_views(config: ClusterConfig, bus: Bus, core: Liveness, lease: LeaderLease,
                         shard_hosts: list[str]) -> None:
-    ours = set(shard_hosts)
-    hosts = [h.name for h in config.hosts if h.watchdog and h.name in ours]
-    if not hosts or not config.storage.slot_dir:
+    """The service's view loop until it runs on the core (interim)."""
+    hosts = watchdog_hosts(config, shard_hosts)
+    if not hosts:
         return
     interval, period = config.timings.heartbeat_interval_s, view_period(config)
     while True:

@@ -1,0 +1,375 @@
+"""The heartbeat monitor's decisions as one sans-I/O core (docs/cores.md, "heartbeat").
+
+``HeartbeatCore.handle(event, now) -> [effects]`` is every rule of the monitor;
+the service (``service.py``) and the simulation only carry events in and effects
+out. The rules, in the order they apply:
+
+* a heartbeat (``Delivered(source="heartbeats")``, or the production fast path
+  calling ``heard`` directly: the same function) is news of life (``liveness.py``);
+  a host back from silence is published ``alive`` by the lease holder;
+* every quarter interval (timer ``tick``) the monitor first measures its own lag
+  (``load.py``, L4): overloaded, it suspects nobody and alerts, whoever leads;
+  otherwise hosts silent for a detection window become ``suspect``, once per
+  incident, with the hosts late at that moment (``late_hosts``) and the boot last
+  heard (S6); only the lease holder publishes;
+* a monitor that takes the lease re-announces every open suspicion as it was
+  declared (same message id: the stream drops what the old leader already sent);
+* the lease holder publishes a view of the watchdog hosts it hears (``view.py``,
+  timer ``views``).
+
+Clocks: decisions on ``now.mono``; messages stamped from ``now.wall``. A lease
+past ``valid_until`` is not held, whatever the driver last said. Randomness: none;
+the lifetime's ``nonce`` (incident ids of never-heard hosts) is given to the
+constructor.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from hafence import metrics
+from hafence.config import ClusterConfig
+from hafence.contracts import Alert, Heartbeat, HostEvent
+from hafence.core.effects import Effect, Log, Publish, SetTimer
+from hafence.core.events import Delivered, Event, LeaseChanged, Now, Started, TimerFired
+from hafence.core.inputs import Inputs, Lease, Subscribe
+from hafence.heartbeat import view
+from hafence.heartbeat.liveness import Alive, Liveness, Suspect, Transition, UnknownHost
+from hafence.heartbeat.load import Change, LoadGuard, Overloaded, Recovered, Sample
+from hafence.subjects import Subjects
+
+SOURCE = "heartbeats"  # the subscription heartbeats are delivered from
+TICK = "tick"
+VIEWS = "views"
+# Labelled metrics cost microseconds each: set once every few seconds, not per heartbeat.
+METRICS_EVERY_S = 5.0
+# A host unheard for this many intervals is "late": reported with a suspect as
+# probably lost with it (the arbiter's storm guard counts it at once). A live host
+# is silent about one interval; one that died with the suspect, at least
+# missed - 1.25 intervals (last heard up to an interval earlier, noticed up to a
+# tick later): so the list is sent only when missed_heartbeats >= 3.
+LATE_AFTER_INTERVALS = 1.5
+# Beyond this many late hosts the list is not sent (None): a message stays small,
+# and the arbiter falls back to its settle wait, which sees the storm too.
+MAX_LATE_REPORTED = 1000
+
+
+class Feed(Protocol):
+    """Where heartbeats come from, as the load guard sees it: read at every tick,
+    in memory (the subscription's own counters), never waited on."""
+
+    def connected(self) -> bool: ...
+    def pending(self) -> int: ...
+
+
+class AlwaysConnected:
+    """The feed of a core whose heartbeats come from its driver's subscription:
+    the driver reports no connection state, so silence is taken at its word."""
+
+    def connected(self) -> bool:
+        return True
+
+    def pending(self) -> int:
+        return 0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    subjects: Subjects
+    hosts: list[str]  # the hosts this monitor (its shard) watches
+    interval_s: float
+    missed: int
+    role: str  # its lease
+    lease_ttl_s: float
+    instance: str  # named in its alerts
+    # Subjects to subscribe to through the driver; empty when the service feeds
+    # heartbeats itself (the fast path: ``heard``).
+    heartbeat_subjects: list[str] = field(default_factory=list)
+    others: frozenset[str] = frozenset()  # configured hosts other shards watch: not news, not an error
+    # A shard sees only its own hosts late: its list would hide a storm across shards,
+    # so a sharded monitor sends none and the arbiter settles instead (policy rule 2).
+    report_late: bool = True
+    watchdog_hosts: list[str] = field(default_factory=list)
+    view_period_s: float = 1.0
+    alert_repeat_s: float = 300.0
+
+    @property
+    def tick_s(self) -> float:
+        return self.interval_s / 4
+
+
+def shard_of(host: str, shards: int) -> int:
+    """Stable across processes and versions (not Python's salted hash())."""
+    return zlib.crc32(host.encode()) % shards
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N); ``""`` -> (0, 1), the whole cluster."""
+    if not text:
+        return 0, 1
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text!r}: need 0 <= I < N")
+    return i, n
+
+
+def settings_of(config: ClusterConfig, instance: str, shard: int = 0, shards: int = 1,
+                subscribe: bool = True) -> Settings:
+    """The monitor of shard ``shard`` of ``shards`` (0 of 1: the whole cluster)."""
+    subjects = Subjects(config.cluster.subject_prefix)
+    hosts = [h.name for h in config.hosts if shards == 1 or shard_of(h.name, shards) == shard]
+    timings = config.timings
+    return Settings(
+        subjects=subjects, hosts=hosts, interval_s=timings.heartbeat_interval_s, missed=timings.missed_heartbeats,
+        role="heartbeat" if shards == 1 else f"heartbeat-{shard}-of-{shards}", lease_ttl_s=timings.lease_ttl_s,
+        instance=instance,
+        heartbeat_subjects=([] if not subscribe else [subjects.hb_all()] if shards == 1
+                            else [subjects.hb(h) for h in hosts]),
+        others=frozenset(h.name for h in config.hosts) - frozenset(hosts), report_late=shards == 1,
+        watchdog_hosts=view.watchdog_hosts(config, hosts), view_period_s=view.view_period(config),
+        alert_repeat_s=config.arbiter.alert_repeat_s,
+    )
+
+
+def late_hosts(live: Liveness, suspects: list[Suspect], now: float, interval: float, missed: int
+               ) -> dict[str, list[str] | None]:
+    """For each new suspect, the other hosts it was probably lost with: late now, or suspect in the same tick."""
+    if missed < 3:
+        return {}
+    late = live.late(now, LATE_AFTER_INTERVALS * interval) + [s.host for s in suspects]
+    if len(late) > MAX_LATE_REPORTED:
+        return {s.incident: None for s in suspects}
+    return {s.incident: sorted(h for h in late if h != s.host) for s in suspects}
+
+
+def suspect_event(t: Suspect, window: float, term: int, wall_offset: float,
+                  late: list[str] | None = None) -> HostEvent:
+    """As declared, also when a new leader re-announces it (same message id): the
+    silence it was declared after, and the time it was declared (its own time)."""
+    return HostEvent(
+        host=t.host, kind="suspect", at=t.last_seen + t.silent_for + wall_offset, incident=t.incident,
+        reason=f"no heartbeat for {t.silent_for:.1f}s (window {window:.1f}s)",
+        term=term, last_seen=t.last_seen + wall_offset, late_hosts=late,
+        boot_id=t.boot_id,  # the boot last heard from: the incident is about it (S6)
+    )
+
+
+def alive_event(t: Alive, term: int, wall: float) -> HostEvent:
+    return HostEvent(host=t.host, kind="alive", at=wall, term=term,
+                     reason="heartbeat received" + (" after suspicion" if t.was_suspect else ""))
+
+
+def suspect_msg_id(incident: str) -> str:
+    return f"suspect:{incident}"
+
+
+class HeartbeatCore:
+    name = "heartbeat"
+
+    def __init__(self, settings: Settings, *, nonce: str, feed: Feed | None = None) -> None:
+        self.settings = settings
+        self.subjects = settings.subjects
+        self.nonce = nonce
+        self.feed: Feed = feed or AlwaysConnected()
+        # Built at Started: the start-up grace and the load guard count from then.
+        self.live: Liveness | None = None
+        self.guard: LoadGuard | None = None
+        self.window = settings.interval_s * settings.missed
+        self.wall_offset = 0.0  # wall - mono at Started: a suspicion's times are stamped alike whenever sent
+        # The lease, as the driver last reported it.
+        self.term = 0
+        self.lease_held = False
+        self.valid_until = 0.0
+        self.announced = False  # the open suspicions were (re-)announced under the lease held now
+        # What the load guard is fed at each tick, counted per heartbeat.
+        self.processed = 0
+        self.late = 0
+        self.age_limit_s = float("inf")
+        self.per_host: dict[str, int] = {}
+        self.metric_children: dict[str, Any] = {}
+        self.unknown_warned: set[str] = set()
+        self.due = 0.0  # when the tick timer should fire: its lateness is the loop's lag
+        self.next_metrics = 0.0
+
+    def inputs(self) -> Inputs:
+        return Inputs(
+            subscriptions=[Subscribe(SOURCE, s, Heartbeat) for s in self.settings.heartbeat_subjects],
+            lease=Lease(self.settings.role, self.settings.lease_ttl_s),
+        )
+
+    def held(self, mono: float) -> bool:
+        return self.lease_held and mono < self.valid_until
+
+    def handle(self, event: Event, now: Now) -> list[Effect]:
+        if isinstance(event, Delivered):
+            if event.source == SOURCE and isinstance(event.message, Heartbeat):
+                return self.delivered(event.message, now)
+            return [Log("warning", "unexpected delivery", {"source": event.source, "subject": event.subject})]
+        if isinstance(event, TimerFired):
+            if event.key == TICK:
+                return self.tick(now)
+            if event.key == VIEWS:
+                return self.publish_views(now)
+            return []
+        if isinstance(event, LeaseChanged):
+            return self.lease_changed(event, now)
+        if isinstance(event, Started):
+            return self.started(now)
+        return []
+
+    # --- events -------------------------------------------------------------
+
+    def started(self, now: Now) -> list[Effect]:
+        s = self.settings
+        self.live = Liveness(s.hosts, s.interval_s, s.missed, now.mono, nonce=self.nonce)
+        self.guard = LoadGuard(s.interval_s, self.window, now.mono, alert_repeat_s=s.alert_repeat_s)
+        self.age_limit_s = self.guard.lag_limit_s
+        self.wall_offset = now.wall - now.mono
+        self.due = now.mono + s.tick_s
+        self.next_metrics = now.mono + METRICS_EVERY_S
+        out: list[Effect] = [SetTimer(TICK, s.tick_s)]
+        if s.watchdog_hosts:
+            out.append(SetTimer(VIEWS, s.view_period_s))
+        return out
+
+    def delivered(self, hb: Heartbeat, now: Now) -> list[Effect]:
+        try:
+            return self.heard(hb.host, hb.boot_id, hb.seq, hb.sent_at, now.mono, now.wall)
+        except UnknownHost:
+            if hb.host in self.settings.others or hb.host in self.unknown_warned:
+                return []  # another shard's host; or said once already
+            self.unknown_warned.add(hb.host)
+            return [Log("warning", "heartbeat of a host not in the cluster configuration", {"host": hb.host})]
+
+    def heard(self, host: str, boot_id: str, seq: int, sent_at: float, mono: float, wall: float) -> list[Effect]:
+        """One heartbeat: the decision both ingest paths call (the production fast
+        path calls it directly with the clocks, without building an event). Raises
+        ``UnknownHost`` for a host this monitor does not watch."""
+        live = self.live
+        if live is None:
+            return []  # not started: the driver opens inputs before Started
+        out = live.heartbeat(host, boot_id, seq, mono)
+        self.processed += 1
+        if wall - sent_at > self.age_limit_s:
+            self.late += 1
+        per_host = self.per_host
+        per_host[host] = per_host.get(host, 0) + 1
+        if not out:
+            return []
+        return self.announce(out, mono, wall)
+
+    def tick(self, now: Now) -> list[Effect]:
+        live, guard, s = self.live, self.guard, self.settings
+        if live is None or guard is None:
+            return []
+        mono = now.mono
+        # The tick is its own lag probe: after a stall it finds itself late before
+        # anyone could be suspected for a silence that was the monitor's own.
+        lag = max(0.0, mono - self.due)
+        self.due = mono + s.tick_s
+        processed, late, self.processed, self.late = self.processed, self.late, 0, 0
+        metrics.MONITOR_LAG.set(lag)
+        out: list[Effect] = [SetTimer(TICK, s.tick_s)]
+        for change in guard.observe(Sample(mono, lag, processed, late, self.feed.pending(), self.feed.connected())):
+            metrics.MONITOR_OVERLOADED.set(1 if guard.overloaded else 0)
+            out += self.alert(change, now)
+        transitions: list[Transition] = live.tick(mono) if guard.may_suspect(mono) else []
+        if self.held(mono) and not self.announced:
+            # The lease was taken (or came back) without a LeaseChanged handled since.
+            out += self.reannounce(now)
+        elif not self.held(mono):
+            self.announced = False
+        if transitions:
+            suspects = [t for t in transitions if isinstance(t, Suspect)]
+            late_of = (late_hosts(live, suspects, mono, s.interval_s, s.missed)
+                       if suspects and s.report_late else {})
+            out += self.announce(transitions, mono, now.wall, late_of)
+        if mono >= self.next_metrics:
+            self.next_metrics = mono + METRICS_EVERY_S
+            self.flush_metrics()
+        return out
+
+    def lease_changed(self, event: LeaseChanged, now: Now) -> list[Effect]:
+        self.lease_held, self.term, self.valid_until = event.held, event.term, event.valid_until
+        if not self.held(now.mono):
+            self.announced = False
+            return []
+        if self.announced:
+            return []  # renewed
+        return self.reannounce(now)
+
+    def reannounce(self, now: Now) -> list[Effect]:
+        """Announce what is already suspect: the old leader may have died before it could."""
+        self.announced = True
+        if self.live is None:
+            return []
+        return self.announce(list(self.live.suspects()), now.mono, now.wall)
+
+    def publish_views(self, now: Now) -> list[Effect]:
+        s = self.settings
+        out: list[Effect] = [SetTimer(VIEWS, s.view_period_s)]
+        if self.live is not None and self.held(now.mono):
+            out += view.views(self.subjects, self.live, s.watchdog_hosts, now.mono, now.wall, s.interval_s,
+                              self.term)
+        return out
+
+    # --- effects ------------------------------------------------------------
+
+    def announce(self, transitions: list[Transition], mono: float, wall: float,
+                 late_of: dict[str, list[str] | None] | None = None) -> list[Effect]:
+        """Host events for ``transitions``, in order; nothing unless this monitor leads."""
+        if not self.held(mono):
+            return []
+        out: list[Effect] = []
+        for t in transitions:
+            if isinstance(t, Suspect):
+                late = late_of.get(t.incident) if late_of else None
+                out.append(Log("warning", "host is suspect", {"host": t.host, "incident": t.incident}))
+                out.append(Publish(self.subjects.host_event(t.host, "suspect"),
+                                   suspect_event(t, self.window, self.term, self.wall_offset, late),
+                                   msg_id=suspect_msg_id(t.incident)))
+            else:
+                # Every host comes alive when a monitor starts: only a return from suspicion is news.
+                if t.was_suspect:
+                    out.append(Log("info", "host is alive", {"host": t.host, "was_suspect": True}))
+                out.append(Publish(self.subjects.host_event(t.host, "alive"), alive_event(t, self.term, wall)))
+        return out
+
+    def alert(self, change: Change, now: Now) -> list[Effect]:
+        """L4: the monitor's own lag is an alert, never a fence. Every replica raises
+        its own (a standby that lags would be a lagging leader after a take-over)."""
+        instance = self.settings.instance
+        if isinstance(change, Overloaded):
+            kind = "monitor_overloaded"
+            reason = (f"heartbeat monitor {instance} lags: {change.reason}; nobody is declared suspect "
+                      "until it has kept up for a full detection window")
+            log = Log("error", "monitor overloaded: suspecting nobody", {"reason": change.reason,
+                                                                         "repeat": change.repeat})
+        elif isinstance(change, Recovered):
+            kind = "monitor_recovered"
+            reason = (f"heartbeat monitor {instance} keeps up again after {change.lasted_s:.1f}s; "
+                      f"suspicion resumes in {max(0.0, change.resume_at - now.mono):.1f}s")
+            log = Log("warning", "monitor recovered", {"lasted_s": round(change.lasted_s, 2)})
+        return [log, Publish(self.subjects.alert(kind),
+                             Alert(kind=kind, at=now.wall, service="heartbeat", reason=reason, term=self.term))]
+
+    def flush_metrics(self) -> None:
+        counts, self.per_host = self.per_host, {}
+        children = self.metric_children
+        for host, n in counts.items():
+            child = children.get(host)
+            if child is None:
+                child = children[host] = metrics.HEARTBEATS.labels(host)
+            child.inc(n)
+        if self.live is None:
+            return
+        states = {"alive": 0, "suspect": 0, "unknown": 0}
+        for host in self.settings.hosts:
+            states[self.live.state(host)] += 1
+        for state, n in states.items():
+            metrics.HOSTS.labels(state).set(n)
