@@ -27,6 +27,8 @@ from opentelemetry.sdk.trace.export import (
 
 from hafence.config import TelemetrySection
 
+JSONL_FLUSH_MS = 100
+
 
 class JsonLinesSpanExporter(SpanExporter):
     """Appends finished spans to a file, one JSON object per line."""
@@ -77,7 +79,11 @@ def setup_tracing(service: str, settings: TelemetrySection, instance: str = "") 
     elif exporter_name == "jsonl":
         if not endpoint:
             raise ValueError("telemetry.exporter = 'jsonl' needs telemetry.endpoint (a file path)")
-        provider.add_span_processor(SimpleSpanProcessor(JsonLinesSpanExporter(endpoint)))
+        # Batched, off the event loop: a synchronous file write per span cost the
+        # scheduler ~15 ms per failover wave (issue 12). Spans reach the file within
+        # JSONL_FLUSH_MS, and all of them at shutdown.
+        provider.add_span_processor(BatchSpanProcessor(JsonLinesSpanExporter(endpoint),
+                                                       schedule_delay_millis=JSONL_FLUSH_MS))
     elif exporter_name == "otlp":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 

@@ -22,7 +22,7 @@ from hafence.bus.names import StreamNames
 from hafence.contracts import FenceResult, HostEvent, VmEvent
 from hafence.lab.cluster import Lab, LabSpec, Record
 from hafence.lab.natscluster import stream_leader
-from hafence.telemetry import trace_id_of
+from hafence.telemetry import JSONL_FLUSH_MS, trace_id_of
 
 
 def _fmt(t: float, t0: float) -> str:
@@ -136,6 +136,7 @@ async def run_demo(victim: str, timeout: float, keep: bool, stuck_bmc: bool = Fa
             if first:
                 print(f"  fencing   (suspect -> confirmed off):  {first - suspect.at:.3f}s")
                 print(f"  restart   (confirmed off -> last VM):  {last_start - first:.3f}s")
+        await asyncio.sleep(3 * JSONL_FLUSH_MS / 1000)  # the services write spans in batches
         print(f"  trace id: {trace or '(none)'}  ({len([s for s in lab.spans() if s['trace_id'] == trace])} spans)")
         running_elsewhere = {vm.spec.name for h, inv in lab.latest_inventories().items() if h != victim
                              for vm in inv.vms if vm.state == "running"}
