@@ -28,8 +28,9 @@ from hafence.config import ClusterConfig, ConfigError, Device, HostConfig, Level
 from hafence.contracts import DeviceEvidence
 from hafence.fencer.drivers import DeviceAuthError, DeviceError, DeviceUnreachable, PowerDriver, make_driver
 from hafence.fencer.locks import LockLost
+from hafence.fencer.ports import FenceReport  # the power port's answer: the world returns the same
 from hafence.fencer.protection import Protection, protection
-from hafence.fencer.topology import StatusPollSchedule, Verdict, level_confirmed, verdict
+from hafence.fencer.topology import StatusPollSchedule, level_confirmed, verdict
 from hafence.telemetry import tracer
 
 log = logging.getLogger("hafence.fencer")
@@ -48,12 +49,6 @@ def describe(err: BaseException) -> str:
     if isinstance(err, ConfigError):
         return f"configuration: {'; '.join(f'{i.key}: {i.message}' for i in err.issues)}"
     return f"{type(err).__name__}: {err}"
-
-
-@dataclass(frozen=True, slots=True)
-class FenceReport:
-    verdict: Verdict
-    evidence: list[DeviceEvidence]
 
 
 @dataclass(frozen=True, slots=True)
