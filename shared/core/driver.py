@@ -135,9 +135,10 @@ class Driver:
         self.core_errors = 0
 
     # -- feeding ----------------------------------------------------------------
-    def feed(self, event: Event) -> None:
-        """Queue an event for the core (from any task), with the current trace context."""
-        self._queue.put_nowait((event, otel_context.get_current()))
+    def feed(self, event: Event, ctx: otel_context.Context | None = None) -> None:
+        """Queue an event for the core (from any task), with the current trace context
+        (or ``ctx``: the context a core message carried in its headers)."""
+        self._queue.put_nowait((event, otel_context.get_current() if ctx is None else ctx))
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as tg:
@@ -184,25 +185,37 @@ class Driver:
 
     # -- effects ----------------------------------------------------------------
     async def _carry_out(self, effects: list[Effect]) -> None:
-        with ExitStack() as spans:
+        spans = ExitStack()
+        try:
             await self._carry_out_in(effects, spans)
+        finally:
+            spans.close()
 
     async def _carry_out_in(self, effects: list[Effect], spans: ExitStack) -> None:
         i = 0
         while i < len(effects):
             effect = effects[i]
             if isinstance(effect, Span):
+                spans.close()  # spans of one handle are siblings
                 parent = extract_context(effect.parent) if effect.parent else None
                 spans.enter_context(tracer().start_as_current_span(
                     effect.name, context=parent, attributes=effect.attributes))
                 i += 1
                 continue
+            if isinstance(effect, Publish) and not effect.core and effect.tag:
+                # Sent, not awaited: the task's first step writes the message into the
+                # connection's buffer before any later effect's task runs, so wire order
+                # is effect order without a round trip each (issue 12).
+                assert self._tg is not None
+                self._tg.create_task(self._publish(effect))
+                i += 1
+                continue
             if isinstance(effect, Publish) and not effect.core:
-                # A run of stored publishes goes out together: nats-py writes them in
-                # order on one connection, so the stream stores them in order, and the
-                # acks are awaited at once instead of one round trip each.
+                # A run of untagged stored publishes goes out together (in order on one
+                # connection) and is awaited once, before the next effect.
                 j = i
-                while j < len(effects) and isinstance(effects[j], Publish) and not effects[j].core:  # type: ignore[union-attr]
+                while (j < len(effects) and isinstance(effects[j], Publish)
+                       and not effects[j].core and not effects[j].tag):  # type: ignore[union-attr]
                     j += 1
                 await asyncio.gather(*(self._publish(e) for e in effects[i:j]))  # type: ignore[arg-type]
                 i = j
@@ -354,7 +367,8 @@ class Driver:
 
     async def _subscribe(self, spec: Subscribe) -> None:
         async def handler(message: Any, msg: Msg) -> None:
-            self.feed(Delivered(spec.name, msg.subject, message, headers=dict(msg.headers or {})))
+            headers = dict(msg.headers or {})
+            self.feed(Delivered(spec.name, msg.subject, message, headers=headers), extract_context(headers))
 
         await self.bus.serve(spec.subject, spec.accepts, handler, queue=spec.queue)
 
@@ -362,7 +376,8 @@ class Driver:
         async def handler(message: Any, msg: Msg) -> None:
             token = next(self._tokens)
             self._asked[token] = msg
-            self.feed(Asked(spec.name, msg.subject, message, token))
+            headers = dict(msg.headers or {})
+            self.feed(Asked(spec.name, msg.subject, message, token, headers), extract_context(headers))
             # The core answers with Reply(token) when it is done; the bus sends nothing.
 
         await self.bus.serve(spec.subject, spec.accepts, handler)

@@ -13,9 +13,13 @@ from hafence.contracts import Message
 class Publish:
     """Publish ``message`` on ``subject``: to JetStream (stored, ``msg_id`` for
     de-duplication; the driver retries through a NATS hiccup for a few seconds),
-    or with ``core=True`` as a plain core NATS message (heartbeats). With a
-    ``tag``, the driver reports ``Returned(tag, error=...)`` once it is stored or
-    given up on; without one, a failure is only logged."""
+    or with ``core=True`` as a plain core NATS message (heartbeats).
+
+    Without a ``tag`` a stored publish is awaited: the next effect is carried out
+    only once the stream has it (publish a result, *then* ack the request); a
+    failure is only logged. With a ``tag`` it is sent in order (it is on the wire
+    before any later effect's message) but not awaited; ``Returned(tag)`` or
+    ``Returned(tag, error=...)`` comes once it is stored or given up on."""
 
     subject: str
     message: Message
@@ -108,7 +112,8 @@ class Log:
 @dataclass(frozen=True, slots=True)
 class Span:
     """Open a trace span that the following effects of the same ``handle`` run in
-    (their publishes carry it, their calls and requests inherit it). ``parent``:
+    (their publishes carry it, their calls and requests inherit it), until the
+    next ``Span`` of that handle (spans of one handle are siblings). ``parent``:
     the W3C trace headers of the message the decision belongs to (a core keeps
     them from ``Delivered.headers``), so a decision taken at a timer still joins
     its incident's trace; empty: the span joins the event's own context."""

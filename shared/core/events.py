@@ -60,6 +60,7 @@ class Asked:
     subject: str
     message: Message
     token: int
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
