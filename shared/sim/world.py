@@ -9,7 +9,7 @@ simulation:
   does (send the command, read status back on ``StatusPollSchedule`` until it says
   the wanted state or the device's timeout passes, a retry unless the password was
   refused, levels in order, a reboot powers the confirmed level on again), and
-  returns a ``SimFuture`` of the executor's ``FenceReport``; the verdict is the
+  returns a ``SimFuture`` of ``hafence.fencer.ports.FenceReport``; the verdict is the
   production ``topology.verdict``. Every command it sends is recorded
   (``world.ops``: request id, term, host, level, device, action, time: S3/S4), and
   every run with what was really true when its levels were read back
@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hafence.contracts import DeviceEvidence, FenceRequest, PowerState, VmInfo, VmSpec
-from hafence.fencer.executor import FenceReport
+from hafence.fencer.ports import FenceReport
 from hafence.fencer.protection import Protection, protection
 from hafence.fencer.topology import StatusPollSchedule, level_confirmed, verdict
 from hafence.sim.clock import Scheduler, SimFuture
@@ -185,6 +185,10 @@ class World:
         self.runs: list[PowerRun] = []
         # host -> (storage time of the last renewal that reached it, boot id)
         self.renewals: dict[str, tuple[float, str]] = {}
+        # Where each VM was last started (its "host" for S1), and a counter of changes
+        # to what runs where, so checkers look again only after a change.
+        self.last_host: dict[str, str] = {}
+        self.version = 0
         self.power = WorldPower(self)
         self.storage = WorldStorage(self)
         self._hypervisors: dict[str, WorldHypervisor] = {}
@@ -224,8 +228,10 @@ class World:
         self.vms[name] = VmDef(spec, home)
         host = self.hosts[home]
         host.defined[name] = spec
+        self.last_host[name] = home
         if running and host.powered:
             host.running.add(name)
+            self.version += 1
         return spec
 
     def hypervisor(self, host: str) -> WorldHypervisor:
@@ -270,6 +276,7 @@ class World:
         if powered == host.powered:
             return
         host.powered = powered
+        self.version += 1
         if not powered:
             lost = sorted(host.running)
             host.running.clear()
@@ -283,6 +290,7 @@ class World:
         host.running = set(host.autostart & set(host.defined))
         for vm in host.running:
             host.stop_reasons.pop(vm, None)
+            self.last_host[vm] = host.name
         self.log(f"{host.name} boots ({why}) boot={host.boot_id} autostarted: {','.join(sorted(host.running)) or '-'}")
         if host.boots > 1:
             self._tell("boot", host.name)
@@ -344,6 +352,7 @@ class World:
             return
         lost = sorted(h.running)
         h.running.clear()
+        self.version += 1
         h.stop_reasons.update((v, "crashed") for v in lost)
         self.log(f"{host} crashes; VMs lost: {','.join(lost) or '-'}")
         self.hang(host)
@@ -377,6 +386,7 @@ class World:
         h = self.hosts[host]
         if vm in h.running:
             h.running.discard(vm)
+            self.version += 1
             h.stop_reasons[vm] = reason
             self.log(f"{vm} {reason} on {host}")
             hv = self._hypervisors.get(host)
@@ -401,7 +411,8 @@ class WorldPower:
     async def _fence(self, request: FenceRequest, run: PowerRun) -> FenceReport:
         w = self.world
         host = w.hosts.get(request.host)
-        levels = host.levels() if host is not None else []
+        # No watchdog levels in the simulated world: a watchdog-only request has nothing to run.
+        levels = host.levels() if host is not None and request.method == "topology" else []
         tried: list[list[DeviceEvidence]] = []
         powered_on: list[DeviceEvidence] = []
         for number, devices in enumerate(levels, start=1):
@@ -550,6 +561,8 @@ class WorldHypervisor:
             h.defined.setdefault(spec.name, spec)
             h.running.add(spec.name)
             h.stop_reasons.pop(spec.name, None)
+            self.world.last_host[spec.name] = h.name
+            self.world.version += 1
             self.starts += 1
             self.world.log(f"{spec.name} started on {h.name}")
             fut.set_result(None)
@@ -563,6 +576,7 @@ class WorldHypervisor:
             return silent
         if name in self.host.running:
             self.host.running.discard(name)
+            self.world.version += 1
             self.host.stop_reasons[name] = "command"
             self.world.log(f"{name} stopped on {self.host.name}")
         return _done(self.world.scheduler, None)

@@ -1,0 +1,258 @@
+"""The safety and liveness rules, checked while the simulation runs.
+
+``Checkers`` watches three things: the world's truth (``hafence.sim.world``), the
+effects every service core emits (``on_effect(service, effect)``, the driver's
+observer hook) and the crashes of services (``service_crashed``). ``after_step``
+is called after every scheduler step; the rules about messages are judged at the
+moment the effect is emitted. A violation is a ``Violation`` (rule, step, time,
+what was seen), kept in ``violations``, and raised as ``SafetyViolation`` when
+``stop_at_first`` (the runner's default: the log up to it is the evidence).
+
+The rules, as ../shared/SIMULATION.md states them:
+
+* **S0** (world): no VM runs on two powered hosts (a hung host counts: its VMs
+  resume with it).
+* **S1** (messages + world): a ``VmStart`` sent to host T for a VM last started on
+  host H (``World.last_host``), H != T, is a violation
+  - while H has an open incident (a ``suspect`` HostEvent published) that no
+    ``confirmed_off`` FenceResult of the fencer for that incident, and no operator
+    ``confirmed_fenced``, has released; an ``alive`` closes the incident (a start
+    after it is judged by the second clause and S0);
+  - or whenever the VM really runs on a powered host other than T right now (a
+    start "elsewhere" before its host is off, whatever anyone believes).
+* **S2** (messages + world): a ``confirmed_off`` FenceResult published by the
+  fencer must come from a power run of the world for that request id and host
+  that confirmed that level, and when that level was read back every device of it
+  was really off and the host unpowered (``PowerRun.truly_off``). The arbiter's
+  ``fenced`` HostEvent must likewise rest on such a run of its incident.
+* **S3** (world): the terms of the fencer's power runs, in the order they start,
+  never go down.
+* **S4** (world): power runs per request id ≤ 1 + the fencer crashes since its
+  first run began (a crash mid-run may run it again; nothing else may).
+* **L1** (``check_recovery``, after the heal phase): every HA VM runs on a live
+  host, unless there is no room, or its host's fence was given up on
+  (a ``fence_failed`` the arbiter published with ``alert``, awaiting an operator),
+  which the design allows.
+
+Services are told apart by name prefix (``fencer``, ``arbiter``, ``heartbeat``,
+``scheduler``; ``operator`` for the operator's confirmations): replicas may be
+``fencer-2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hafence.contracts import FenceResult, HostEvent, VmStart
+from hafence.core.effects import Publish, Request
+from hafence.sim.world import PowerRun, World
+
+
+@dataclass(frozen=True, slots=True)
+class Violation:
+    rule: str
+    step: int
+    time: float
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.rule} violated at step {self.step} (t={self.time:.6f}): {self.what}"
+
+
+class SafetyViolation(Exception):
+    def __init__(self, violation: Violation) -> None:
+        super().__init__(str(violation))
+        self.violation = violation
+
+
+@dataclass
+class Incident:
+    host: str
+    incident: str
+    opened: float
+    released: str = ""  # how: "confirmed_off <request id>" / "operator"
+    closed: bool = False  # the host was heard again
+
+    @property
+    def open(self) -> bool:
+        return not self.released and not self.closed
+
+
+@dataclass
+class _Tally:
+    first_started: float
+    runs: int = 0
+
+
+@dataclass
+class Checkers:
+    world: World
+    stop_at_first: bool = True
+    log: Callable[[str, str], None] | None = None
+    violations: list[Violation] = field(default_factory=list)
+    incidents: dict[tuple[str, str], Incident] = field(default_factory=dict)
+    # host -> whether the arbiter gave its fence up (fence_failed with alert, no fence since)
+    given_up: dict[str, bool] = field(default_factory=dict)
+    crashes: list[tuple[float, str]] = field(default_factory=list)
+    _seen_version: int = -1
+    _runs_checked: int = 0
+    _highest_term: int = 0
+    _tally: dict[str, _Tally] = field(default_factory=dict)
+    _reported: set[tuple[str, str]] = field(default_factory=set)
+
+    # -- reporting ---------------------------------------------------------------------
+    def violation(self, rule: str, what: str, key: str = "") -> None:
+        """Record a violation (once per rule and ``key``); raise it if ``stop_at_first``."""
+        if (rule, key or what) in self._reported:
+            return
+        self._reported.add((rule, key or what))
+        s = self.world.scheduler
+        v = Violation(rule, s.steps, s.now, what)
+        self.violations.append(v)
+        if self.log is not None:
+            self.log("checker", str(v))
+        if self.stop_at_first:
+            raise SafetyViolation(v)
+
+    # -- hooks -----------------------------------------------------------------------------
+    def service_crashed(self, service: str) -> None:
+        self.crashes.append((self.world.scheduler.now, service))
+
+    def on_event(self, service: str, event: object) -> None:
+        """Events handed to cores carry nothing the rules need (they judge what cores do)."""
+
+    def on_effect(self, service: str, effect: object) -> None:
+        if isinstance(effect, Publish):
+            message = effect.message
+            if isinstance(message, HostEvent):
+                self._host_event(service, message)
+            elif isinstance(message, FenceResult) and service.startswith("fencer"):
+                self._fence_result(message)
+        elif isinstance(effect, Request) and isinstance(effect.message, VmStart):
+            self._vm_start(service, effect.subject, effect.message)
+
+    def after_step(self) -> None:
+        w = self.world
+        if w.version != self._seen_version:
+            self._seen_version = w.version
+            self._check_s0()
+        if len(w.runs) != self._runs_checked:
+            for run in w.runs[self._runs_checked:]:
+                self._check_run(run)
+            self._runs_checked = len(w.runs)
+
+    # -- S0 --------------------------------------------------------------------------------
+    def _check_s0(self) -> None:
+        where: dict[str, list[str]] = {}
+        for host in self.world.hosts.values():
+            if host.powered:
+                for vm in host.running:
+                    where.setdefault(vm, []).append(host.name)
+        for vm, hosts in sorted(where.items()):
+            if len(hosts) > 1:
+                self.violation("S0", f"{vm} runs on {len(hosts)} powered hosts: {', '.join(sorted(hosts))}",
+                               key=f"{vm}@{','.join(sorted(hosts))}")
+
+    # -- S3, S4 ----------------------------------------------------------------------------
+    def _check_run(self, run: PowerRun) -> None:
+        if run.term < self._highest_term:
+            self.violation("S3", f"fence run {run.request_id} for {run.host} with term {run.term} after a run "
+                                 f"with term {self._highest_term}", key=run.request_id)
+        self._highest_term = max(self._highest_term, run.term)
+        tally = self._tally.setdefault(run.request_id, _Tally(run.started))
+        tally.runs += 1
+        crashes = sum(1 for at, svc in self.crashes if svc.startswith("fencer") and at >= tally.first_started)
+        if tally.runs > 1 + crashes:
+            self.violation("S4", f"request {run.request_id} ({run.host}, incident {run.incident}) ran "
+                                 f"{tally.runs} times with {crashes} fencer crash(es) since its first run",
+                           key=f"{run.request_id}#{tally.runs}")
+
+    # -- messages: S1, S2 ------------------------------------------------------------------
+    def _host_event(self, service: str, event: HostEvent) -> None:
+        host = event.host
+        if event.kind == "suspect" and service.startswith("heartbeat"):
+            key = (host, event.incident)
+            if key not in self.incidents:  # a re-announce of the same incident is the same incident
+                self.incidents[key] = Incident(host, event.incident, self.world.scheduler.now)
+        elif event.kind == "alive" and service.startswith("heartbeat"):
+            for incident in self._open(host):
+                incident.closed = True
+        elif event.kind == "confirmed_fenced":
+            for incident in self._open(host):
+                if not event.incident or event.incident == incident.incident:
+                    incident.released = f"operator {event.by}"
+        elif event.kind == "fenced" and service.startswith("arbiter"):
+            self.given_up[host] = False
+            runs = [r for r in self.world.runs
+                    if r.host == host and r.outcome == "confirmed_off" and r.level is not None
+                    and r.truly_off.get(r.level) and (not event.incident or r.incident == event.incident)]
+            if not runs:
+                self.violation("S2", f"the arbiter says {host} is fenced (incident {event.incident!r}) but no power "
+                                     f"run of that incident confirmed it off", key=f"fenced {host} {event.incident}")
+        elif event.kind == "fence_failed" and service.startswith("arbiter"):
+            if event.alert:
+                self.given_up[host] = True
+
+    def _open(self, host: str) -> list[Incident]:
+        return [i for i in self.incidents.values() if i.host == host and i.open]
+
+    def _fence_result(self, result: FenceResult) -> None:
+        if result.outcome != "confirmed_off":
+            return
+        runs = [r for r in self.world.runs if r.request_id == result.request_id and r.host == result.host]
+        good = [r for r in runs if r.outcome == "confirmed_off" and r.level == result.level
+                and r.truly_off.get(r.level or 0)]
+        if not good:
+            seen = "; ".join(f"run at {r.started:.3f}: {r.outcome or 'unfinished'} level {r.level} "
+                             f"truly off {r.truly_off}" for r in runs) or "no power run at all"
+            self.violation("S2", f"confirmed_off for {result.host} (request {result.request_id}, level "
+                                 f"{result.level}) without a run that really turned that level off: {seen}",
+                           key=f"result {result.request_id}")
+        for incident in self._open(result.host):
+            if incident.incident == result.incident:
+                incident.released = f"confirmed_off {result.request_id}"
+
+    def _vm_start(self, service: str, subject: str, start: VmStart) -> None:
+        tokens = subject.split(".")
+        if len(tokens) < 3 or tokens[-1] != "cmd":
+            return
+        target, vm = tokens[-2], start.vm.name
+        home = self.world.last_host.get(vm)
+        if home is not None and home != target:
+            for incident in self._open(home):
+                self.violation("S1", f"{service} starts {vm} on {target} while {home}, where it ran, is in incident "
+                                     f"{incident.incident!r} (suspect since t={incident.opened:.3f}) with no "
+                                     f"confirmed_off or operator confirmation",
+                               key=f"{vm}->{target} {incident.incident}")
+        elsewhere = [h for h in self.world.running_on(vm) if h != target]
+        if elsewhere:
+            self.violation("S1", f"{service} starts {vm} on {target} while it runs on powered host(s) "
+                                 f"{', '.join(elsewhere)}", key=f"{vm}->{target} running {','.join(elsewhere)}")
+
+    # -- L1 -----------------------------------------------------------------------------------
+    def check_recovery(self) -> list[str]:
+        """After the heal phase: every HA VM runs on a live host. Returns the excuses
+        taken (no room, a fence given up on), one line each; violations are raised/kept."""
+        w = self.world
+        excuses: list[str] = []
+        live = [h for h in w.hosts.values() if h.answers]
+        missing = [vm for vm, d in sorted(w.vms.items())
+                   if d.spec.ha and not any(vm in h.running for h in live)]
+        if not missing:
+            return excuses
+        free = sum(h.memory_mb - h.used_memory() for h in live)
+        need = sum(w.vms[vm].spec.memory_mb for vm in missing)
+        if need > free:
+            excuses.append(f"no room: {need} MiB of HA VMs down, {free} MiB free on live hosts")
+            return excuses
+        for vm in missing:
+            host = w.last_host.get(vm, w.vms[vm].home)
+            if self.given_up.get(host):
+                excuses.append(f"{vm}: the fence of {host} was given up on (an operator must confirm)")
+                continue
+            state = w.hosts[host]
+            self.violation("L1", f"HA VM {vm} runs nowhere at the end of the heal phase (last on {host}: "
+                                 f"{'powered' if state.powered else 'off'}{', hung' if state.hung else ''}, "
+                                 f"boot {state.boots})", key=f"L1 {vm}")
+        return excuses

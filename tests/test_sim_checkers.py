@@ -1,0 +1,212 @@
+"""The simulation's checkers on hand-made observations: each rule fires on what
+breaks it and stays quiet on the legitimate sequence next to it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from hafence.contracts import FenceRequest, FenceResult, HostEvent, VmSpec, VmStart
+from hafence.core.effects import Publish, Request
+from hafence.sim.checkers import Checkers, SafetyViolation
+from hafence.sim.clock import Scheduler
+from hafence.sim.world import World
+
+
+def setup(levels: list[list[str]] | None = None) -> tuple[Scheduler, World, Checkers]:
+    s = Scheduler()
+    w = World(s, random.Random(5))
+    w.add_host("h1", levels=levels)  # type: ignore[arg-type]
+    w.add_host("h2")
+    w.add_vm("vm1", "h1")
+    return s, w, Checkers(w)
+
+
+def suspect(host: str = "h1", incident: str = "i1") -> Publish:
+    return Publish(f"hafence.host.{host}.suspect", HostEvent(host=host, kind="suspect", at=0.0, incident=incident))
+
+
+def host_event(kind: str, host: str = "h1", incident: str = "i1", **kw: object) -> Publish:
+    return Publish(f"hafence.host.{host}.{kind}",
+                   HostEvent(host=host, kind=kind, at=0.0, incident=incident, **kw))  # type: ignore[arg-type]
+
+
+def start(vm: str = "vm1", target: str = "h2") -> Request:
+    return Request(f"hafence.agent.{target}.cmd", VmStart(vm=VmSpec(name=vm, memory_mb=1024, ha=True)), 10.0, "t")
+
+
+def fence_request(rid: str = "r1", term: int = 1, host: str = "h1", incident: str = "i1") -> FenceRequest:
+    return FenceRequest(request_id=rid, incident=incident, host=host, term=term, requested_at=0.0)
+
+
+def result(rid: str = "r1", level: int | None = 1, outcome: str = "confirmed_off", incident: str = "i1") -> Publish:
+    return Publish("hafence.fence.result.h1", FenceResult(
+        request_id=rid, incident=incident, host="h1", term=1, outcome=outcome,  # type: ignore[arg-type]
+        level=level, started_at=0.0, finished_at=0.0))
+
+
+def rule_of(call: object) -> str:
+    with pytest.raises(SafetyViolation) as err:
+        call()  # type: ignore[operator]
+    return err.value.violation.rule
+
+
+# -- S0 -----------------------------------------------------------------------------------
+def test_s0_fires_when_a_vm_runs_on_two_powered_hosts_and_not_on_a_powered_off_one() -> None:
+    s, w, c = setup()
+    c.after_step()
+    s.run_until_complete(w.hypervisor("h2").start(VmSpec(name="vm1", memory_mb=1024)))
+    with pytest.raises(SafetyViolation) as err:
+        c.after_step()
+    assert err.value.violation.rule == "S0" and "h1, h2" in err.value.violation.what
+
+
+def test_s0_is_quiet_when_the_first_host_is_off() -> None:
+    s, w, c = setup()
+    w.lose_power("h1")
+    s.run_until_complete(w.hypervisor("h2").start(VmSpec(name="vm1", memory_mb=1024)))
+    c.after_step()
+    assert not c.violations
+
+
+def test_s0_counts_a_hung_host() -> None:
+    s, w, c = setup()
+    w.hang("h1")
+    s.run_until_complete(w.hypervisor("h2").start(VmSpec(name="vm1", memory_mb=1024)))
+    assert rule_of(c.after_step) == "S0"
+
+
+# -- S1 -----------------------------------------------------------------------------------
+def test_s1_fires_on_a_start_elsewhere_during_an_open_incident() -> None:
+    _s, w, c = setup()
+    w.lose_power("h1")  # it is off, but nobody confirmed it: the start is still premature
+    c.on_effect("heartbeat", suspect())
+    assert rule_of(lambda: c.on_effect("scheduler", start())) == "S1"
+
+
+def test_s1_is_quiet_after_a_confirmed_off_of_the_fencer_for_that_incident() -> None:
+    s, w, c = setup()
+    c.on_effect("heartbeat", suspect())
+    report = s.run_until_complete(w.power.fence(fence_request()))
+    assert report.verdict.outcome == "confirmed_off"
+    c.after_step()
+    c.on_effect("fencer", result())
+    c.on_effect("scheduler", start())
+    assert not c.violations
+
+
+def test_s1_is_not_released_by_a_result_from_anyone_but_the_fencer_or_for_another_incident() -> None:
+    s, w, c = setup()
+    c.on_effect("heartbeat", suspect())
+    s.run_until_complete(w.power.fence(fence_request(incident="old")))
+    c.stop_at_first = False
+    c.on_effect("agent-h2", result())  # forged, not counted
+    c.on_effect("fencer", result(incident="old"))  # another incident's result
+    c.on_effect("scheduler", start())
+    assert "S1" in [v.rule for v in c.violations]
+
+
+def test_s1_is_released_by_an_operators_confirmation() -> None:
+    _s, w, c = setup()
+    w.lose_power("h1")
+    c.on_effect("heartbeat", suspect())
+    c.on_effect("operator", host_event("confirmed_fenced", incident="", by="ops"))
+    c.on_effect("scheduler", start())
+    assert not c.violations
+
+
+def test_s1_fires_on_a_start_elsewhere_while_the_vm_really_runs_even_without_an_incident() -> None:
+    _s, _w, c = setup()
+    assert rule_of(lambda: c.on_effect("scheduler", start())) == "S1"
+
+
+def test_s1_does_not_judge_a_start_on_the_vms_own_host() -> None:
+    _s, w, c = setup()
+    w.crash_vm("vm1", "h1")
+    c.on_effect("heartbeat", suspect())
+    c.on_effect("scheduler", start(target="h1"))
+    assert not c.violations
+
+
+def test_an_alive_closes_the_incident_and_a_re_announce_does_not_reopen_a_released_one() -> None:
+    s, w, c = setup()
+    c.on_effect("heartbeat", suspect())
+    s.run_until_complete(w.power.fence(fence_request()))
+    c.on_effect("fencer", result())
+    c.on_effect("heartbeat", suspect())  # a new monitor leader re-announces it
+    c.on_effect("scheduler", start())
+    assert not c.violations
+    c.on_effect("heartbeat", suspect("h2", "i2"))
+    c.on_effect("heartbeat", host_event("alive", host="h2", incident="i2"))
+    assert not c._open("h2")
+
+
+# -- S2 -----------------------------------------------------------------------------------
+def test_s2_fires_on_a_confirmed_off_with_no_run_behind_it() -> None:
+    _s, _w, c = setup()
+    assert rule_of(lambda: c.on_effect("fencer", result())) == "S2"
+
+
+def test_s2_fires_when_the_result_names_a_level_that_did_not_turn_off() -> None:
+    s, w, c = setup(levels=[["pdu", "pdu"], ["bmc"]])
+    w.set_behaviour("h1-pdu2", "stuck_on")
+    report = s.run_until_complete(w.power.fence(fence_request()))
+    assert report.verdict.level == 2
+    assert rule_of(lambda: c.on_effect("fencer", result(level=1))) == "S2"
+    c.stop_at_first = False
+    c.on_effect("fencer", result(level=2))
+    assert len(c.violations) == 1
+
+
+def test_s2_fires_on_a_fenced_host_event_without_a_confirmed_run_of_that_incident() -> None:
+    s, w, c = setup()
+    s.run_until_complete(w.power.fence(fence_request(incident="i1")))
+    c.on_effect("arbiter", host_event("fenced", incident="i1"))
+    assert not c.violations
+    assert rule_of(lambda: c.on_effect("arbiter", host_event("fenced", incident="i2"))) == "S2"
+
+
+# -- S3, S4 -------------------------------------------------------------------------------
+def test_s3_fires_when_a_run_has_a_lower_term_than_an_earlier_one() -> None:
+    s, w, c = setup()
+    s.run_until_complete(w.power.fence(fence_request("r1", term=5)))
+    c.after_step()
+    w.power_on("h1")
+    s.run_until_complete(w.power.fence(fence_request("r2", term=5)))
+    c.after_step()
+    w.power.fence(fence_request("r3", term=4))
+    assert rule_of(c.after_step) == "S3"
+
+
+def test_s4_allows_a_second_run_only_after_a_fencer_crash() -> None:
+    s, w, c = setup()
+    s.run_until_complete(w.power.fence(fence_request("r1")))
+    c.after_step()
+    c.service_crashed("fencer")
+    s.run_until_complete(w.power.fence(fence_request("r1")))
+    c.after_step()
+    assert not c.violations
+    w.power.fence(fence_request("r1"))
+    assert rule_of(c.after_step) == "S4"
+
+
+# -- L1 -----------------------------------------------------------------------------------
+def test_l1_fires_for_an_ha_vm_that_runs_nowhere_and_is_quiet_once_it_runs() -> None:
+    s, w, c = setup()
+    w.lose_power("h1")
+    assert rule_of(c.check_recovery) == "L1"
+    c2 = Checkers(w)
+    s.run_until_complete(w.hypervisor("h2").start(VmSpec(name="vm1", memory_mb=1024, ha=True)))
+    assert c2.check_recovery() == [] and not c2.violations
+
+
+def test_l1_excuses_a_fence_given_up_on_and_a_cluster_without_room() -> None:
+    _s, w, c = setup()
+    w.lose_power("h1")
+    c.on_effect("arbiter", host_event("fence_failed", alert=True))
+    assert c.check_recovery() and not c.violations
+    _s, w, c = setup()
+    w.hosts["h2"].memory_mb = 512
+    w.lose_power("h1")
+    assert "no room" in c.check_recovery()[0]
