@@ -207,6 +207,28 @@ def test_concurrency_bounds_the_deliveries_the_core_holds_unsettled() -> None:
     assert len(power.calls) == 4 and len(w.stored("HAFENCE_EVENTS")) == 4
 
 
+def test_an_untagged_stored_publish_holds_the_next_effects_and_events_until_stored() -> None:
+    w = World()
+    result = FenceResult(request_id="r", incident="i", host="h1", term=1, outcome="failed", started_at=0.0,
+                         finished_at=0.0)
+
+    def script(core: ToyCore, event: Event, now: Now) -> list[Effect]:
+        if isinstance(event, Started):
+            return [SetTimer("t", 0.1), Publish("hafence.fence.result.h1", result, msg_id="x"),
+                    Log("info", "after the publish")]
+        return []
+
+    w.net.restart(down_for=2.0)  # the publish waits for NATS (retried with the same msg-id)
+    w.service(script, Inputs())
+    w.run(10)
+    (_, now), = [(e, n) for e, n in w.cores[0].seen if isinstance(e, TimerFired)]
+    stored_at = w.net.streams["HAFENCE_EVENTS"].msgs[1].time - w.net.clock.wall_offset
+    assert now.mono > stored_at > 2.0  # the timer's event waited for the stream
+    assert len(w.stored("HAFENCE_EVENTS")) == 1
+    log = w.net.log.text()
+    assert log.index("stored HAFENCE_EVENTS#1") < log.index("info: after the publish")
+
+
 # -- S5: decoding and the subject check ----------------------------------------------------------
 
 def test_a_message_that_breaks_its_subject_is_dead_lettered_and_termed_and_never_reaches_the_core() -> None:
@@ -285,7 +307,7 @@ def test_request_and_reply_between_two_cores_and_no_responders() -> None:
     w.run(2)
     returned = {e.tag: e for e, _ in w.cores[1].seen if isinstance(e, Returned)}
     assert msgspec.json.decode(returned["stop"].value, type=AgentReply).ok
-    assert returned["nobody"].error.startswith("NoResponders")
+    assert returned["nobody"].error.startswith("no_responders: ")
 
 
 # -- timers, crash, pause ------------------------------------------------------------------------
@@ -352,18 +374,21 @@ def test_a_crash_loses_memory_timers_and_unsettled_deliveries_which_come_back_af
     assert power.calls == ["h1", "h1"]
 
 
-def test_a_core_that_raises_is_recorded_and_its_service_restarted() -> None:
+def test_a_core_that_raises_is_recorded_its_delivery_comes_back_and_the_service_goes_on() -> None:
     w = World()
 
     def script(core: ToyCore, event: Event, now: Now) -> list[Effect]:
-        if isinstance(event, Started) and len(w.cores) == 1:
+        if isinstance(event, Delivered) and event.attempt == 1:
             raise KeyError("boom")
-        return []
+        return fencer_script(core, event, now)
 
-    svc = w.service(script, Inputs())
+    svc = w.service(script, Inputs(consumers=[REQUESTS]), {"power": Power(w)})
+    w.publish("hafence.fence.request.h1", encode(request()))
     w.run(5)
-    assert svc.failures and "KeyError" in svc.failures[0][1]
-    assert svc.alive and len(w.cores) == 2 and svc.crashes == 1
+    assert len(svc.failures) == 1 and "KeyError: 'boom' handling Delivered(" in svc.failures[0][1]
+    attempts = [e.attempt for e, _ in w.cores[0].seen if isinstance(e, Delivered)]
+    assert attempts == [1, 2] and len(w.cores) == 1  # nak'd, redelivered to the same core
+    assert len(w.stored("HAFENCE_EVENTS")) == 1
 
 
 # -- the observer -------------------------------------------------------------------------------
@@ -384,7 +409,7 @@ def test_the_observer_sees_every_event_before_the_core_and_every_effect_before_i
     w.run(5)
     assert order == ["event Started handled=0", "event Delivered handled=1", "effect InProgress stored=0",
                      "effect Call stored=0", "event Returned handled=2", "effect Publish stored=0",
-                     "effect Ack stored=0", "effect Log stored=0"]
+                     "effect Ack stored=1", "effect Log stored=1"]  # an untagged publish is awaited
 
 
 # -- the lease -------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from hafence.core.effects import (
     Reply,
     Request,
     SetTimer,
+    Span,
     Term,
 )
 from hafence.core.events import (
@@ -64,7 +65,15 @@ from hafence.sim.clock import NodeClock, SimFuture, Task, Timer
 from hafence.sim.lease import SimLease
 from hafence.sim.streams import NoStream
 from hafence.sim.subjects import subject_matches
-from hafence.sim.transport import AlreadyAcked, Connection, CoreMsg, NotConnected, SimDelivery, SimNats
+from hafence.sim.transport import (
+    AlreadyAcked,
+    Connection,
+    CoreMsg,
+    NoResponders,
+    NotConnected,
+    SimDelivery,
+    SimNats,
+)
 from hafence.subjects import Subjects
 
 FETCH_TIMEOUT_S = 5.0
@@ -90,6 +99,22 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def call_error(exc: BaseException) -> str:
+    """A port's failure, worded as production's driver words it."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def request_error(exc: BaseException) -> str:
+    """A request's failure with production's prefixes (``hafence.core.driver.request_error``):
+    ``timeout:`` (nobody answered in time), ``no_responders:`` (nobody listens), ``error:``."""
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, NoResponders):
+        return f"no_responders: {text}"
+    if isinstance(exc, TimeoutError):
+        return f"timeout: {text}"
+    return f"error: {type(exc).__name__}: {text}"
+
+
 class SimService:
     """One replica of one service on one node, driving its core on the simulated world."""
 
@@ -108,7 +133,6 @@ class SimService:
         observer: Observer | None = None,
         dlq_name: str = "",
         log_level: str = "info",
-        restart_after_failure_s: float = 1.0,
     ) -> None:
         self.name = name
         self.node = node
@@ -124,7 +148,6 @@ class SimService:
         self.observer = observer
         self.dlq_name = dlq_name or name
         self.min_level = _LEVELS[log_level]
-        self.restart_after_failure_s = restart_after_failure_s
         self.who = f"{name}@{node}"
         # Every incarnation of the process has its own number: whatever an older one
         # left scheduled (a timer, a reply, a port outcome) finds a different number and is dropped.
@@ -149,6 +172,10 @@ class SimService:
         self._caught_up: set[str] = set()
         self._lease_reported: tuple[bool, int, float] = (False, 0, 0.0)
         self._resume: SimFuture[None] | None = None
+        # Untagged stored publishes being awaited: the rest of that handle's effects, and
+        # every later event, wait (as production's worker does).
+        self._busy = False
+        self._on_resume: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         return f"<SimService {self.who} {'up' if self.core is not None else 'down'}>"
@@ -204,6 +231,8 @@ class SimService:
         self._asks.clear()
         self.paused_until = -1.0
         self._resume = None
+        self._busy = False
+        self._on_resume.clear()
         if self.conn is not None:
             self.conn.close()
 
@@ -228,6 +257,9 @@ class SimService:
         if self._resume is not None and not self._resume.done():
             self._resume.set_result(None)
         self._resume = None
+        waiting, self._on_resume = self._on_resume, []
+        for callback in waiting:
+            callback()
         self._kick()
 
     def _awake(self) -> SimFuture[None] | None:
@@ -246,7 +278,7 @@ class SimService:
         self._kick()
 
     def _kick(self) -> None:
-        if not self._draining and self._queue and not self.paused and self.core is not None:
+        if not self._draining and not self._busy and self._queue and not self.paused and self.core is not None:
             self._draining = True
             self.scheduler.call_soon(self._drain_one, self.incarnation)
 
@@ -254,7 +286,7 @@ class SimService:
         if incarnation != self.incarnation:
             return
         self._draining = False
-        if self.paused or self.core is None or not self._queue:
+        if self.paused or self._busy or self.core is None or not self._queue:
             return
         event, timer_id = self._queue.popleft()
         if timer_id:
@@ -274,33 +306,64 @@ class SimService:
         if self.observer is not None:
             self.observer.on_event(self, event)
         now = Now(self.clock.monotonic(), self.clock.wall())
-        self.handled += 1
         try:
             effects = core.handle(event, now)
         except Exception as exc:
-            self._core_failed(event, exc)
+            # As production's driver: a bug, logged with the event; the delivery it was
+            # handling comes back; the service goes on (L3). The run reports it.
+            what = f"{error_text(exc)} handling {event!r}"[:1000]
+            self.failures.append((self.scheduler.now, what))
+            self.net.log(self.who, f"CORE FAILED: {what}")
+            if isinstance(event, Delivered) and event.token:
+                self._settle(Nak(event.token, 1.0))
             return
-        incarnation = self.incarnation
-        for effect in effects:
-            if self.incarnation != incarnation:
-                break  # an observer crashed it
+        self.handled += 1
+        if isinstance(event, CaughtUp):
+            self._caught_up.add(event.source)
+        self._carry_out(effects, 0, self.incarnation)
+
+    def _carry_out(self, effects: list[Effect], i: int, incarnation: int) -> None:
+        """Effects ``i`` on, in order. A run of untagged stored publishes is sent at once
+        and awaited together: the effects after it (an ack) and the events after this
+        one wait until the stream has them, as production's worker waits."""
+        while i < len(effects):
+            if incarnation != self.incarnation:
+                return  # crashed (by an observer's fault plan) halfway
+            effect = effects[i]
+            if isinstance(effect, Publish) and not effect.core and not effect.tag:
+                j = i
+                while j < len(effects) and _awaited_publish(effects[j]):
+                    j += 1
+                self._busy = True
+                left = [j - i]
+
+                def one_done(rest: int = j, left: list[int] = left) -> None:
+                    left[0] -= 1
+                    if left[0] == 0 and incarnation == self.incarnation:
+                        self._when_awake(lambda: self._resume_effects(effects, rest, incarnation))
+
+                for publish in effects[i:j]:
+                    if self.observer is not None:
+                        self.observer.on_effect(self, publish)
+                    self._publish(publish, one_done)  # type: ignore[arg-type]
+                return
             if self.observer is not None:
                 self.observer.on_effect(self, effect)
             self._do(effect)
-        if isinstance(event, CaughtUp):
-            self._caught_up.add(event.source)
+            i += 1
 
-    def _core_failed(self, event: Event, exc: Exception) -> None:
-        what = f"{error_text(exc)} handling {type(event).__name__}"
-        self.failures.append((self.scheduler.now, what))
-        self.net.log(self.who, f"CORE FAILED: {what}")
-        # As a supervisor would: the process dies and is started again.
-        self.crash()
-        self.scheduler.call_later(self.restart_after_failure_s, self._restart_if_down, self.incarnation)
+    def _resume_effects(self, effects: list[Effect], i: int, incarnation: int) -> None:
+        if incarnation != self.incarnation:
+            return
+        self._busy = False
+        self._carry_out(effects, i, incarnation)
+        self._kick()
 
-    def _restart_if_down(self, incarnation: int) -> None:
-        if incarnation == self.incarnation and self.core is None:
-            self.start()
+    def _when_awake(self, callback: Callable[[], None]) -> None:
+        if self.paused:
+            self._on_resume.append(callback)
+        else:
+            callback()
 
     # -- inputs ---------------------------------------------------------------------------
     def _open_inputs(self) -> None:
@@ -393,7 +456,7 @@ class SimService:
                 return
             self._token_ids += 1
             self._asks[self._token_ids] = msg
-            self._post(Asked(spec.name, msg.subject, message, self._token_ids))
+            self._post(Asked(spec.name, msg.subject, message, self._token_ids, dict(msg.headers or {})))
 
         self.conn.subscribe(spec.subject, on_request)
 
@@ -492,6 +555,8 @@ class SimService:
             msg = self._asks.pop(effect.token, None)
             if msg is not None and effect.message is not None and msg.reply and self.conn is not None:
                 self.conn.publish(msg.reply, encode(effect.message))
+        elif isinstance(effect, Span):
+            pass  # tracing is production's; the simulation's trace is its event log
         elif isinstance(effect, Log):
             if _LEVELS.get(effect.level, 3) >= self.min_level:
                 tail = " ".join(f"{k}={v}" for k, v in effect.fields.items())
@@ -507,7 +572,7 @@ class SimService:
         elif error:
             self.net.log(self.who, f"untagged operation failed: {error}")
 
-    def _publish(self, effect: Publish) -> None:
+    def _publish(self, effect: Publish, done: Callable[[], None] | None = None) -> None:
         conn = self.conn
         assert conn is not None
         data = encode(effect.message)
@@ -516,29 +581,37 @@ class SimService:
             if effect.tag:
                 self._returned(self.incarnation, effect.tag)
             return
-        self._spawn(self._publish_retrying(effect, data, self.incarnation), f"publish {effect.subject}")
+        self._spawn(self._publish_retrying(effect, data, self.incarnation, done), f"publish {effect.subject}")
 
-    async def _publish_retrying(self, effect: Publish, data: bytes, incarnation: int) -> None:
-        """hafence.retry's policy: transient failures retried with doubling delays, same msg-id."""
+    async def _publish_retrying(
+        self, effect: Publish, data: bytes, incarnation: int, done: Callable[[], None] | None
+    ) -> None:
+        """hafence.retry's policy: transient failures retried with doubling delays, same msg-id;
+        errors worded as production's driver words them."""
         delay, error = FIRST_DELAY_S, ""
-        for attempt in range(1, ATTEMPTS + 1):
-            conn = self.conn
-            if conn is None or incarnation != self.incarnation:
+        try:
+            for attempt in range(1, ATTEMPTS + 1):
+                conn = self.conn
+                if conn is None or incarnation != self.incarnation:
+                    return
+                try:
+                    await conn.js_publish(effect.subject, data, msg_id=effect.msg_id, timeout=PUBLISH_TIMEOUT_S)
+                except (TimeoutError, NoStream, NotConnected) as err:
+                    error = (f"error: publish to {effect.subject} (msg id {effect.msg_id or 'none'}) failed "
+                             f"{attempt} times; last: {error_text(err)}")
+                    if attempt < ATTEMPTS:
+                        await self.clock.sleep(delay)
+                        delay = min(MAX_DELAY_S, delay * 2)
+                    continue
+                except Exception as err:
+                    error = f"error: {err}"
+                    break
+                self._returned(incarnation, effect.tag)
                 return
-            try:
-                ack = await conn.js_publish(effect.subject, data, msg_id=effect.msg_id, timeout=PUBLISH_TIMEOUT_S)
-            except (TimeoutError, NoStream, NotConnected) as err:
-                error = f"publish to {effect.subject} failed {attempt} times; last: {error_text(err)}"
-                if attempt < ATTEMPTS:
-                    await self.clock.sleep(delay)
-                    delay = min(MAX_DELAY_S, delay * 2)
-                continue
-            except Exception as err:
-                self._returned(incarnation, effect.tag, error=error_text(err))
-                return
-            self._returned(incarnation, effect.tag, ack.seq)
-            return
-        self._returned(incarnation, effect.tag, error=error)
+            self._returned(incarnation, effect.tag, error=error or "error: not published")
+        finally:
+            if done is not None:
+                done()
 
     def _settle(self, effect: Ack | Nak | Term | InProgress) -> None:
         if isinstance(effect, InProgress):
@@ -580,12 +653,13 @@ class SimService:
         incarnation = self.incarnation
         port: object | None = self.lease if effect.port == "lease" else self.ports.get(effect.port)
         if port is None:
-            self._returned(incarnation, effect.tag, error=f"{self.who} has no port {effect.port!r}")
+            self._returned(incarnation, effect.tag,
+                           error=f"LookupError: no port {effect.port!r} is bound for the {self.name} service")
             return
         try:
             result = getattr(port, effect.op)(*effect.args)
         except Exception as exc:
-            self._returned(incarnation, effect.tag, error=error_text(exc))
+            self._returned(incarnation, effect.tag, error=call_error(exc))
             return
         if inspect.iscoroutine(result):
             # A port's coroutine goes on after a crash (a device finishes what it was told):
@@ -598,7 +672,7 @@ class SimService:
                 if f.cancelled():
                     self._returned(incarnation, effect.tag, error="cancelled")
                 elif (exc := f.exception()) is not None:
-                    self._returned(incarnation, effect.tag, error=error_text(exc))
+                    self._returned(incarnation, effect.tag, error=call_error(exc))
                 else:
                     self._returned(incarnation, effect.tag, f.result())
 
@@ -613,11 +687,15 @@ class SimService:
 
         def answered(f: SimFuture[CoreMsg]) -> None:
             if (exc := f.exception()) is not None:
-                self._returned(incarnation, effect.tag, error=error_text(exc))
+                self._returned(incarnation, effect.tag, error=request_error(exc))
             else:
                 self._returned(incarnation, effect.tag, f.result().data)
 
         fut.add_done_callback(answered)
+
+
+def _awaited_publish(effect: Effect) -> bool:
+    return isinstance(effect, Publish) and not effect.core and not effect.tag
 
 
 def _settle_now(coro: Coroutine[Any, Any, None], service: SimService) -> None:

@@ -86,10 +86,9 @@ class SimLease:
 
     # -- what the driver reports -------------------------------------------------------------
     def state(self) -> tuple[bool, int, float]:
-        """(held, term, valid_until on the node's monotonic clock)."""
+        """(held, term, valid_until on the node's monotonic clock), as production's driver reports it."""
         lease = self.lease
-        held = lease.held()
-        return held, lease.term if held else 0, lease._valid_until if held else 0.0
+        return lease.held(), lease.term, lease.valid_until
 
     # -- the loop -----------------------------------------------------------------------------
     async def run(
