@@ -11,28 +11,19 @@ the agent's start or after a boot has no reason. A stop the agent ordered is
 ``command``, and a stop the hypervisor does not call a failure (migrated, saved,
 unknown) is never one, because a VM migrated away must not be started here again.
 
-``VmWatch`` is pure (VMs and ``now`` in, the report out); ``reported`` wraps the
-inventory publish that carries new failures in a span, the root of the trace of
-each restart that follows.
+``VmWatch`` is pure (VMs and ``now`` in, the report out); the agent core
+(``core.py``) logs and counts new failures and publishes the inventory that
+carries them in a span of a new trace, the root of the trace of each restart
+that follows.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import msgspec
-from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind
 
-from hafence import metrics
 from hafence.contracts import VM_FAILURES, VM_STOPS, VmInfo
-from hafence.logs import fields
-from hafence.telemetry import tracer
-
-log = logging.getLogger("hafence.agent")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,21 +91,3 @@ class VmWatch:
             del self.stopped[name]
         return out, failures
 
-
-@contextmanager
-def reported(host: str, boot_id: str, failures: list[Failure]) -> Iterator[None]:
-    """Log and count new failures and open the span their report is published in."""
-    if not failures:
-        yield
-        return
-    for failure in failures:
-        log.error("VM failed", extra=fields(host=host, vm=failure.vm, reason=failure.reason))
-        metrics.AGENT_VM_FAILURES.labels(host, failure.reason).inc()
-    names = ", ".join(f"{f.vm} ({f.reason})" for f in failures)
-    # A new trace: the failure is where the story of each restart begins.
-    with tracer().start_as_current_span(
-        f"vm failed on {host}: {names}", context=Context(), kind=SpanKind.PRODUCER,
-        attributes={"hafence.host": host, "hafence.boot_id": boot_id,
-                    "hafence.vms": [f.vm for f in failures], "hafence.reasons": [f.reason for f in failures]},
-    ):
-        yield

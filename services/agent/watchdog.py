@@ -198,7 +198,7 @@ class WatchdogGuard:
             return f"host {self.host} has not read its slot on shared storage yet this boot: starting nothing"
         return ""
 
-    async def on_view(self, view: MonitorView, msg: Msg) -> None:
+    async def on_view(self, view: MonitorView, msg: Msg | None = None) -> None:
         if view.host != self.host:
             raise Reject(f"a view of {view.host} for {self.host}")
         if view.term < self.view_term:

@@ -1,0 +1,236 @@
+"""The agent core alone: events in, effects out, its ports played by a small fake
+host (no NATS, no clock, no hypervisor). Each test names the rule it guards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hafence.agent.core import AgentCore, HostState, WatchdogStatus
+from hafence.config import ClusterConfig, parse_config
+from hafence.contracts import AgentReply, Heartbeat, HostEvent, Inventory, VmInfo, VmSpec, VmStart, VmStop
+from hafence.core import Asked, Call, Delivered, Effect, Event, Now, Publish, Reply, Returned, Started, TimerFired
+from tests.conftest import cluster_toml
+
+CMD = "hafence.agent.h1.cmd"
+
+
+class FakeHost:
+    """The ports of one host: power and boot id, the VMs running, calls seen."""
+
+    def __init__(self, running: tuple[str, ...] = ()) -> None:
+        self.on = True
+        self.boot_id = "boot-1"
+        self.defined: dict[str, VmSpec] = {n: VmSpec(name=n, memory_mb=1) for n in running}
+        self.running = set(running)
+        self.calls: list[Call] = []
+        self.hold: set[str] = set()  # ops left unanswered (a slow start)
+        self.held: list[Call] = []
+
+    def answer(self, call: Call) -> object:
+        match call.port, call.op:
+            case "host", "state":
+                return HostState(on=self.on, boot_id=self.boot_id)
+            case "hypervisor", "list_vms":
+                return [VmInfo(spec=spec, state="running" if n in self.running else "stopped")
+                        for n, spec in self.defined.items()]
+            case "hypervisor", "is_running":
+                return call.args[0] in self.running
+            case "hypervisor", "start":
+                spec: VmSpec = call.args[0]
+                self.defined.setdefault(spec.name, spec)
+                self.running.add(spec.name)
+                return None
+            case "hypervisor", "stop":
+                self.running.discard(call.args[0])
+                return None
+            case "hypervisor", "stop_all":
+                self.running.clear()
+                return None
+            case "hypervisor", "disable_autostart" | "boot":
+                return []
+            case "storage", "renew":
+                return None
+        raise AssertionError(f"unexpected call {call}")
+
+
+class Run:
+    """Feeds a core and plays its ports at once (a long poll is never answered)."""
+
+    def __init__(self, core: AgentCore, host: FakeHost) -> None:
+        self.core, self.host = core, host
+        self.mono = 100.0
+        self.effects: list[Effect] = []
+
+    def now(self) -> Now:
+        return Now(mono=self.mono, wall=1_000_000.0 + self.mono)
+
+    def feed(self, event: Event) -> list[Effect]:
+        out: list[Effect] = []
+        queue: list[Event] = [event]
+        while queue:
+            effects = self.core.handle(queue.pop(0), self.now())
+            out += effects
+            for effect in effects:
+                if isinstance(effect, Call) and effect.op != "changed":
+                    self.host.calls.append(effect)
+                    if effect.op in self.host.hold:
+                        self.host.held.append(effect)
+                        continue
+                    value = self.host.answer(effect)
+                    if effect.tag:
+                        queue.append(Returned(effect.tag, value=value))
+                elif isinstance(effect, Publish) and effect.tag:
+                    queue.append(Returned(effect.tag))
+        self.effects += out
+        return out
+
+    def release(self, op: str) -> list[Effect]:
+        """Answer the held calls of ``op`` now."""
+        self.host.hold.discard(op)
+        out: list[Effect] = []
+        for call in [c for c in self.host.held if c.op == op]:
+            self.host.held.remove(call)
+            out += self.feed(Returned(call.tag, value=self.host.answer(call)))
+        return out
+
+
+def config(tmp_path: Path, extra: str = "") -> ClusterConfig:
+    return parse_config(cluster_toml("nats://127.0.0.1:4222", tmp_path, 2, extra), "test.toml")
+
+
+def started(tmp_path: Path, host: FakeHost | None = None, extra: str = "") -> Run:
+    run = Run(AgentCore(config(tmp_path, extra), "h1"), host or FakeHost())
+    run.feed(Started())
+    return run
+
+
+def replies(effects: list[Effect]) -> list[AgentReply]:
+    return [e.message for e in effects if isinstance(e, Reply) and isinstance(e.message, AgentReply)]
+
+
+def ops(host: FakeHost, op: str) -> list[Call]:
+    return [c for c in host.calls if c.port == "hypervisor" and c.op == op]
+
+
+def inventories(effects: list[Effect]) -> list[Inventory]:
+    return [e.message for e in effects if isinstance(e, Publish) and isinstance(e.message, Inventory)]
+
+
+def heartbeats(effects: list[Effect]) -> list[Heartbeat]:
+    return [e.message for e in effects if isinstance(e, Publish) and isinstance(e.message, Heartbeat)]
+
+
+@pytest.mark.parametrize("definition", ["<domain><name>vm-a</name></domain>", "/elsewhere/vm-a.xml",
+                                        "{defs}/../elsewhere.xml"])
+def test_a_start_whose_definition_is_not_allowed_is_refused_without_a_hypervisor_start(
+    tmp_path: Path, definition: str
+) -> None:
+    defs = tmp_path / "defs"
+    defs.mkdir()
+    run = started(tmp_path, extra=f'[storage]\ndefinitions_dir = "{defs}"\n')
+    spec = VmSpec(name="vm-a", memory_mb=1, definition=definition.format(defs=defs))
+    [reply] = replies(run.feed(Asked("cmd", CMD, VmStart(vm=spec), token=7)))
+    assert not reply.ok and "definitions_dir" in reply.error
+    assert ops(run.host, "start") == []  # refused before the hypervisor is asked
+    # A path under the directory is taken.
+    ok = VmSpec(name="vm-a", memory_mb=1, definition=str(defs / "vm-a.xml"))
+    [reply] = replies(run.feed(Asked("cmd", CMD, VmStart(vm=ok), token=8)))
+    assert reply.ok and len(ops(run.host, "start")) == 1
+
+
+def test_a_start_of_a_vm_already_running_answers_already_without_starting(tmp_path: Path) -> None:
+    run = started(tmp_path, FakeHost(running=("vm-a",)))
+    [reply] = replies(run.feed(Asked("cmd", CMD, VmStart(vm=VmSpec(name="vm-a", memory_mb=1)), token=1)))
+    assert reply.ok and reply.already and reply.state == "running"
+    assert ops(run.host, "start") == []
+    # A VM that is not running is started, and is not "already".
+    [reply] = replies(run.feed(Asked("cmd", CMD, VmStart(vm=VmSpec(name="vm-b", memory_mb=1)), token=2)))
+    assert reply.ok and not reply.already and len(ops(run.host, "start")) == 1
+
+
+def test_heartbeats_carry_the_ports_boot_id_and_a_growing_seq(tmp_path: Path) -> None:
+    host = FakeHost()
+    host.boot_id = "boot-from-the-port"
+    run = started(tmp_path, host)
+    for _ in range(3):
+        run.mono += 0.2
+        run.feed(TimerFired("hb"))
+    beats = heartbeats(run.effects)
+    assert [b.boot_id for b in beats] == ["boot-from-the-port"] * 4  # the first at start, then one per timer
+    assert [b.seq for b in beats] == [0, 1, 2, 3]
+    assert beats[-1].sent_at == run.now().wall
+    # The host was power-cycled: a new boot id from the port, the sequence starts over.
+    host.boot_id = "boot-2"
+    run.feed(TimerFired("hb"))  # sees the new boot: the old boot's VMs are gone, the host boots
+    run.feed(TimerFired("hb"))
+    assert [(b.boot_id, b.seq) for b in heartbeats(run.effects)][-1] == ("boot-2", 0)
+
+
+def test_an_inventory_is_published_on_change_and_not_at_every_poll(tmp_path: Path) -> None:
+    run = started(tmp_path, FakeHost(running=("vm-a",)))
+    [first] = inventories(run.effects)
+    assert first.boot_id == "boot-1" and [(v.spec.name, v.state) for v in first.vms] == [("vm-a", "running")]
+    assert first.quarantined
+    run.mono += 0.2
+    assert inventories(run.feed(TimerFired("inv"))) == []  # nothing changed, not due
+    run.host.running.discard("vm-a")  # the VM stopped by itself
+    run.mono += 0.2
+    [changed] = inventories(run.feed(TimerFired("inv")))
+    assert [(v.spec.name, v.state, v.stop_reason) for v in changed.vms] == [("vm-a", "stopped", "other")]
+    # Nothing changes, but the inventory interval passed: published again.
+    run.mono += 30.0
+    assert len(inventories(run.feed(TimerFired("inv")))) == 1
+
+
+def test_a_command_the_agent_ran_publishes_its_inventory_at_once(tmp_path: Path) -> None:
+    run = started(tmp_path)
+    effects = run.feed(Asked("cmd", CMD, VmStart(vm=VmSpec(name="vm-a", memory_mb=1)), token=1))
+    [inv] = inventories(effects)
+    assert [(v.spec.name, v.state) for v in inv.vms] == [("vm-a", "running")]
+
+
+def test_starts_run_up_to_the_bound_and_one_at_a_time_per_vm(tmp_path: Path) -> None:
+    run = started(tmp_path, extra="[agent]\nmax_parallel_starts = 2\n")
+    run.host.hold.add("start")
+    for token, name in enumerate(["vm-a", "vm-a", "vm-b", "vm-c"], start=1):
+        run.feed(Asked("cmd", CMD, VmStart(vm=VmSpec(name=name, memory_mb=1)), token=token))
+    assert [c.args[0].name for c in run.host.held] == ["vm-a", "vm-b"]  # the bound; vm-a's second waits
+    effects = run.release("start")
+    answered = {e.token: e.message for e in effects if isinstance(e, Reply)}
+    assert answered[1].ok and not answered[1].already  # type: ignore[union-attr]
+    assert answered[2].already  # type: ignore[union-attr]  # asked again while it booted: already running
+    assert answered[3].ok and answered[4].ok  # type: ignore[union-attr]
+    assert [c.args[0].name for c in ops(run.host, "start")] == ["vm-a", "vm-b", "vm-c"]
+
+
+def test_a_powered_off_host_answers_nothing_and_boots_again_quarantined(tmp_path: Path) -> None:
+    run = started(tmp_path, FakeHost(running=("vm-a",)))
+    run.feed(Delivered("cleared", "hafence.host.h1.cleared",
+                       HostEvent(host="h1", kind="cleared", at=0.0, boot_id="boot-1")))
+    assert not inventories(run.effects)[-1].quarantined
+    run.host.on = False
+    run.feed(TimerFired("hb"))
+    assert len(ops(run.host, "stop_all")) == 1
+    assert replies(run.feed(Asked("cmd", CMD, VmStop(vm="vm-a"), token=3))) == []
+    assert [e for e in run.effects if isinstance(e, Reply) and e.token == 3] == [Reply(3, None)]
+    run.host.on, run.host.boot_id = True, "boot-2"
+    run.feed(TimerFired("hb"))
+    assert [c.op for c in run.host.calls if c.op in ("boot", "disable_autostart")][-2:] == [
+        "boot", "disable_autostart"]
+    last = inventories(run.effects)[-1]
+    assert last.boot_id == "boot-2" and last.quarantined
+    # A "cleared" for the old boot does not lift the new boot's quarantine.
+    assert inventories(run.feed(Delivered("cleared", "hafence.host.h1.cleared",
+                                          HostEvent(host="h1", kind="cleared", at=0.0, boot_id="boot-1")))) == []
+
+
+def test_a_poison_pill_stops_every_vm_and_is_reported(tmp_path: Path) -> None:
+    run = Run(AgentCore(config(tmp_path), "h1", watchdog=True), FakeHost(running=("vm-a", "vm-b")))
+    run.feed(Started())
+    effects = run.feed(Returned("wd:changed", value=WatchdogStatus(pill=True)))
+    assert len(ops(run.host, "stop_all")) == 1
+    inv = inventories(effects)[-1]
+    assert inv.pill and inv.quarantined
+    assert {(v.spec.name, v.stop_reason) for v in inv.vms} == {("vm-a", "command"), ("vm-b", "command")}
