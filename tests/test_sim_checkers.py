@@ -177,6 +177,7 @@ def test_s3_fires_when_a_run_has_a_lower_term_than_an_earlier_one() -> None:
     c.after_step()
     w.power.fence(fence_request("r3", term=4))
     assert rule_of(c.after_step) == "S3"
+    s.run()
 
 
 def test_s4_allows_a_second_run_only_after_a_fencer_crash() -> None:
@@ -189,6 +190,7 @@ def test_s4_allows_a_second_run_only_after_a_fencer_crash() -> None:
     assert not c.violations
     w.power.fence(fence_request("r1"))
     assert rule_of(c.after_step) == "S4"
+    s.run()
 
 
 # -- L1 -----------------------------------------------------------------------------------

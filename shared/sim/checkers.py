@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 from hafence.contracts import FenceResult, HostEvent, VmStart
 from hafence.core.effects import Publish, Request
+from hafence.core.events import Started
 from hafence.sim.world import PowerRun, World
 
 
@@ -100,6 +101,7 @@ class Checkers:
     _highest_term: int = 0
     _tally: dict[str, _Tally] = field(default_factory=dict)
     _reported: set[tuple[str, str]] = field(default_factory=set)
+    _crash_counts: dict[str, int] = field(default_factory=dict)
 
     # -- reporting ---------------------------------------------------------------------
     def violation(self, rule: str, what: str, key: str = "") -> None:
@@ -116,13 +118,27 @@ class Checkers:
             raise SafetyViolation(v)
 
     # -- hooks -----------------------------------------------------------------------------
-    def service_crashed(self, service: str) -> None:
-        self.crashes.append((self.world.scheduler.now, service))
+    def service_crashed(self, service: object) -> None:
+        name = _name(service)
+        self.crashes.append((self.world.scheduler.now, name))
+        self._crash_counts[name] = self._crash_counts.get(name, 0) + 1
 
-    def on_event(self, service: str, event: object) -> None:
-        """Events handed to cores carry nothing the rules need (they judge what cores do)."""
+    def open_incidents(self) -> list[tuple[str, str]]:
+        return [(i.host, i.incident) for i in self.incidents.values() if i.open]
 
-    def on_effect(self, service: str, effect: object) -> None:
+    def on_event(self, service: object, event: object) -> None:
+        """The rules judge what cores do; from events only a restart is noted (a
+        service whose ``crashes`` count grew was down: S4 allows a fencer to re-run)."""
+        if isinstance(event, Started):
+            name, crashes = _name(service), getattr(service, "crashes", 0)
+            known = self._crash_counts.get(name, 0)
+            if crashes > known:
+                self._crash_counts[name] = crashes
+                if not any(svc == name and at == self.world.scheduler.now for at, svc in self.crashes):
+                    self.crashes.append((self.world.scheduler.now, name))
+
+    def on_effect(self, service: object, effect: object) -> None:
+        service = _name(service)
         if isinstance(effect, Publish):
             message = effect.message
             if isinstance(message, HostEvent):
@@ -256,3 +272,8 @@ class Checkers:
                                  f"{'powered' if state.powered else 'off'}{', hung' if state.hung else ''}, "
                                  f"boot {state.boots})", key=f"L1 {vm}")
         return excuses
+
+
+def _name(service: object) -> str:
+    """A service's name: the driver hands its ``SimService``, tests a string."""
+    return service if isinstance(service, str) else str(getattr(service, "name", service))
