@@ -214,3 +214,21 @@ def test_the_same_seed_gives_the_same_world_log() -> None:
 
     assert run(3) == run(3)
     assert run(3) != run(4)
+
+
+def test_the_host_port_says_power_and_boot_and_the_changed_poll_answers_a_vm_failure() -> None:
+    s, w, _ = world()
+    h = w.add_host("h1")
+    w.add_vm("vm1", "h1")
+    port = w.host_port("h1")
+    assert (port.state().on, port.state().boot_id) == (True, h.boot_id)
+    poll = w.hypervisor("h1").changed()
+    s.run(until=1)
+    assert not poll.done()
+    w.crash_vm("vm1", "h1")
+    s.run(until=2)
+    assert poll.done()
+    infos = s.run_until_complete(w.hypervisor("h1").list_vms())
+    assert infos[0].state == "stopped" and infos[0].stop_reason == "crashed"
+    w.lose_power("h1")
+    assert not port.state().on

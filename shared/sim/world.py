@@ -52,6 +52,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from hafence.agent.core import HostState
 from hafence.contracts import DeviceEvidence, FenceRequest, PowerState, VmInfo, VmSpec
 from hafence.fencer.ports import FenceReport
 from hafence.fencer.protection import Protection, protection
@@ -239,6 +240,10 @@ class World:
             self._hypervisors[host] = WorldHypervisor(self, self.hosts[host])
         return self._hypervisors[host]
 
+    def host_port(self, host: str) -> WorldHost:
+        """The agent's ``host`` port: the machine under it."""
+        return WorldHost(self, self.hosts[host])
+
     # -- truth ------------------------------------------------------------------------
     def powered(self, host: str) -> bool:
         return self.hosts[host].powered
@@ -390,8 +395,8 @@ class World:
             h.stop_reasons[vm] = reason
             self.log(f"{vm} {reason} on {host}")
             hv = self._hypervisors.get(host)
-            if hv is not None and hv.listener is not None and h.answers:
-                hv.listener()
+            if hv is not None and h.answers:
+                hv.notify()
 
 
 class WorldPower:
@@ -512,13 +517,31 @@ async def _all(scheduler: Scheduler, coros: list[Coroutine[Any, Any, DeviceEvide
     return [await t for t in tasks]
 
 
+class WorldHost:
+    """The agent's ``host`` port (``hafence.agent.core.HostState``): the world's power
+    and boot id of its machine. An agent dies with its host here, so it asks only
+    while the host runs; the answer is the truth all the same."""
+
+    def __init__(self, world: World, host: Host) -> None:
+        self.world = world
+        self.host = host
+
+    def state(self) -> HostState:
+        return HostState(on=self.host.powered, boot_id=self.host.boot_id)
+
+    def up(self) -> bool:
+        return self.host.answers
+
+
 class WorldHypervisor:
-    """One host's hypervisor as its agent sees it (``hafence.agent.hypervisor.Hypervisor``)."""
+    """One host's hypervisor as its agent sees it (``hafence.agent.hypervisor.Hypervisor``,
+    and ``changed()``: the agent port's long poll, answered when a VM stops by itself)."""
 
     def __init__(self, world: World, host: Host) -> None:
         self.world = world
         self.host = host
         self.listener: Callable[[], None] | None = None
+        self._changed: list[SimFuture[None]] = []
         self.start_delay = (0.2, 1.5)
         self.starts = 0
         self._boot = host.boots
@@ -530,6 +553,19 @@ class WorldHypervisor:
 
     def on_change(self, callback: Callable[[], None]) -> None:
         self.listener = callback
+
+    def changed(self) -> SimFuture[None]:
+        fut: SimFuture[None] = self.world.scheduler.future(f"{self.host.name} hypervisor changed")
+        self._changed.append(fut)
+        return fut
+
+    def notify(self) -> None:
+        waiting, self._changed = self._changed, []
+        for fut in waiting:
+            if not fut.done():
+                fut.set_result(None)
+        if self.listener is not None:
+            self.listener()
 
     def list_vms(self) -> SimFuture[list[VmInfo]]:
         h = self.host
