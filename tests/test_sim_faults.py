@@ -30,7 +30,7 @@ def test_a_plan_is_a_function_of_the_seed_and_seeds_differ_in_their_mix() -> Non
 def test_faults_stay_in_the_fault_phase_which_ends_with_one_heal() -> None:
     for seed in range(20):
         p = plan(seed, enable_p=1.0)
-        assert p.actions[-1].kind == "heal" and p.actions[-1].at == p.heal_at == 420.0
+        assert p.actions[-1].kind == "heal_all" and p.actions[-1].at == p.heal_at == 420.0
         assert all(20.0 <= a.at < 420.0 for a in p.actions[:-1])
         assert [a.at for a in p.actions] == sorted(a.at for a in p.actions)
 
@@ -73,16 +73,17 @@ def test_the_heal_undoes_every_fault_still_in_force() -> None:
     p = FaultPlan({"network": 1.0}, Faults(core_loss=0.5), [], 100.0, 100.0)
     inj = FaultInjector(p, w, net, services, clocks, "leases")
     inj.wire_agents()
+    s.run(until=1)
     for a in [Action(1, "cut_both", "h1"), Action(1, "hang", "h2", 500.0), Action(1, "power_loss", "h3"),
               Action(1, "device", "h1-bmc", "stuck_on"), Action(1, "clock_jump", "svc", 120.0),
               Action(1, "clock_drift", "h1", 0.005), Action(1, "crash", "arbiter"), Action(1, "bucket_delete")]:
         inj.apply(a)
     inj._set_network(p.network)
-    assert services["agent-h2"].paused_for == 100.0  # frozen with its host, but never past the heal
+    assert services["agent-h2"].paused_for == 99.0  # frozen with its host, but never past the heal
     assert not services["agent-h3"].alive  # died with its host's power
     assert not services["arbiter"].alive and "leases" not in net.buckets
     s.run(until=100)
-    inj.heal()
+    inj.apply(Action(100, "heal_all"))
     s.run(until=110)
     assert net.faults == HEALTHY and not net._cut_nodes
     assert all(h.storage_ok and not h.hung and h.powered for h in w.hosts.values())

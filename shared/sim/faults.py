@@ -5,7 +5,7 @@ this run has (each kind is switched on with probability ``enable_p``: every run
 stresses a different mix, the point of swarm testing) and at what rate, then
 draws a timed list of ``Action``s for the *fault phase* (the first ``fault_share``
 of the run): each fault is paired with its undo a few seconds to minutes later,
-and at ``heal_at`` one ``heal`` action undoes whatever is left — the network
+and at ``heal_at`` one ``heal_all`` action undoes whatever is left — the network
 becomes a healthy LAN, every node reaches NATS and storage, hung hosts resume,
 devices work, lost mains come back, crashed services are started, clocks are
 stepped back and their drift stopped, the compromised agent goes quiet, the lease
@@ -190,14 +190,16 @@ def draw_plan(
                 actions.append(Action(t, "clock_drift", rng.choice(nodes), rng.uniform(-0.01, 0.01)))
             elif kind == "host_comes_back" and hosts:
                 actions.append(Action(t, "power_on", rng.choice(hosts)))
-    actions = [a for a in actions if a.at < fault_until] + [Action(fault_until, "heal")]
+    # An undo that would fall after the fault phase is left to the heal.
+    actions = [a for a in actions if a.at < fault_until] + [Action(fault_until, "heal_all")]
     actions.sort(key=lambda a: a.at)  # stable: equal times keep their drawing order
     return FaultPlan(enabled, network, actions, fault_until, fault_until, compromised)
 
 
 @dataclass
 class FaultInjector:
-    """Carries a plan out. ``services``: name -> ``SimService``; ``clocks``: node ->
+    """Carries a plan out. ``services``: key (``SimService.who``, ``name@node``) ->
+    ``SimService``; ``clocks``: node ->
     ``NodeClock``; ``lease_bucket``: the KV bucket of the role leases;
     ``on_crash(service_name)``: the checkers' ``service_crashed``;
     ``open_incidents()``: (host, incident) pairs the liar may forge results for."""
@@ -265,16 +267,10 @@ class FaultInjector:
             w.heal_storage(target)
         elif k == "hang":
             w.hang(target)
-            agent = self._agent(target)
-            if agent is not None and w.hosts[target].hung:
-                agent.pause(self._until_heal(action.arg))
         elif k == "unhang":
             w.unhang(target)
         elif k == "host_crash":
             w.crash(target, reboot_after=action.arg)
-            agent = self._agent(target)
-            if agent is not None and w.hosts[target].hung:
-                agent.pause(self._until_heal(action.arg))
         elif k == "power_loss":
             w.lose_power(target)
         elif k == "power_restore":
@@ -294,7 +290,7 @@ class FaultInjector:
             host = w.hosts[target]
             if not host.powered and host.mains:
                 w.power_on(target, "comes back after a fence")
-        elif k == "heal":
+        elif k == "heal_all":
             self.heal()
         else:
             raise ValueError(f"unknown fault action {action}")
@@ -304,6 +300,14 @@ class FaultInjector:
             if getattr(svc, "node", None) == host and getattr(svc, "name", "").startswith("agent"):
                 return svc
         return None
+
+    @classmethod
+    def for_cluster(cls, cluster: Any, plan: FaultPlan) -> FaultInjector:
+        """On a ``hafence.sim.cluster.SimCluster`` (which wires agents to their hosts itself)."""
+        return cls(plan, cluster.world, cluster.net, {svc.who: svc for svc in cluster.services},
+                   cluster.clocks, cluster.names.leases, lease_ttl=cluster.config.timings.lease_ttl_s,
+                   prefix=cluster.config.cluster.subject_prefix, on_crash=cluster.checkers.service_crashed,
+                   open_incidents=cluster.checkers.open_incidents)
 
     def _crash(self, name: str) -> None:
         svc = self.services.get(name)
@@ -331,15 +335,18 @@ class FaultInjector:
         return max(0.0, left if seconds is None else min(seconds, left))
 
     def wire_agents(self) -> None:
-        """An agent dies with its host's power and starts when the host boots."""
+        """Without a cluster that does it: an agent dies with its host's power, starts
+        when the host boots, and is frozen while its host hangs (never past the heal)."""
         def on_host(what: str, host: str) -> None:
-            agent = self._agent(host)
-            if agent is None:
+            key = next((k for k, svc in self.services.items() if svc is self._agent(host)), "")
+            if not key:
                 return
             if what == "off":
-                self._crash(agent.name)
+                self._crash(key)
             elif what == "boot":
-                self._start(agent.name)
+                self._start(key)
+            elif what == "hang":
+                self.services[key].pause(self._until_heal(None))
 
         self.world.listeners.append(on_host)
 
@@ -425,3 +432,19 @@ class FaultInjector:
             conn.js_publish(inv, encode(Inventory(host=victim, boot_id="forged", memory_mb=1, vcpus=1,
                                                   sent_at=now)))
         self.net.log("fault", f"liar {host} lie #{lie} (victim {victim}, incident {incident or '-'})")
+
+
+def draw_for_cluster(cluster: Any, duration: float, fault_share: float = 0.7, **kw: Any) -> FaultPlan:
+    """A plan for a ``SimCluster``, from its fault PRNG: every service (agents too) may
+    crash or pause, every host and device may fail, every node's clock may."""
+    return draw_plan(
+        cluster.rng_faults,
+        hosts=sorted(cluster.world.hosts),
+        services=[svc.who for svc in cluster.services],
+        devices=sorted(cluster.world.devices),
+        nodes=sorted(cluster.clocks),
+        duration=duration,
+        fault_share=fault_share,
+        lease_ttl=cluster.config.timings.lease_ttl_s,
+        **kw,
+    )
