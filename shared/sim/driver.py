@@ -133,6 +133,7 @@ class SimService:
         observer: Observer | None = None,
         dlq_name: str = "",
         log_level: str = "info",
+        failures: list[tuple[float, str]] | None = None,
     ) -> None:
         self.name = name
         self.node = node
@@ -157,7 +158,8 @@ class SimService:
         self.inputs = Inputs()
         self.paused_until = -1.0
         self.crashes = 0
-        self.failures: list[tuple[float, str]] = []  # (time, what the core raised)
+        # (time, what the core raised); a cluster may hand all its services one list.
+        self.failures: list[tuple[float, str]] = failures if failures is not None else []
         self.handled = 0
         self._queue: deque[tuple[Event, int]] = deque()
         self._draining = False
@@ -250,9 +252,25 @@ class SimService:
             self._resume = self.scheduler.future(f"{self.who} resumes")
         self.scheduler.call_at(until, self._wake, self.incarnation, until)
 
-    def _wake(self, incarnation: int, until: float) -> None:
-        if incarnation != self.incarnation or until != self.paused_until:
+    def freeze(self) -> None:
+        """Paused until ``thaw`` (its host hangs)."""
+        if self.core is None or self.paused_until == float("inf"):
             return
+        self.paused_until = float("inf")
+        self.net.log(self.who, "frozen")
+        if self._resume is None or self._resume.done():
+            self._resume = self.scheduler.future(f"{self.who} resumes")
+
+    def thaw(self) -> None:
+        if self.core is not None and self.paused:
+            self.paused_until = self.scheduler.now
+            self._resumed()
+
+    def _wake(self, incarnation: int, until: float) -> None:
+        if incarnation == self.incarnation and until == self.paused_until:
+            self._resumed()
+
+    def _resumed(self) -> None:
         self.net.log(self.who, "resumed")
         if self._resume is not None and not self._resume.done():
             self._resume.set_result(None)
@@ -312,7 +330,7 @@ class SimService:
             # As production's driver: a bug, logged with the event; the delivery it was
             # handling comes back; the service goes on (L3). The run reports it.
             what = f"{error_text(exc)} handling {event!r}"[:1000]
-            self.failures.append((self.scheduler.now, what))
+            self.failures.append((self.scheduler.now, f"{self.who}: {what}"))
             self.net.log(self.who, f"CORE FAILED: {what}")
             if isinstance(event, Delivered) and event.token:
                 self._settle(Nak(event.token, 1.0))

@@ -398,7 +398,10 @@ class SimNats:
     def _unregister_sub(self, conn: Connection, sid: int) -> None:
         self._subs = [s for s in self._subs if not (s.conn is conn and s.sid == sid)]
 
-    def _route(self, subject: str, data: bytes, headers: dict[str, str] | None, reply: str, sender: Connection) -> None:
+    def _route(
+        self, subject: str, data: bytes, headers: dict[str, str] | None, reply: str, sender: Connection,
+        quiet: bool = False,
+    ) -> None:
         receivers: list[_ServerSub] = []
         groups: dict[str, list[_ServerSub]] = {}
         for sub in self._subs:
@@ -409,7 +412,8 @@ class SimNats:
                     receivers.append(sub)
         for members in groups.values():
             receivers.append(members[self.rng.randrange(len(members))])  # NATS picks a member at random
-        self.log(sender.name, f"pub {subject} {_short(data)} -> {len(receivers)}")
+        if not quiet or receivers:
+            self.log(sender.name, f"pub {subject} {_short(data)} -> {len(receivers)}")
         if not receivers and reply and sender.connected:
             # No responders: the server answers the request itself, at once.
             sender.down.send(f"no responders {subject}", sender._no_responders, reply)
@@ -425,7 +429,8 @@ class SimNats:
             sub.conn.down.send(f"core {subject}", sub.conn._deliver_core, sub.sid, subject, data, msg_headers, reply)
 
     def _js_publish(
-        self, subject: str, data: bytes, headers: dict[str, str], expected_last_subject_seq: int | None
+        self, subject: str, data: bytes, headers: dict[str, str], expected_last_subject_seq: int | None,
+        sender: Connection | None = None,
     ) -> PubAck:
         for stream in self.streams.values():
             if stream.owns(subject):
@@ -436,6 +441,11 @@ class SimNats:
                     for durable in stream.consumers:
                         self._pump(stream.config.name, durable)
                     self._push_feeds(stream)
+                if sender is not None:
+                    # A JetStream publish is a message on its subject: core subscribers get
+                    # it too (the agent hears its "cleared" on a plain subscription), also
+                    # when the stream drops it as a duplicate.
+                    self._route(subject, data, dict(headers) or None, "", sender, quiet=True)
                 return ack
         raise NoStream(f"no stream for subject {subject}")
 
@@ -854,7 +864,7 @@ class Connection:
             hdrs[MSG_ID] = msg_id
         return self._api(
             f"js pub {subject}" + (f" id={msg_id}" if msg_id else ""),
-            lambda: self.net._js_publish(subject, data, hdrs, expected_last_subject_seq),
+            lambda: self.net._js_publish(subject, data, hdrs, expected_last_subject_seq, self),
             timeout,
         )
 

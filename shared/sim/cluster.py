@@ -1,0 +1,247 @@
+"""A whole simulated cluster from a seed: world, NATS, every service's real core, checkers.
+
+``SimCluster(seed, shape)`` builds, from one PRNG:
+
+* a configuration through production's loader (``hafence.config.parse_config``):
+  ``shape.hosts`` hosts, each fenced through its BMC and, for some, a PDU outlet
+  as a second level; ``shape.vms_per_host`` HA VMs on each;
+* the simulated NATS with what ``hafence deploy provision`` creates
+  (``hafence.sim.provision``);
+* the world (``hafence.sim.world``): the same hosts, devices and VMs;
+* one ``SimService`` per replica of heartbeat, arbiter, scheduler (``shape.replicas``
+  each, the lease picks the leader) and fencer (one: ``SoloReplicas``), each on
+  its own control node, and one agent per host on the host's node, each driving
+  the service's own core (``hafence.<svc>.core``) with ports bound to the world.
+  Store ports (the fencer's journal, the scheduler's start history) are the
+  services' in-memory bindings, kept here so they survive a crash of the service;
+* the checkers (``hafence.sim.checkers``) watching every effect.
+
+Services are named uniquely (``arbiter-2``, ``agent-h3``: the checkers tell roles
+apart by prefix); an agent runs on the node named after its host, and lives and
+dies with it: the world tells the cluster when a host goes off (the agent
+crashes), boots (a new agent process starts), hangs (the agent freezes) or resumes.
+
+The PRNG is split into independent streams (network, world, ids, faults) so that
+drawing one more fault does not change every latency after it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hafence.agent.core import AgentCore
+from hafence.arbiter.core import ArbiterCore
+from hafence.config import ClusterConfig, parse_config
+from hafence.core.effects import Effect
+from hafence.core.events import Event
+from hafence.core.machine import Core
+from hafence.fencer.core import FencerCore
+from hafence.fencer.ports import MemoryJournal, SoloReplicas
+from hafence.heartbeat.core import HeartbeatCore, settings_of
+from hafence.scheduler.core import SchedulerCore
+from hafence.scheduler.ports import MemoryStartHistory
+from hafence.sim.checkers import Checkers
+from hafence.sim.clock import NodeClock, Scheduler
+from hafence.sim.driver import SimService
+from hafence.sim.provision import provision
+from hafence.sim.transport import EventLog, Faults, SimNats
+from hafence.sim.world import World
+
+ROLES = ("heartbeat", "arbiter", "scheduler", "fencer")
+WALL_EPOCH = 1_700_000_000.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterShape:
+    hosts: int = 5
+    vms_per_host: int = 2
+    vm_memory_mb: int = 2048
+    host_memory_mb: int = 16384
+    replicas: int = 2  # of heartbeat, arbiter and scheduler (the fencer has one)
+    pdu_share: float = 0.3  # hosts with a PDU outlet as a second fence level
+    clock_skew_s: float = 0.05  # wall clocks differ by up to this (NTP)
+    drift: float = 50e-6  # clock rates differ by up to this
+
+
+def cluster_toml(shape: ClusterShape, rng: random.Random) -> str:
+    """The cluster's configuration file, as an operator would write it."""
+    lines = [
+        "[timings]\nheartbeat_interval_s = 1.0\nmissed_heartbeats = 3\nlease_ttl_s = 6.0\n"
+        "fence_ack_wait_s = 30.0\nagent_command_timeout_s = 10.0\ninventory_interval_s = 30.0\n",
+    ]
+    for i in range(1, shape.hosts + 1):
+        host = f"h{i}"
+        lines.append(f'[devices.{host}-bmc]\ndriver = "ipmi"\naddress = "10.0.0.{i}"\nusername = "admin"\n'
+                     f'password_env = "HAFENCE_SIM_NO_SECRET"\n')
+        levels = [f'{{ devices = [{{ device = "{host}-bmc" }}] }}']
+        if rng.random() < shape.pdu_share:
+            lines.append(f'[devices.{host}-pdu1]\ndriver = "apc_snmp"\naddress = "10.0.1.{i}"\n'
+                         f'community_env = "HAFENCE_SIM_NO_SECRET"\n')
+            levels.append(f'{{ devices = [{{ device = "{host}-pdu1", port = "1" }}] }}')
+        lines.append(f'[[hosts]]\nname = "{host}"\nmemory_mb = {shape.host_memory_mb}\nvcpus = 16\n'
+                     f'levels = [{", ".join(levels)}]\n')
+    for i in range(1, shape.hosts + 1):
+        for j in range(1, shape.vms_per_host + 1):
+            lines.append(f'[[vms]]\nname = "vm{i}-{j}"\nhost = "h{i}"\nmemory_mb = {shape.vm_memory_mb}\nha = true\n')
+    return "\n".join(lines)
+
+
+class SimFeed:
+    """The heartbeat monitor's feed as its load guard sees it: the connection's state."""
+
+    def __init__(self) -> None:
+        self.service: SimService | None = None
+
+    def connected(self) -> bool:
+        s = self.service
+        return s is not None and s.conn is not None and s.conn.connected
+
+    def pending(self) -> int:
+        return 0
+
+
+class _Observe:
+    """Hands every effect to the checkers, by service name (``fencer``, ``arbiter``...)."""
+
+    def __init__(self, checkers: Checkers, counts: dict[str, int]) -> None:
+        self.checkers = checkers
+        self.counts = counts
+
+    def on_event(self, service: SimService, event: Event) -> None:
+        self.counts["events"] += 1
+        self.checkers.on_event(service, event)
+
+    def on_effect(self, service: SimService, effect: Effect) -> None:
+        self.counts["effects"] += 1
+        self.checkers.on_effect(service, effect)
+
+
+class SimCluster:
+    def __init__(self, seed: int, shape: ClusterShape | None = None, keep_log: bool = True,
+                 log_level: str = "info", faults: Faults | None = None) -> None:
+        self.seed = seed
+        self.shape = shape = shape or ClusterShape()
+        master = random.Random(seed)
+        self.rng_net = random.Random(master.getrandbits(64))
+        self.rng_world = random.Random(master.getrandbits(64))
+        self.rng_ids = random.Random(master.getrandbits(64))
+        self.rng_faults = random.Random(master.getrandbits(64))
+        rng_shape = random.Random(master.getrandbits(64))
+        self.scheduler = Scheduler()
+        self.log = EventLog(self.scheduler, keep=keep_log)
+        self.net = SimNats(self.scheduler, self.rng_net, faults or Faults(), log=self.log)
+        self.config: ClusterConfig = parse_config(cluster_toml(shape, rng_shape), f"sim-seed-{seed}.toml")
+        self.names = provision(self.net, self.config)
+        self.world = World(self.scheduler, self.rng_world, log=self.log)
+        for host in self.config.hosts:
+            kinds: list[list[str]] = [["bmc"] if "bmc" in level.devices[0].device else ["pdu"]
+                                      for level in host.levels]
+            self.world.add_host(host.name, host.memory_mb, host.vcpus, levels=kinds)  # type: ignore[arg-type]
+        for vm in self.config.vms:
+            self.world.add_vm(vm.name, vm.host, ha=vm.ha, memory_mb=vm.memory_mb)
+        self.checkers = Checkers(self.world, log=self.log)
+        self.counts = {"events": 0, "effects": 0}
+        self.observer = _Observe(self.checkers, self.counts)
+        self.log_level = log_level
+        self.clocks: dict[str, NodeClock] = {}
+        self.services: list[SimService] = []
+        self.by_role: dict[str, list[SimService]] = {role: [] for role in ROLES}
+        self.agents: dict[str, SimService] = {}
+        self.journals: list[MemoryJournal] = []
+        self.histories: list[MemoryStartHistory] = []
+        self.failures: list[tuple[float, str]] = []  # what any core raised: a bug, reported by the run
+        self._build_services()
+        self.world.listeners.append(self._host_changed)
+
+    # -- building ---------------------------------------------------------------------------
+    def clock(self, node: str) -> NodeClock:
+        if node not in self.clocks:
+            rng, shape = self.rng_world, self.shape
+            self.clocks[node] = NodeClock(
+                self.scheduler, node,
+                monotonic_offset=rng.uniform(100.0, 100_000.0),  # since that node booted
+                wall_epoch=WALL_EPOCH + rng.uniform(-shape.clock_skew_s, shape.clock_skew_s),
+                drift=rng.uniform(-shape.drift, shape.drift),
+            )
+        return self.clocks[node]
+
+    def _service(self, name: str, node: str, factory: Callable[[], Core], ports: dict[str, object],
+                 dlq_name: str) -> SimService:
+        """``name``: unique (``arbiter-2``, ``agent-h3``), what the checkers and faults call it."""
+        clock = self.clock(node)
+        svc = SimService(name, node, factory, ports, None, clock, self.net, prefix=self.config.cluster.subject_prefix,
+                         bucket=self.names.leases, observer=self.observer, dlq_name=dlq_name,
+                         log_level=self.log_level, failures=self.failures)
+        self.services.append(svc)
+        return svc
+
+    def _build_services(self) -> None:
+        config, world = self.config, self.world
+        for i in range(1, self.shape.replicas + 1):
+            feed = SimFeed()
+            instance = f"heartbeat-{i}"
+
+            def heartbeat(feed: SimFeed = feed, instance: str = instance) -> Core:
+                return HeartbeatCore(settings_of(config, instance), nonce=f"{self.rng_ids.getrandbits(32):08x}",
+                                     feed=feed)
+
+            svc = self._service(instance, f"ctl-heartbeat-{i}", heartbeat, {}, "heartbeat")
+            feed.service = svc
+            self.by_role["heartbeat"].append(svc)
+        for i in range(1, self.shape.replicas + 1):
+            svc = self._service(f"arbiter-{i}", f"ctl-arbiter-{i}", lambda: ArbiterCore(config),
+                                {"storage": world.storage}, "arbiter")
+            self.by_role["arbiter"].append(svc)
+        for i in range(1, self.shape.replicas + 1):
+            history = MemoryStartHistory()
+            self.histories.append(history)
+            svc = self._service(f"scheduler-{i}", f"ctl-scheduler-{i}", lambda: SchedulerCore(config),
+                                {"store": history}, "scheduler")
+            self.by_role["scheduler"].append(svc)
+        journal = MemoryJournal()
+        self.journals.append(journal)
+        fencer = self._service("fencer-1", "ctl-fencer-1", lambda: FencerCore(config),
+                               {"journal": journal, "replicas": SoloReplicas(), "power": world.power}, "fencer")
+        self.by_role["fencer"].append(fencer)
+        for host in config.hosts:
+            name = host.name
+            ports: dict[str, object] = {
+                "host": world.host_port(name),
+                "hypervisor": world.hypervisor(name),
+                "storage": world.storage,
+            }
+            self.agents[name] = self._service(f"agent-{name}", name, lambda name=name: AgentCore(config, name),  # type: ignore[misc]
+                                              ports, f"agent-{name}")
+
+    # -- running ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start every process; an agent only if its host runs (it starts when the host boots)."""
+        for svc in self.services:
+            if svc not in self.agents.values() or self.world.hosts[svc.node].answers:
+                svc.start()
+
+    def _host_changed(self, what: str, host: str) -> None:
+        """An agent lives and dies with its host: off kills it, a boot starts a new
+        process, a hang freezes it until the host resumes."""
+        agent = self.agents.get(host)
+        if agent is None:
+            return
+        if what == "off":
+            agent.crash()
+        elif what == "boot":
+            agent.crash()
+            agent.start()
+        elif what == "hang":
+            agent.freeze()
+        elif what == "unhang":
+            agent.thaw()
+
+    # -- figures ------------------------------------------------------------------------------
+    def fences(self) -> int:
+        return sum(1 for r in self.world.runs if r.outcome == "confirmed_off")
+
+    def vm_starts(self) -> int:
+        return sum(self.world.hypervisor(h).starts for h in self.world.hosts)
+
