@@ -184,8 +184,13 @@ def test_a_crash_kills_the_vms_keeps_the_power_and_may_reset_the_host() -> None:
     boot = h.boot_id
     w.crash("h1", reboot_after=30)
     assert h.powered and h.hung and w.running_on("vm1") == []
+    w.unhang("h1")  # a crashed kernel does not resume
+    assert h.hung
     s.run(until=31)
     assert h.powered and not h.hung and h.boot_id != boot
+    w.crash("h1")
+    w.reset("h1")
+    assert h.boots == 3 and not h.hung
 
 
 def test_storage_renewals_reach_it_only_from_a_live_host_with_a_path() -> None:

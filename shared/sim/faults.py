@@ -361,7 +361,9 @@ class FaultInjector:
         for name, host in sorted(w.hosts.items()):
             if not host.storage_ok:
                 w.heal_storage(name)
-            if host.hung:
+            if host.crashed:
+                w.reset(name)
+            elif host.hung:
                 w.unhang(name)
             if not host.mains:
                 w.restore_power(name)

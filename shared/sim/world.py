@@ -101,6 +101,7 @@ class Host:
     boot_id: str = ""
     boots: int = 0
     hung: bool = False
+    crashed: bool = False  # hung for good: only a reset (or a fence) ends it
     storage_ok: bool = True
     defined: dict[str, VmSpec] = field(default_factory=dict)
     running: set[str] = field(default_factory=set)
@@ -286,7 +287,7 @@ class World:
             lost = sorted(host.running)
             host.running.clear()
             host.stop_reasons.update((v, "other") for v in lost)
-            host.hung = False
+            host.hung = host.crashed = False
             self.log(f"{host.name} powered off ({why}); VMs lost: {','.join(lost) or '-'}")
             self._tell("off", host.name)
             return
@@ -344,7 +345,7 @@ class World:
 
     def unhang(self, host: str) -> None:
         h = self.hosts[host]
-        if h.hung:
+        if h.hung and not h.crashed:
             h.hung = False
             self.log(f"{host} resumes")
             self._tell("unhang", host)
@@ -361,16 +362,23 @@ class World:
         h.stop_reasons.update((v, "crashed") for v in lost)
         self.log(f"{host} crashes; VMs lost: {','.join(lost) or '-'}")
         self.hang(host)
+        h.crashed = True
         if reboot_after is not None:
             boot = h.boots
             self.scheduler.call_later(reboot_after, self._reset, host, boot)
+
+    def reset(self, host: str) -> None:
+        """A crashed host is reset (its watchdog, an operator): it boots again."""
+        h = self.hosts[host]
+        if h.crashed:
+            self._reset(host, h.boots)
 
     def _reset(self, host: str, boot: int) -> None:
         h = self.hosts[host]
         if h.boots != boot or not h.powered:
             return  # fenced or rebooted meanwhile
         h.powered = False
-        h.hung = False
+        h.hung = h.crashed = False
         self.log(f"{host} resets itself")
         self._tell("off", host)
         self._recompute(h, "reset")
