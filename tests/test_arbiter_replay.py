@@ -11,9 +11,9 @@ import time
 import pytest
 from nats.aio.client import Client as NatsClient
 
+from hafence.arbiter.core import event_time, fold, on_policy_clock
 from hafence.arbiter.deadline import overdue
 from hafence.arbiter.policy import Policy, RequestFence, SkipFence
-from hafence.arbiter.service import event_time, fold, on_policy_clock
 from hafence.arbiter.service import run as arbiter
 from hafence.contracts import Decoders, FenceResult, HostEvent, encode
 from tests.conftest import eventually, running

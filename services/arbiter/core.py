@@ -72,6 +72,7 @@ from hafence.core import (
     ReplayInput,
     Returned,
     SetTimer,
+    Span,
     Started,
     TimerFired,
 )
@@ -234,6 +235,12 @@ class ArbiterCore:
         """The trace context of an incident's suspect (empty when unknown)."""
         return self.incident_headers.get(incident, {})
 
+    def _span(self, what: str, host: str, incident: str, decision: str, reason: str) -> Span:
+        """The span of one decision, in its incident's trace even when taken at a timer."""
+        return Span(f"arbiter {what} {host}", parent=self.trace_headers(incident), attributes={
+            "hafence.host": host, "hafence.incident": incident, "hafence.term": self.term,
+            "hafence.decision": decision, "hafence.reason": reason})
+
     def _tag(self, what: str) -> str:
         self._seq += 1
         return f"{what}:{self._seq}"
@@ -383,6 +390,7 @@ class ArbiterCore:
 
         self.waiting[tag] = announced
         return [
+            self._span("skip", decision.host, decision.incident, "SkipFence", decision.reason),
             Log("error" if decision.alert else "warning", "not fencing",
                 {"host": decision.host, "rule": decision.rule, "reason": decision.reason}),
             # No message id: a skip may be announced again for the same incident and rule
@@ -453,6 +461,7 @@ class ArbiterCore:
 
         self.waiting[tag] = requested
         return [
+            self._span("fence", decision.host, decision.incident, "RequestFence", decision.reason),
             Log("warning", "fencing", {"host": decision.host, "request_id": decision.request_id, "term": term}),
             Publish(self.subjects.fence_request(decision.host), request,
                     msg_id=f"{decision.request_id}:t{term}", tag=tag),
