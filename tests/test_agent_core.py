@@ -234,3 +234,19 @@ def test_a_poison_pill_stops_every_vm_and_is_reported(tmp_path: Path) -> None:
     inv = inventories(effects)[-1]
     assert inv.pill and inv.quarantined
     assert {(v.spec.name, v.stop_reason) for v in inv.vms} == {("vm-a", "command"), ("vm-b", "command")}
+
+
+def test_a_command_runs_in_a_span_under_the_askers_trace_even_when_it_waited_for_a_slot(tmp_path: Path) -> None:
+    from hafence.core import Span
+
+    run = started(tmp_path, extra="[agent]\nmax_parallel_starts = 1\n")
+    run.host.hold.add("start")
+    first = {"traceparent": "00-" + "a" * 32 + "-" + "1" * 16 + "-01"}
+    second = {"traceparent": "00-" + "b" * 32 + "-" + "2" * 16 + "-01"}
+    run.feed(Asked("cmd", CMD, VmStart(vm=VmSpec(name="vm-a", memory_mb=1)), token=1, headers=first))
+    run.feed(Asked("cmd", CMD, VmStart(vm=VmSpec(name="vm-b", memory_mb=1)), token=2, headers=second))
+    effects = run.release("start")  # vm-a done: vm-b runs now, in a later handle
+    [span] = [e for e in effects if isinstance(e, Span)]
+    assert span.name == "agent start vm vm-b" and span.parent == second
+    calls = [e for e in effects if isinstance(e, Call)]
+    assert effects.index(span) < effects.index(next(c for c in calls if c.tag == "cmd:2:power"))

@@ -174,15 +174,14 @@ class AgentCore:
                 out += self._timer(key, now)
             case Returned():
                 out += self._returned(event, now)
-            case Asked(subject=subject, message=VmStart() | VmStop() as cmd, token=token):
+            case Asked(subject=subject, message=VmStart() | VmStop() as cmd, token=token, headers=headers):
                 if subject != self.subjects.agent_cmd(self.host):
                     out += [Log("warning", "command on another host's subject", {"subject": subject}),
                             Reply(token, None)]
                 else:
                     name = cmd.vm.name if isinstance(cmd, VmStart) else cmd.vm
                     # The asker's trace: a command may run in a later handle, when a slot frees.
-                    headers = dict(getattr(event, "headers", None) or {})
-                    self.waiting.append(_Command(token, cmd, name, headers))
+                    self.waiting.append(_Command(token, cmd, name, dict(headers)))
             case Asked(token=token):
                 out.append(Reply(token, None))
             case Delivered(message=HostEvent() as host_event):
