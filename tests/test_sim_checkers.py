@@ -212,3 +212,21 @@ def test_l1_excuses_a_fence_given_up_on_and_a_cluster_without_room() -> None:
     w.hosts["h2"].memory_mb = 512
     w.lose_power("h1")
     assert "no room" in c.check_recovery()[0]
+
+
+def test_l1_counts_no_room_on_a_fenced_host_that_came_back_until_it_is_cleared() -> None:
+    s, w, c = setup()
+    w.hosts["h2"].memory_mb = 512  # no room there
+    s.run_until_complete(w.power.fence(fence_request()))
+    s.run(until=10)
+    w.power_on("h1")  # back after its fence, quarantined
+    assert "no room" in c.check_recovery()[0]
+    c.on_effect("operator", host_event("cleared", by="ops"))
+    assert rule_of(c.check_recovery) == "L1"
+
+
+def test_l1_excuses_a_vm_a_compromised_agent_claimed() -> None:
+    _s, w, c = setup()
+    w.lose_power("h1")
+    c.disputed.add("vm1")
+    assert "compromised" in c.check_recovery()[0]

@@ -96,6 +96,11 @@ class Checkers:
     # host -> whether the arbiter gave its fence up (fence_failed with alert, no fence since)
     given_up: dict[str, bool] = field(default_factory=dict)
     crashes: list[tuple[float, str]] = field(default_factory=list)
+    # host -> when a "cleared" HostEvent was last published for it (S6: a fenced host
+    # that came back takes VMs only once cleared)
+    cleared_at: dict[str, float] = field(default_factory=dict)
+    # VMs a compromised agent claimed to run: a scheduler may believe it (L1 excuses them)
+    disputed: set[str] = field(default_factory=set)
     _seen_version: int = -1
     _runs_checked: int = 0
     _highest_term: int = 0
@@ -206,6 +211,8 @@ class Checkers:
             if not runs:
                 self.violation("S2", f"the arbiter says {host} is fenced (incident {event.incident!r}) but no power "
                                      f"run of that incident confirmed it off", key=f"fenced {host} {event.incident}")
+        elif event.kind == "cleared":
+            self.cleared_at[host] = self.world.scheduler.now
         elif event.kind == "fence_failed" and service.startswith("arbiter"):
             if event.alert:
                 self.given_up[host] = True
@@ -246,6 +253,13 @@ class Checkers:
             self.violation("S1", f"{service} starts {vm} on {target} while it runs on powered host(s) "
                                  f"{', '.join(elsewhere)}", key=f"{vm}->{target} running {','.join(elsewhere)}")
 
+    def _quarantined(self, host: str) -> bool:
+        """Fenced, booted again since, and not cleared since that boot (S6)."""
+        h = self.world.hosts[host]
+        fenced = any(r.host == host and r.outcome == "confirmed_off" and r.started < h.booted_at
+                     for r in self.world.runs)
+        return fenced and self.cleared_at.get(host, -1.0) < h.booted_at
+
     # -- L1 -----------------------------------------------------------------------------------
     def check_recovery(self) -> list[str]:
         """After the heal phase: every HA VM runs on a live host. Returns the excuses
@@ -257,13 +271,17 @@ class Checkers:
                    if d.spec.ha and not any(vm in h.running for h in live)]
         if not missing:
             return excuses
-        free = sum(h.memory_mb - h.used_memory() for h in live)
+        usable = [h for h in live if not self._quarantined(h.name)]
+        free = sum(h.memory_mb - h.used_memory() for h in usable)
         need = sum(w.vms[vm].spec.memory_mb for vm in missing)
         if need > free:
-            excuses.append(f"no room: {need} MiB of HA VMs down, {free} MiB free on live hosts")
+            excuses.append(f"no room: {need} MiB of HA VMs down, {free} MiB free on live hosts that may take VMs")
             return excuses
         for vm in missing:
             host = w.last_host.get(vm, w.vms[vm].home)
+            if vm in self.disputed:
+                excuses.append(f"{vm}: a compromised agent claimed to run it")
+                continue
             if self.given_up.get(host):
                 excuses.append(f"{vm}: the fence of {host} was given up on (an operator must confirm)")
                 continue

@@ -54,7 +54,8 @@ class Scheduler:
 
     def __init__(self, start: float = 0.0) -> None:
         self.now = start
-        self._heap: list[Timer] = []
+        # (time, insertion number, timer): tuples compare in C, a Timer.__lt__ per comparison cost a third of a run.
+        self._heap: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self.steps = 0
         # Tasks that failed with nobody awaiting them: a simulation should look here.
@@ -64,7 +65,7 @@ class Scheduler:
     def call_at(self, when: float, callback: Callable[..., object], *args: Any) -> Timer:
         # A time in the past means "as soon as possible": time never goes back.
         timer = Timer(max(when, self.now), next(self._seq), callback, args)
-        heapq.heappush(self._heap, timer)
+        heapq.heappush(self._heap, (timer.when, timer.seq, timer))
         return timer
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: Any) -> Timer:
@@ -75,16 +76,17 @@ class Scheduler:
 
     def next_time(self) -> float | None:
         """When the next live timer is due (None: nothing scheduled)."""
-        while self._heap and self._heap[0].cancelled:
-            heapq.heappop(self._heap)
-        return self._heap[0].when if self._heap else None
+        heap = self._heap
+        while heap and heap[0][2].cancelled:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
 
     def step(self) -> bool:
         """Run the next due callback, moving time to it; False when nothing is scheduled."""
         when = self.next_time()
         if when is None:
             return False
-        timer = heapq.heappop(self._heap)
+        timer = heapq.heappop(self._heap)[2]
         self.now = when
         self.steps += 1
         timer.callback(*timer.args)

@@ -298,25 +298,28 @@ class SimService:
     def _kick(self) -> None:
         if not self._draining and not self._busy and self._queue and not self.paused and self.core is not None:
             self._draining = True
-            self.scheduler.call_soon(self._drain_one, self.incarnation)
+            self.scheduler.call_soon(self._drain, self.incarnation)
 
-    def _drain_one(self, incarnation: int) -> None:
+    def _drain(self, incarnation: int) -> None:
+        """Handle what waits, in order, until the queue is empty, the process pauses or
+        waits for a stored publish, or dies. One scheduler step for a burst of events at
+        one instant: nothing else can happen in between, at the same simulated time."""
         if incarnation != self.incarnation:
             return
-        self._draining = False
-        if self.paused or self._busy or self.core is None or not self._queue:
-            return
-        event, timer_id = self._queue.popleft()
-        if timer_id:
-            # A timer cancelled or set again after it fired, while its event waited here.
-            key = event.key  # type: ignore[union-attr]
-            current = self._timers.get(key)
-            if current is None or current[0] != timer_id:
-                self._kick()
-                return
-            del self._timers[key]
-        self._handle(event)
-        self._kick()
+        queue = self._queue
+        while queue and not self._busy and self.core is not None and incarnation == self.incarnation \
+                and not self.paused:
+            event, timer_id = queue.popleft()
+            if timer_id:
+                # A timer cancelled or set again after it fired, while its event waited here.
+                key = event.key  # type: ignore[union-attr]
+                current = self._timers.get(key)
+                if current is None or current[0] != timer_id:
+                    continue
+                del self._timers[key]
+            self._handle(event)
+        if incarnation == self.incarnation:
+            self._draining = False
 
     def _handle(self, event: Event) -> None:
         core = self.core

@@ -214,6 +214,7 @@ class FaultInjector:
     prefix: str = "hafence"
     on_crash: Callable[[str], None] | None = None
     open_incidents: Callable[[], list[tuple[str, str]]] = lambda: []
+    on_claim: Callable[[list[str]], None] | None = None  # VMs the liar claimed to run
     liar_interval: tuple[float, float] = (1.0, 5.0)
     applied: list[str] = field(default_factory=list)
     _jumps: dict[str, float] = field(default_factory=dict)
@@ -307,7 +308,7 @@ class FaultInjector:
         return cls(plan, cluster.world, cluster.net, {svc.who: svc for svc in cluster.services},
                    cluster.clocks, cluster.names.leases, lease_ttl=cluster.config.timings.lease_ttl_s,
                    prefix=cluster.config.cluster.subject_prefix, on_crash=cluster.checkers.service_crashed,
-                   open_incidents=cluster.checkers.open_incidents)
+                   open_incidents=cluster.checkers.open_incidents, on_claim=cluster.checkers.disputed.update)
 
     def _crash(self, name: str) -> None:
         svc = self.services.get(name)
@@ -414,6 +415,8 @@ class FaultInjector:
             conn.publish(hb, encode(Heartbeat(host=host, boot_id=boot, seq=self._liar_seq, sent_at=now)))
         elif lie == 1:  # it runs VMs that run elsewhere
             vms = [VmInfo(spec=d.spec, state="running") for n, d in sorted(w.vms.items()) if d.home != host][:3]
+            if self.on_claim is not None:
+                self.on_claim([v.spec.name for v in vms])
             conn.js_publish(inv, encode(Inventory(host=host, boot_id=w.hosts[host].boot_id, memory_mb=1 << 20,
                                                   vcpus=1024, vms=vms, sent_at=now)))
         elif lie == 2:  # another host confirmed off, on each of its subjects

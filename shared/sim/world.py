@@ -100,6 +100,7 @@ class Host:
     powered: bool = False
     boot_id: str = ""
     boots: int = 0
+    booted_at: float = 0.0
     hung: bool = False
     crashed: bool = False  # hung for good: only a reset (or a fence) ends it
     storage_ok: bool = True
@@ -292,6 +293,7 @@ class World:
             self._tell("off", host.name)
             return
         host.boots += 1
+        host.booted_at = self.scheduler.now
         host.boot_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
         host.running = set(host.autostart & set(host.defined))
         for vm in host.running:
