@@ -1,0 +1,107 @@
+"""``python -m hafence.sim``: run simulated clusters, one seed each, and judge them.
+
+    python -m hafence.sim --seeds 300          # seeds 1..300
+    python -m hafence.sim --seeds 100 --from 501
+    python -m hafence.sim --seed 17            # one seed; its whole event log on a violation
+    python -m hafence.sim --seeds 300 --jobs 2 --minutes 10 --hosts 5
+
+One line per seed (seed, simulated minutes, steps, faults drawn, fences, VM starts,
+verdict). On a violation: the seed, the rule, and the event log up to it (the
+whole log for ``--seed``; with ``--seeds``, the last ``--tail`` lines, the whole log
+written to ``--log-dir``), and the exit status is 1. A seed's run does not depend on
+which other seeds run, on ``--jobs`` or on the process: ``--seed S`` replays it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from hafence.sim.run import DEFAULT_MINUTES, RunResult, run_seed
+
+
+def _run(args: tuple[int, float, int, bool]) -> RunResult:
+    seed, minutes, hosts, keep_log = args
+    return run_seed(seed, minutes, hosts, keep_log=keep_log)
+
+
+def results(seeds: list[int], minutes: float, hosts: int, jobs: int, keep_log: bool) -> Iterator[RunResult]:
+    """Each seed's result, in seed order."""
+    work = [(seed, minutes, hosts, keep_log) for seed in seeds]
+    if jobs <= 1:
+        yield from map(_run, work)
+        return
+    pool = ProcessPoolExecutor(max_workers=jobs)
+    try:
+        yield from pool.map(_run, work, chunksize=1)
+    finally:
+        # Stopped early (a violation): seeds not yet begun are dropped, not run.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def report_violation(result: RunResult, tail: int, log_dir: Path | None, out: object = sys.stdout) -> None:
+    print(f"\nseed {result.seed} violated {result.rule} at t={result.at:.6f}: {result.what}", file=out)  # type: ignore[arg-type]
+    print(result.plan, file=out)  # type: ignore[arg-type]
+    lines = result.log.splitlines()
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        path = log_dir / f"sim-seed-{result.seed}.log"
+        path.write_text(result.log)
+        print(f"the whole event log ({len(lines)} lines): {path}", file=out)  # type: ignore[arg-type]
+    shown = lines if tail <= 0 else lines[-tail:]
+    if len(shown) < len(lines):
+        print(f"... the last {len(shown)} of {len(lines)} lines of the event log:", file=out)  # type: ignore[arg-type]
+    print("\n".join(shown), file=out)  # type: ignore[arg-type]
+    print(f"replay: python -m hafence.sim --seed {result.seed} --minutes {result.minutes:g} --hosts {result.hosts}",
+          file=out)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hafence.sim", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--seeds", type=int, metavar="N", help="run N seeds (1..N, or from --from)")
+    which.add_argument("--seed", type=int, metavar="S", help="run seed S alone")
+    parser.add_argument("--from", dest="first", type=int, default=1, metavar="K", help="first seed of --seeds")
+    parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="simulated minutes per seed")
+    parser.add_argument("--hosts", type=int, default=5, help="hosts per simulated cluster")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (processes)")
+    parser.add_argument("--tail", type=int, default=300,
+                        help="lines of a failing seed's log to print with --seeds (0: all)")
+    parser.add_argument("--log-dir", type=Path, default=None, help="write a failing seed's whole log there")
+    parser.add_argument("--keep-going", action="store_true", help="run every seed even after a violation")
+    parser.add_argument("--print-log", action="store_true", help="with --seed: print the event log even if it passed")
+    args = parser.parse_args(argv)
+
+    seeds = [args.seed] if args.seed is not None else list(range(args.first, args.first + args.seeds))
+    failed: list[RunResult] = []
+    steps = minutes = 0.0
+    ran = 0
+    # Logs are kept only where they will be shown: a failing seed of a batch is run again
+    # with its log (the same seed gives the same run).
+    keep = args.seed is not None
+    for result in results(seeds, args.minutes, args.hosts, args.jobs, keep):
+        print(result.summary(), flush=True)
+        ran += 1
+        steps += result.steps
+        minutes += result.minutes
+        if not result.ok:
+            failed.append(result)
+            if not args.keep_going:
+                break
+    for result in failed:
+        if not result.log:
+            result = run_seed(result.seed, result.minutes, result.hosts, keep_log=True)
+        report_violation(result, 0 if args.seed is not None else args.tail, args.log_dir)
+    if args.seed is not None and args.print_log and not failed:
+        print(run_seed(args.seed, args.minutes, args.hosts).log, end="")
+    print(f"{ran} seed(s), {minutes:g} simulated minutes, {steps:.0f} steps: "
+          f"{'all passed' if not failed else f'{len(failed)} violated'}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
