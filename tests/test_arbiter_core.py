@@ -26,6 +26,7 @@ from hafence.core import (
     Publish,
     Returned,
     SetTimer,
+    Span,
     Started,
     TimerFired,
 )
@@ -322,3 +323,28 @@ def test_terms_seen_in_the_replay_are_reported_to_the_lease_once_each(tmp_path: 
     for fact in fenced_history("h1", WALL0 - 50) + fenced_history("h2", WALL0 - 40):
         core.feed(delivered(fact), at(0))
     assert [e for e in core.log if isinstance(e, Call)] == [Call("lease", "learn", (3,))]
+
+
+def test_a_decision_taken_at_a_timer_joins_its_incidents_trace(tmp_path: Path) -> None:
+    core = Harness(make_core(tmp_path))
+    core.start()
+    trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    event = Delivered("events", "hafence.host.h3.suspect", suspect("h3", WALL0 + 10), pending=1, headers=trace)
+    assert core.feed(event, at(10)) == []  # more queued: decided at the next tick
+    effects = core.feed(TimerFired(TICK), at(11))
+    [span] = [e for e in effects if isinstance(e, Span)]
+    assert span.name == "arbiter fence h3" and span.parent == trace
+    assert effects.index(span) < effects.index(published(effects, FenceRequest)[0])
+
+
+def test_a_round_is_carried_out_before_the_next_is_taken(tmp_path: Path) -> None:
+    """Ticks while a request's publish is unanswered decide nothing twice."""
+    core = Harness(make_core(tmp_path))
+    core.start()
+    [first] = published(core.feed(delivered(suspect("h3", WALL0 + 10)), at(10)))
+    assert published(core.feed(TimerFired(TICK), at(10.1))) == []
+    assert published(core.feed(delivered(suspect("h4", WALL0 + 10)), at(10.2))) == []
+    # The round ends when its last outcome is back; the suspect that came meanwhile is decided then.
+    [event] = published(core.feed(Returned(first.tag), at(10.3)))
+    after = core.feed(Returned(event.tag), at(10.3))
+    assert [r.host for r in requests(after)] == ["h4"]
