@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TextIO
 
 from hafence.sim.run import DEFAULT_MINUTES, RunResult, run_seed
 
@@ -42,21 +43,22 @@ def results(seeds: list[int], minutes: float, hosts: int, jobs: int, keep_log: b
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def report_violation(result: RunResult, tail: int, log_dir: Path | None, out: object = sys.stdout) -> None:
-    print(f"\nseed {result.seed} violated {result.rule} at t={result.at:.6f}: {result.what}", file=out)  # type: ignore[arg-type]
-    print(result.plan, file=out)  # type: ignore[arg-type]
+def report_violation(result: RunResult, tail: int, log_dir: Path | None, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    print(f"\nseed {result.seed} violated {result.rule} at t={result.at:.6f}: {result.what}", file=out)
+    print(result.plan, file=out)
     lines = result.log.splitlines()
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
         path = log_dir / f"sim-seed-{result.seed}.log"
         path.write_text(result.log)
-        print(f"the whole event log ({len(lines)} lines): {path}", file=out)  # type: ignore[arg-type]
+        print(f"the whole event log ({len(lines)} lines): {path}", file=out)
     shown = lines if tail <= 0 else lines[-tail:]
     if len(shown) < len(lines):
-        print(f"... the last {len(shown)} of {len(lines)} lines of the event log:", file=out)  # type: ignore[arg-type]
-    print("\n".join(shown), file=out)  # type: ignore[arg-type]
+        print(f"... the last {len(shown)} of {len(lines)} lines of the event log:", file=out)
+    print("\n".join(shown), file=out)
     print(f"replay: python -m hafence.sim --seed {result.seed} --minutes {result.minutes:g} --hosts {result.hosts}",
-          file=out)  # type: ignore[arg-type]
+          file=out)
 
 
 def main(argv: list[str] | None = None) -> int:
