@@ -348,3 +348,23 @@ def test_a_round_is_carried_out_before_the_next_is_taken(tmp_path: Path) -> None
     [event] = published(core.feed(Returned(first.tag), at(10.3)))
     after = core.feed(Returned(event.tag), at(10.3))
     assert [r.host for r in requests(after)] == ["h4"]
+
+
+def test_a_result_that_comes_before_its_fence_requested_is_stored_is_not_lost(tmp_path: Path) -> None:
+    """A second attempt (a new request id) answered by a fast fencer before the ack of
+    its fence_requested: the result proves the request went out. Dropped as a result
+    for another request, the host would stay 'fencing' until the deadline."""
+    core = Harness(make_core(tmp_path))
+    core.start()
+    core.settle(core.feed(delivered(suspect("h3", WALL0 + 10)), at(10)), at(10))
+    failed = FenceResult(request_id="fence-h3-boot-1", incident="h3-boot-1", host="h3", term=5, outcome="failed",
+                         reason="bmc unreachable", started_at=WALL0 + 10, finished_at=WALL0 + 11)
+    core.feed(delivered(failed), at(11))
+    [retry] = published(core.feed(TimerFired(TICK), at(30)))  # after the back-off
+    assert isinstance(retry.message, FenceRequest) and retry.message.request_id == "fence-h3-boot-1-a2"
+    [event] = published(core.feed(Returned(retry.tag), at(30)))
+    done = FenceResult(request_id="fence-h3-boot-1-a2", incident="h3-boot-1", host="h3", term=5,
+                       outcome="confirmed_off", started_at=WALL0 + 30, finished_at=WALL0 + 30.2)
+    assert [e.request_id for e in host_events(core.feed(delivered(done), at(30.2)), "fenced")] == [done.request_id]
+    core.feed(Returned(event.tag), at(30.3))
+    assert core.core.policy.views["h3"].phase == "fenced"

@@ -182,6 +182,8 @@ class ArbiterCore:
     round_started: float | None = None
     # A suspect asked for a round while one was under way: take it when that one ends.
     round_wanted: bool = False
+    # request id -> the decision: published, its fence_requested not yet stored.
+    sending: dict[str, RequestFence] = field(default_factory=dict)
     _seq: int = 0
 
     def __post_init__(self) -> None:
@@ -283,6 +285,12 @@ class ArbiterCore:
             # (bounded: a corrupt term must not silence the arbiter for good).
             self.refused_below = min(MAX_TERM, max(self.refused_below, result.highest_term, result.term + 1))
             out += self._learn(self.refused_below)
+        sent = self.sending.pop(result.request_id, None)
+        if sent is not None:
+            # The result of a request whose fence_requested is not stored yet (a fast
+            # fencer): the result proves it went out, so the policy learns of it first;
+            # else it would drop the result as one for another request.
+            self.policy.fence_requested(sent.host, sent.incident, sent.request_id, now.mono, sent.attempt)
         fold(self.policy, result, at)
         if result.outcome == "refused" or not (self.caught_up and self.held(now)):
             return out
@@ -438,8 +446,10 @@ class ArbiterCore:
 
         def requested(returned: Returned, now: Now) -> list[Effect]:
             if not returned.ok:
+                self.sending.pop(decision.request_id, None)
                 return not_sent(returned)
             if not self.held(now):
+                self.sending.pop(decision.request_id, None)
                 return []  # the next leader re-decides (same request id: the fencer's journal de-duplicates)
             event_tag = self._tag("requested")
             self.waiting[event_tag] = recorded
@@ -452,6 +462,8 @@ class ArbiterCore:
             )]
 
         def recorded(returned: Returned, now: Now) -> list[Effect]:
+            if self.sending.pop(decision.request_id, None) is None:
+                return []  # its result came first and was folded with it
             if not returned.ok:
                 return not_sent(returned)
             # Both are out: only now does the policy count the request as in flight.
@@ -460,6 +472,7 @@ class ArbiterCore:
             return []
 
         self.waiting[tag] = requested
+        self.sending[decision.request_id] = decision
         return [
             self._span("fence", decision.host, decision.incident, "RequestFence", decision.reason),
             Log("warning", "fencing", {"host": decision.host, "request_id": decision.request_id, "term": term}),
