@@ -1,13 +1,16 @@
 """What the scheduler knows: inventories, host phases, and the HA VMs lost with
 a fenced host. A fold over the events stream; pure, no I/O, time is an argument.
 
-S1 lives here: a VM enters ``lost`` (the only set the scheduler restarts from)
-only when its host's fence is confirmed off, or when an operator confirms by
-hand that the host is off. "Of the current term" is enforced where it can be
-enforced atomically, by the fencer, which runs no request older than the newest
-term it has seen: a ``confirmed_off`` is a power reading, true whatever arbiter
-asked for it, so the scheduler does not second-guess it (doing so would strand
-the VMs of a host fenced just before a leader change).
+S1 lives here, in one function: ``host_released`` (every fact about a host's
+fate is put to it; a VM enters ``lost``, the only set the scheduler restarts
+from, only when it says yes): a fence result ``confirmed_off`` for the host's open
+incident and boot, or an operator's confirmation by hand that the host is off.
+The simulation plants "start a VM before confirmed off" by replacing it.
+"Of the current term" is enforced where it can be enforced atomically, by the
+fencer, which runs no request older than the newest term it has seen: a
+``confirmed_off`` is a power reading, true whatever arbiter asked for it, so the
+scheduler does not second-guess the term (doing so would strand the VMs of a
+host fenced just before a leader change).
 
 S6 lives here too. A fence is folded against the inventory of the boot that was
 fenced (the boot id the incident names, else the one the host reported before it
@@ -52,6 +55,25 @@ BOOTS_KEPT = 4
 # A stop of a duplicate copy, or a "cleared" for an agent that still reports itself
 # quarantined, is sent again after this long if nothing changed.
 RESEND_S = 5.0
+
+
+def host_released(fact: FenceResult | HostEvent, incident: str, boot: str) -> bool:
+    """S1: may the VMs of ``fact``'s host be restarted elsewhere because of it?
+    ``incident`` and ``boot``: the host's open incident as the scheduler knows it
+    from its suspect event ("" when none is open or it named none).
+
+    Yes only for a fence result ``confirmed_off`` of that incident and that boot
+    (a power reading for another boot, or an older incident, says nothing about the
+    boot that may be running now), or an operator's ``confirmed_fenced`` (a person
+    confirms by hand that the host is off). Every host event and fence result is
+    asked, so a rule that said yes too early would show at once."""
+    if isinstance(fact, HostEvent):
+        return fact.kind == "confirmed_fenced"
+    if fact.outcome != "confirmed_off":
+        return False
+    if boot and fact.boot_id and fact.boot_id != boot:
+        return False
+    return not (incident and fact.incident and fact.incident != incident)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +137,8 @@ class SchedulerState:
     phases: dict[str, HostPhase] = field(default_factory=dict)
     # The boot an open incident is about (from the suspect event, else the last report before it).
     suspect_boot: dict[str, str] = field(default_factory=dict)
+    suspect_incident: dict[str, str] = field(default_factory=dict)
+    suspect_named_boot: dict[str, str] = field(default_factory=dict)
     fenced_boots: dict[str, set[str]] = field(default_factory=dict)
     quarantine: dict[str, Quarantine] = field(default_factory=dict)
     lost: dict[str, LostVm] = field(default_factory=dict)
@@ -261,17 +285,24 @@ class SchedulerState:
         """The scheduler's own VM events: what it did about failures (their count survives a restart)."""
         self.restarts.on_vm_event(event)
 
-    def on_host_event(self, event: HostEvent) -> None:
+    def open_incident(self, host: str) -> tuple[str, str]:
+        """(incident, boot) of the host's open incident, as its suspect event named
+        them; ("", "") when none is open. A boot the scheduler only guessed (the
+        suspect named none) is not held against a result that names one."""
+        return self.suspect_incident.get(host, ""), self.suspect_named_boot.get(host, "")
+
+    def on_host_event(self, event: HostEvent) -> bool:
+        """Fold a host event; True when it releases the host's VMs for restart (S1)."""
         host = event.host
         if event.kind == "suspect" and self.phases.get(host) not in ("fenced", "quarantined"):
             self._set_phase(host, "suspect")
             inv = self.inventories.get(host)
             self.suspect_boot[host] = event.boot_id or (inv.boot_id if inv else "")
+            self.suspect_incident[host] = event.incident
+            self.suspect_named_boot[host] = event.boot_id
         elif event.kind == "alive" and self.phases.get(host) == "suspect":
             self._set_phase(host, "up")
-            self.suspect_boot.pop(host, None)
-        elif event.kind == "confirmed_fenced":
-            self._fenced(host, event.incident, event.boot_id)
+            self._close_incident(host)
         elif event.kind == "maintenance_on":
             self.maintenance.add(host)
             self.capacity_version += 1
@@ -283,10 +314,19 @@ class SchedulerState:
             if q is not None and (not event.boot_id or event.boot_id not in self.fenced_boots.get(host, ())):
                 q.cleared_by = event.by or "unknown"
                 self._maybe_rejoin(host)
+        # Looked up at each call (not bound at import): the simulation replaces it.
+        if host_released(event, *self.open_incident(host)):
+            return self._fenced(host, event.incident, event.boot_id)
+        return False
+
+    def _close_incident(self, host: str) -> None:
+        self.suspect_boot.pop(host, None)
+        self.suspect_incident.pop(host, None)
+        self.suspect_named_boot.pop(host, None)
 
     def on_fence_result(self, result: FenceResult) -> bool:
         """True when this result releases the host's VMs for restart."""
-        if result.outcome != "confirmed_off":
+        if not host_released(result, *self.open_incident(result.host)):
             return False
         if self.phases.get(result.host) in ("fenced", "quarantined") and any(
             lost.incident == result.incident for lost in self.lost.values()
@@ -300,7 +340,7 @@ class SchedulerState:
             boot = self.inventories[host].boot_id
         if boot and boot in self.fenced_boots.get(host, ()):
             return False  # that boot was fenced already and its VMs released
-        self.suspect_boot.pop(host, None)
+        self._close_incident(host)
         # Starts sent to this host are void: it is off, and so is anything it started.
         for key in [k for k in self.reserved if k[1] == host]:
             del self.reserved[key]

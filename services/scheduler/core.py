@@ -1,0 +1,650 @@
+"""The scheduler as a sans-I/O core: ``SchedulerCore.handle(event, now) -> [effects]``.
+
+It folds the events stream (inventories, host events, fence results, its own VM
+events) into ``SchedulerState`` and, while it holds the lease, restarts the HA VMs
+of fenced hosts (S1: only those ``state.host_released`` let go) and HA VMs that
+failed on a live host (``restarts.py``). docs/cores.md, "## scheduler", lists its
+events, effects and ports.
+
+A failover is a *pass* over the priorities: every high-priority VM is started,
+and its failed starts retried on other hosts (up to ``start_attempts`` rounds
+while failures move), before any medium one; then low. Each round is a *wave*:
+
+1. placement picks targets; a VM asked before for this incident (by this
+   scheduler, per its store, or by the leader before it, per the ``placed`` events
+   of the stream) is asked again on the same host, never placed afresh (S0);
+2. every start of the wave is written to the store in one durable transaction
+   (``Call("store", "record")``) before any command leaves;
+3. when that is on disk: the wave's ``placed`` events, then all its ``VmStart``
+   requests at once (the driver writes them in that order);
+4. each reply (``Returned``) is folded as it comes: started, failed (the VM moves
+   on) or unanswered (the host may be starting it: it is asked again, and the VM
+   moves only if that host is fenced); when the last is in, the results are
+   written (not durable) and the pass goes on.
+
+No span per VM is opened by the core but the ``start vm <vm>`` one the trace tree
+documents (a ``Span`` before each request, its parent the fence's trace).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from hafence import metrics
+from hafence.contracts import Alert, Decoders, FenceResult, HostEvent, Inventory, VmEvent, VmStart, VmStop
+from hafence.core.effects import Call, Effect, Log, Publish, Request, SetTimer, Span
+from hafence.core.events import CaughtUp, Delivered, Event, LeaseChanged, Now, Returned, Started, TimerFired
+from hafence.core.inputs import Inputs, Lease, ReplayInput
+from hafence.scheduler import placement
+from hafence.scheduler.placement import Candidate, Pending, Strategy
+from hafence.scheduler.ports import History, StartRow
+from hafence.scheduler.restarts import AnnounceFailure, Outcome, RestartLimit, RestartPending, RestartVm
+from hafence.scheduler.state import (
+    ClearHost,
+    Duplicate,
+    LostVm,
+    ReservationGate,
+    SchedulerState,
+    StartOutcome,
+    StopCopy,
+)
+from hafence.scheduler.state import Effect as StateEffect
+from hafence.subjects import Subjects
+
+if TYPE_CHECKING:
+    from hafence.config import ClusterConfig
+
+PRIORITIES = ("high", "medium", "low")
+TICK = "tick"
+# Passes, effects and the reservation check are looked at again this often even
+# when no event comes (resends of stops and clears, restart back-offs).
+TICK_S = 1.0
+# The HA reservation check (a walk over every host) runs at most this often, and
+# only when capacity changed (``ReservationGate``).
+RESERVATION_EVERY_S = 1.0
+TRACE_HEADERS = ("traceparent", "tracestate")
+# Tag of VM events and alerts nobody waits for: tagged so the driver does not
+# hold the next event up for their acks (a failure comes back and is logged).
+EVENT_TAG = "event"
+
+ReservationCheck = Callable[[Sequence[Candidate], dict[str, list[Any]], Strategy, float, float],
+                            tuple[bool, str, str]]
+
+
+def vm_event_id(event: VmEvent, attempt: int = 0) -> str:
+    """The message id of a VM event: the same fact twice (a retry whose ack was
+    lost, a new leader announcing it again) is one message in the stream. A fact
+    is the VM, the incident (or failure), the kind and the target; a restart's
+    events also the attempt; ``failed`` and ``pending`` also their reason, since one
+    target can fail, or one VM wait, for several reasons in one incident. ``duplicate``
+    and ``stopped`` have no id: the same copy can come back, and must be told again."""
+    parts = ["vm", event.vm, event.incident, event.kind, event.target]
+    if attempt:
+        parts.append(f"a{attempt}")
+    if event.kind in ("failed", "pending"):
+        parts.append(f"{zlib.crc32(event.reason.encode()):08x}")
+    return ":".join(parts)
+
+
+def _reservation(*args: Any, **kwargs: Any) -> tuple[bool, str, str]:
+    return placement.largest_host_loss_absorbed(*args, **kwargs)
+
+
+@dataclass
+class _Pass:
+    """Where a pass over the priorities is: which priority, which round of it."""
+
+    index: int = 0
+    rounds: int = 0
+    failures: int = 0
+    sent: int = 0
+
+
+@dataclass
+class _Wave:
+    id: int
+    priority: str
+    jobs: list[tuple[LostVm, str]]
+    waiting: dict[str, tuple[LostVm, str]] = field(default_factory=dict)
+    results: list[StartRow] = field(default_factory=list)
+    started: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """An agent's answer to one command, as the rules read it."""
+
+    error: str = ""
+    unanswered: bool = False
+    already: bool = False
+
+
+def read_reply(returned: Returned, target: str, command: str = "start") -> _Reply:
+    """A ``Returned`` of a VmStart/VmStop request. Nobody listening means nobody got
+    the command (safe to move on); no answer in time, or any other transport error,
+    means the agent may have got it and be doing it."""
+    if returned.error:
+        if returned.error.startswith("no_responders"):
+            return _Reply(f"no agent listens on {target}")
+        return _Reply(f"no answer from agent {target} ({returned.error.split(':', 1)[0]}); will ask it again",
+                      unanswered=True)
+    raw: bytes = returned.value
+    try:
+        reply = Decoders.agent_reply.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return _Reply(f"agent answered with an error: {raw[:200]!r}")
+    if not reply.ok:
+        return _Reply(reply.error or "agent refused")
+    if command == "stop" and reply.state != "stopped":
+        return _Reply(f"agent {target} answered {reply.state!r} to a stop")
+    return _Reply(already=reply.already)
+
+
+class SchedulerCore:
+    name = "scheduler"
+
+    def __init__(self, config: ClusterConfig, reservation_check: ReservationCheck | None = None) -> None:
+        self.config = config
+        self.subjects = Subjects(config.cluster.subject_prefix)
+        self.state = SchedulerState.from_config(config)
+        self.timeout = config.timings.agent_command_timeout_s
+        self.reservation_check = reservation_check or _reservation
+        self.caught_up = False
+        self.held, self.term, self.valid_until = False, 0, 0.0
+        self.started_mono: float | None = None
+        # The store's history of the incidents being acted on (incident -> VM ->
+        # [(target, state)], oldest first), loaded once per incident; and what the
+        # stream says was asked (``placed``/``started`` of any leader, S0 on a takeover).
+        self.history: History = {}
+        self.announced_starts: History = {}
+        self.loading = False
+        self.want = False
+        # After the store failed, no pass before this (monotonic): not a busy loop on a full disk.
+        self.store_retry_at = 0.0
+        self.run: _Pass | None = None
+        self.wave: _Wave | None = None
+        self.waves = 0
+        self.announced_pending: dict[str, str] = {}
+        self.fence_confirmed_at: dict[str, float] = {}
+        self.failover_remaining: dict[str, set[str]] = {}
+        # Trace headers: of each incident's fence, of each VM failure's report.
+        self.incident_trace: dict[str, dict[str, str]] = {}
+        self.failure_trace: dict[str, dict[str, str]] = {}
+        # Commands in flight other than a wave's: tag -> what they are about.
+        self.stops: dict[str, StopCopy] = {}
+        self.restarts: dict[str, RestartVm] = {}
+        # Hosts whose VMs the fold just released (host, incident): logged at the next round.
+        self.releases: list[tuple[str, str]] = []
+        self.reservation_ok: bool | None = None
+        self.gate = ReservationGate(every_s=RESERVATION_EVERY_S)
+
+    # -- the contract -----------------------------------------------------------------
+
+    def inputs(self) -> Inputs:
+        s = self.subjects
+        filters = [
+            s.inventory_all(),
+            *(s.host_events(kind) for kind in
+              ("suspect", "alive", "confirmed_fenced", "maintenance_on", "maintenance_off", "cleared")),
+            s.fence_results(),
+            # What this scheduler (or the one before it) did: starts of failovers, VM-level HA.
+            *(f"{s.prefix}.vm.*.{kind}" for kind in
+              ("crashed", "placed", "started", "restarted", "failed", "restart_limit")),
+        ]
+        return Inputs(replays=[ReplayInput("events", filters, (Decoders.scheduler_input, VmEvent))],
+                      lease=Lease("scheduler", self.config.timings.lease_ttl_s, after="events"))
+
+    def handle(self, event: Event, now: Now) -> list[Effect]:
+        out: list[Effect] = []
+        match event:
+            case Started():
+                self.started_mono = now.mono
+            case Delivered(message=message, headers=headers):
+                self._fold(message, headers, now)
+            case CaughtUp():
+                self.caught_up = True
+                out.append(SetTimer(TICK, TICK_S))
+            case LeaseChanged(held=held, term=term, valid_until=valid_until):
+                self.held, self.term, self.valid_until = held, term, valid_until
+            case TimerFired(key=key) if key == TICK:
+                out.append(SetTimer(TICK, TICK_S))
+            case Returned():
+                self._returned(event, now, out)
+        if self.caught_up and not (isinstance(event, Returned) and event.tag == EVENT_TAG and event.ok):
+            self.want = True
+            # The walk for duplicates, clears and VM restarts (over every host) is not
+            # repeated for each reply of a wave: a failover's replies come in a burst.
+            self._round(now, out, effects=not (isinstance(event, Returned) and event.tag.startswith("start:")))
+        return out
+
+    def leader(self, now: Now) -> bool:
+        return self.held and now.mono < self.valid_until
+
+    # -- the fold ---------------------------------------------------------------------
+
+    def _fold(self, message: object, headers: dict[str, str], now: Now) -> None:
+        state = self.state
+        trace = {k: v for k, v in headers.items() if k in TRACE_HEADERS}
+        match message:
+            case Inventory():
+                for failure_id in state.on_inventory(message):
+                    self.failure_trace[failure_id] = trace
+            case VmEvent():
+                state.on_vm_event(message)
+                self._fold_start(message)
+            case HostEvent():
+                if state.on_host_event(message):
+                    self._released(message.host, message.incident, message.at, trace)
+            case FenceResult():
+                if state.on_fence_result(message):
+                    self._released(message.host, message.incident, message.finished_at, trace)
+
+    def _released(self, host: str, incident: str, at: float, trace: dict[str, str]) -> None:
+        self.fence_confirmed_at[incident] = at
+        self.failover_remaining[incident] = {
+            name for name, v in self.state.lost.items() if v.incident == incident}
+        self.incident_trace[incident] = trace
+        self.releases.append((host, incident))
+
+    def _fold_start(self, event: VmEvent) -> None:
+        """A host failover's ``placed``/``started`` (this leader's or one before it):
+        that host was asked, and is asked again rather than another (S0 on a takeover)."""
+        lost = self.state.lost.get(event.vm)
+        if event.kind not in ("placed", "started") or lost is None or lost.incident != event.incident:
+            return
+        runs = self.announced_starts.setdefault(event.incident, {}).setdefault(event.vm, [])
+        runs[:] = [r for r in runs if r[0] != event.target]
+        runs.append((event.target, "sending" if event.kind == "placed" else "started"))
+
+    # -- one round: effects of the fold, the failover pass, the reservation ----------
+
+    def _round(self, now: Now, out: list[Effect], effects: bool) -> None:
+        state = self.state
+        for host, incident in self.releases:
+            out.append(Log("warning", "fence confirmed: restarting HA VMs",
+                           {"host": host, "incident": incident,
+                            "vms": sum(1 for v in state.lost.values() if v.incident == incident)}))
+        self.releases = []
+        metrics.PENDING.set(len(state.lost))
+        if not self.leader(now):
+            return
+        if effects:
+            for effect in state.effects(now.wall):
+                self._carry_out(effect, now, out)
+        self._advance(now, out)
+        version = state.capacity_version
+        if self.gate.due(version, now.mono, failover_busy=self.wave is not None):
+            if self._check_reservation(now, out):
+                self.gate.done(version, now.mono)
+
+    # -- the failover pass ----------------------------------------------------------
+
+    def _advance(self, now: Now, out: list[Effect]) -> None:
+        state = self.state
+        while self.wave is None and not self.loading:
+            if self.run is None:
+                if not (self.want and state.lost and self.leader(now)) or now.mono < self.store_retry_at:
+                    return
+                self.want = False
+                incidents = {lost.incident for lost in state.lost.values()}
+                for gone in self.history.keys() - incidents:
+                    del self.history[gone]
+                for gone in self.announced_starts.keys() - incidents:
+                    del self.announced_starts[gone]
+                missing = sorted(incidents - self.history.keys())
+                if missing:
+                    self.loading = True
+                    out.append(Call("store", "load", (missing,), tag="load"))
+                    return
+                self.run = _Pass()
+            run = self.run
+            if run.index >= len(PRIORITIES):
+                self.run = None
+                if run.sent:
+                    self.want = True  # their results may have freed or moved something
+                continue
+            if run.rounds and (run.rounds >= state.start_attempts or state.failures() == run.failures):
+                run.index, run.rounds = run.index + 1, 0
+                continue
+            if not self.leader(now):
+                self.run = None
+                return
+            run.rounds += 1
+            run.failures = state.failures()
+            run.sent += self._wave(PRIORITIES[run.index], now, out)
+
+    def _history_of(self, lost: LostVm) -> list[tuple[str, str]]:
+        mine = self.history.get(lost.incident, {}).get(lost.spec.name, [])
+        theirs = self.announced_starts.get(lost.incident, {}).get(lost.spec.name, [])
+        if not theirs:
+            return list(mine)
+        # Another leader's starts come first (older); this store's own word wins for a target.
+        known = {target for target, _ in mine}
+        return [r for r in theirs if r[0] not in known] + list(mine)
+
+    def _wave(self, priority: str, now: Now, out: list[Effect]) -> int:
+        state, cfg = self.state, self.config.scheduler
+        in_flight = {vm for vm, _ in state.reserved}
+        todo: list[LostVm] = []
+        resend: list[tuple[LostVm, str]] = []
+        for lost in list(state.lost.values()):
+            if lost.spec.name in in_flight or lost.spec.priority != priority:
+                continue
+            step, target = state.next_step(lost, self._history_of(lost))
+            if step == "resend":
+                resend.append((lost, target))
+            elif step == "place":
+                todo.append(lost)
+        by_name = {lost.spec.name: lost for lost in todo}
+        exhausted = {lost.spec.name for lost in todo if state.exhausted(lost.spec.name)}
+        placements, pending = placement.place(
+            [lost.spec for lost in todo if lost.spec.name not in exhausted], state.candidates(),
+            cfg.strategy, cfg.memory_overcommit,
+            {vm: hosts for vm, hosts in state.failed_on.items() if vm in by_name},
+            cpu_overcommit=cfg.cpu_overcommit,
+        )
+        pending += [Pending(by_name[vm].spec, f"start failed on {len(state.failed_on[vm])} hosts "
+                            f"({', '.join(sorted(state.failed_on[vm]))}); waiting for capacity to change")
+                    for vm in sorted(exhausted)]
+        for p in pending:
+            if self.announced_pending.get(p.vm.name) != p.reason:
+                self.announced_pending[p.vm.name] = p.reason
+                out.append(Log("warning", "VM pending", {"vm": p.vm.name, "reason": p.reason}))
+                out.append(Span(f"vm {p.vm.name} pending", self.incident_trace.get(by_name[p.vm.name].incident, {}),
+                                {"hafence.vm": p.vm.name}))
+                out.append(self._vm_event(by_name[p.vm.name], "pending", now, reason=p.reason))
+        jobs = [(by_name[p.vm.name], p.host) for p in placements] + resend
+        if not jobs:
+            return 0
+        for lost, target in jobs:
+            state.reserved[(lost.spec.name, target)] = lost.spec
+        self.waves += 1
+        self.wave = _Wave(self.waves, priority, jobs)
+        # S0: every start is on disk before any command of the wave leaves, so a
+        # scheduler restarted mid-failover asks the same host again, never another.
+        rows = [(lost.spec.name, lost.incident, target, "sending", "", now.wall) for lost, target in jobs]
+        out.append(Call("store", "record", (rows, True), tag=f"record:{self.wave.id}"))
+        return len(jobs)
+
+    def _send_wave(self, wave: _Wave, now: Now, out: list[Effect]) -> None:
+        """The wave is on disk: its placed events, then every command at once. The
+        driver writes them in this order on one connection, so every subscriber sees
+        a VM's ``placed`` before its command; nothing waits for the placed acks."""
+        by_incident: dict[str, list[tuple[LostVm, str]]] = {}
+        for lost, target in wave.jobs:
+            self._note(lost, target, "sending")
+            by_incident.setdefault(lost.incident, []).append((lost, target))
+        for incident, jobs in by_incident.items():
+            # One span per wave and incident carries its VMs (and its placed events the trace).
+            out.append(Span(f"start wave {wave.priority}", self.incident_trace.get(incident, {}), {
+                "hafence.incident": incident, "hafence.wave": wave.id, "hafence.priority": wave.priority,
+                "hafence.vms": [lost.spec.name for lost, _ in jobs],
+                "hafence.targets": [target for _, target in jobs]}))
+            out += [self._vm_event(lost, "placed", now, target) for lost, target in jobs]
+        for lost, target in wave.jobs:
+            tag = f"start:{wave.id}:{lost.spec.name}"
+            wave.waiting[tag] = (lost, target)
+            out.append(Span(f"start vm {lost.spec.name}", self.incident_trace.get(lost.incident, {}), {
+                "hafence.vm": lost.spec.name, "hafence.target_host": target, "hafence.from_host": lost.from_host,
+                "hafence.incident": lost.incident, "hafence.vm.memory_mb": lost.spec.memory_mb}))
+            out.append(Request(self.subjects.agent_cmd(target), VmStart(vm=lost.spec, incident=lost.incident),
+                               self.timeout, tag))
+
+    def _start_result(self, wave: _Wave, event: Returned, now: Now, out: list[Effect]) -> None:
+        lost, target = wave.waiting.pop(event.tag)
+        vm, state = lost.spec.name, self.state
+        reply = read_reply(event, target)
+        outcome: StartOutcome = "unanswered" if reply.unanswered else ("failed" if reply.error else "started")
+        state.on_start_result(vm, target, outcome)
+        if outcome == "unanswered":
+            # Its "sending" record stays: the next round asks this host again (or,
+            # once the host is fenced, moves the VM on).
+            out.append(Log("warning", "VM start unanswered", {"vm": vm, "target": target}))
+            out.append(self._vm_event(lost, "failed", now, target, reply.error))
+        elif outcome == "failed":
+            out.append(Log("error", "VM start failed", {"vm": vm, "target": target, "error": reply.error}))
+            metrics.PLACEMENTS.labels("failed").inc()
+            self._note(lost, target, "failed")
+            wave.results.append((vm, lost.incident, target, "failed", reply.error, now.wall))
+            out.append(self._vm_event(lost, "failed", now, target, reply.error))
+        else:
+            metrics.PLACEMENTS.labels("started").inc()
+            self._note(lost, target, "started")
+            wave.results.append((vm, lost.incident, target, "started", "", now.wall))
+            wave.started[vm] = target
+            remaining = self.failover_remaining.get(lost.incident)
+            if remaining is not None:
+                remaining.discard(vm)
+                if not remaining:
+                    del self.failover_remaining[lost.incident]
+                    metrics.FAILOVER_SECONDS.observe(now.wall - self.fence_confirmed_at[lost.incident])
+            out.append(self._vm_event(lost, "started", now, target, "already running" if reply.already else ""))
+        if wave.waiting:
+            return
+        self.wave = None
+        # Results may be lost (a crash, or a power cut: not durable) at no risk: the
+        # "sending" record then stands, and the same host is asked again and answers
+        # "already running" (or fails again, and the VM moves on).
+        if wave.results:
+            out.append(Call("store", "record", (wave.results, False)))
+        if wave.started:
+            # One line per wave: at 50 VMs a line each was ~5 ms of the loop.
+            out.append(Log("info", "VMs started",
+                           {"priority": wave.priority, "count": len(wave.started), "vms": wave.started}))
+
+    def _note(self, lost: LostVm, target: str, status: str) -> None:
+        """Mirror of one upsert into the table (an updated row moves to the end, as its ``at`` does)."""
+        runs = self.history.setdefault(lost.incident, {}).setdefault(lost.spec.name, [])
+        runs[:] = [r for r in runs if r[0] != target]
+        runs.append((target, status))
+
+    def _vm_event(self, lost: LostVm, kind: str, now: Now, target: str = "", reason: str = "") -> Publish:
+        metrics.VM_EVENTS.labels(kind).inc()
+        event = VmEvent(vm=lost.spec.name, kind=kind, at=now.wall, incident=lost.incident,  # type: ignore[arg-type]
+                        from_host=lost.from_host, target=target, reason=reason)
+        return Publish(self.subjects.vm_event(lost.spec.name, kind), event, vm_event_id(event), tag=EVENT_TAG)
+
+    # -- outcomes ---------------------------------------------------------------------
+
+    def _returned(self, event: Returned, now: Now, out: list[Effect]) -> None:
+        tag = event.tag
+        if tag == EVENT_TAG:
+            if event.error:
+                out.append(Log("error", "event not published", {"error": event.error}))
+        elif tag == "load":
+            self.loading = False
+            if event.error:
+                out.append(Log("error", "start history not loaded", {"error": event.error}))
+                self.store_retry_at = now.mono + TICK_S
+                return
+            self.history.update(event.value)
+        elif tag.startswith("record:"):
+            wave = self.wave
+            if wave is None or tag != f"record:{wave.id}":
+                return
+            if event.error:
+                # Nothing was sent: the VMs are free to be placed again at the next round.
+                for lost, target in wave.jobs:
+                    self.state.reserved.pop((lost.spec.name, target), None)
+                self.wave, self.run = None, None
+                self.store_retry_at = now.mono + TICK_S
+                out.append(Log("error", "starts not recorded: nothing sent", {"error": event.error}))
+                return
+            self._send_wave(wave, now, out)
+        elif tag.startswith("start:"):
+            if self.wave is not None and tag in self.wave.waiting:
+                self._start_result(self.wave, event, now, out)
+        elif tag in self.stops:
+            self._stopped(self.stops.pop(tag), event, now, out)
+        elif tag in self.restarts:
+            self._restart_step(tag, self.restarts.pop(tag), event, now, out)
+
+    # -- what the state asks for ----------------------------------------------------
+
+    def _carry_out(self, effect: StateEffect, now: Now, out: list[Effect]) -> None:
+        match effect:
+            case Duplicate(vm=vm, hosts=hosts, stop_on=stop_on):
+                action = (f"stopping the copy on {', '.join(stop_on)} (fenced, quarantined)" if stop_on
+                          else "no host is known to hold the wrong copy: a person must decide")
+                reason = f"running on {', '.join(hosts)}; {action}"
+                out.append(Log("error", "VM runs on two hosts", {"vm": vm, "hosts": list(hosts)}))
+                metrics.VM_EVENTS.labels("duplicate").inc()
+                out.append(Publish(self.subjects.vm_event(vm, "duplicate"),
+                                   VmEvent(vm=vm, kind="duplicate", at=now.wall, target=",".join(stop_on),
+                                           reason=reason), tag=EVENT_TAG))
+                out.append(Publish(self.subjects.alert("vm_duplicate"),
+                                   Alert(kind="vm_duplicate", at=now.wall, service="scheduler", reason=reason,
+                                         host=stop_on[0] if stop_on else hosts[0], vm=vm), tag=EVENT_TAG))
+            case StopCopy(vm=vm, host=host, keep=keep):
+                reason = f"duplicate: also running on {', '.join(keep)}; {host} was fenced"
+                tag = f"stop:{vm}:{host}:{now.mono}"
+                self.stops[tag] = effect
+                out.append(Request(self.subjects.agent_cmd(host), VmStop(vm=vm, reason=reason), self.timeout, tag))
+            case ClearHost(host=host, boot_id=boot_id, rule=rule, reason=reason):
+                out.append(Log("info", "clearing host", {"host": host, "rule": rule}))
+                out.append(Publish(self.subjects.host_event(host, "cleared"),
+                                   HostEvent(host=host, kind="cleared", at=now.wall, reason=reason, rule=rule,
+                                             by="scheduler", boot_id=boot_id), tag=EVENT_TAG))
+            case AnnounceFailure() | RestartLimit() | RestartPending():
+                self._failure_event(effect, now, out)
+            case RestartVm():
+                self._restart(effect, now, out)
+
+    def _stopped(self, effect: StopCopy, event: Returned, now: Now, out: list[Effect]) -> None:
+        """S6: the copy of a duplicate VM on the host that was fenced."""
+        reply = read_reply(event, effect.host)
+        if reply.error:  # the state sends it again later
+            out.append(Log("error", "stopping a duplicate failed",
+                           {"vm": effect.vm, "host": effect.host, "error": reply.error}))
+            return
+        reason = f"duplicate: also running on {', '.join(effect.keep)}; {effect.host} was fenced"
+        out.append(Log("warning", "duplicate copy stopped", {"vm": effect.vm, "host": effect.host}))
+        metrics.VM_EVENTS.labels("stopped").inc()
+        out.append(Publish(self.subjects.vm_event(effect.vm, "stopped"),
+                           VmEvent(vm=effect.vm, kind="stopped", at=now.wall, target=effect.host, reason=reason),
+                           tag=EVENT_TAG))
+
+    def _failure_event(self, effect: AnnounceFailure | RestartLimit | RestartPending, now: Now,
+                       out: list[Effect]) -> None:
+        kind = {AnnounceFailure: "crashed", RestartLimit: "restart_limit", RestartPending: "pending"}[type(effect)]
+        if isinstance(effect, AnnounceFailure):
+            reason = f"{effect.reason} on {effect.host}: {effect.action}"
+            out.append(Log("error", "HA VM failed", {"vm": effect.vm, "host": effect.host, "reason": effect.reason}))
+        else:
+            reason = effect.reason
+            out.append(Log("error" if kind == "restart_limit" else "warning",
+                           "HA VM not restarted" if kind == "restart_limit" else "HA VM restart pending",
+                           {"vm": effect.vm, "host": effect.host, "reason": reason}))
+        metrics.VM_EVENTS.labels(kind).inc()
+        out.append(Span(f"vm {effect.vm} {kind}", self.failure_trace.get(effect.failure_id, {}),
+                        {"hafence.vm": effect.vm, "hafence.host": effect.host}))
+        event = VmEvent(vm=effect.vm, kind=kind, at=now.wall,  # type: ignore[arg-type]
+                        incident=effect.failure_id, from_host=effect.host, reason=reason)
+        out.append(Publish(self.subjects.vm_event(effect.vm, kind), event, vm_event_id(event), tag=EVENT_TAG))
+        if isinstance(effect, RestartLimit):
+            metrics.VM_RESTART_LIMITS.inc()
+            out.append(Publish(self.subjects.alert("vm_restart_limit"),
+                               Alert(kind="vm_restart_limit", at=now.wall, service="scheduler", reason=reason,
+                                     host=effect.host, vm=effect.vm), tag=EVENT_TAG))
+
+    # -- VM-level HA: one restart is stop (if it moves), placed, start ---------------
+
+    def _restart_span(self, effect: RestartVm) -> Span:
+        return Span(f"restart vm {effect.spec.name}", self.failure_trace.get(effect.failure_id, {}), {
+            "hafence.vm": effect.spec.name, "hafence.from_host": effect.from_host,
+            "hafence.target_host": effect.target, "hafence.incident": effect.failure_id,
+            "hafence.restart.where": "same_host" if effect.same_host else "elsewhere",
+            "hafence.restart.attempt": effect.attempt})
+
+    def _restart(self, effect: RestartVm, now: Now, out: list[Effect]) -> None:
+        key = f"{effect.failure_id}:{effect.attempt}"
+        out.append(self._restart_span(effect))
+        if effect.confirm_stop:
+            # S0: it moves only once the host it failed on says it is not running there.
+            stop = VmStop(vm=effect.spec.name, reason=f"{effect.spec.name} failed ({effect.reason}): moving it to "
+                                                      f"{effect.target}; confirm it is not running here")
+            self.restarts[f"rstop:{key}"] = effect
+            out.append(Request(self.subjects.agent_cmd(effect.from_host), stop, self.timeout, f"rstop:{key}"))
+        else:
+            self._restart_placed(effect, now, out)
+
+    def _restart_placed(self, effect: RestartVm, now: Now, out: list[Effect]) -> None:
+        # Published (acked) before the start is sent: a scheduler taking over asks
+        # this host again. If it cannot be published, nothing is sent.
+        placed = VmEvent(vm=effect.spec.name, kind="placed", at=now.wall, incident=effect.failure_id,
+                         from_host=effect.from_host, target=effect.target, reason=effect.reason)
+        tag = f"rplaced:{effect.failure_id}:{effect.attempt}"
+        self.restarts[tag] = effect
+        out.append(Publish(self.subjects.vm_event(effect.spec.name, "placed"), placed,
+                           vm_event_id(placed, effect.attempt), tag=tag))
+
+    def _restart_step(self, tag: str, effect: RestartVm, event: Returned, now: Now, out: list[Effect]) -> None:
+        vm, target = effect.spec.name, effect.target
+        kind = tag.split(":", 1)[0]
+        if kind == "rstop":
+            reply = read_reply(event, effect.from_host, "stop")
+            if reply.error:
+                error = f"{effect.from_host} did not confirm the stop: {reply.error}"
+                self.state.restarts.on_result(effect, "unconfirmed", now.wall, self.state)
+                out.append(Log("warning", "VM not moved", {"vm": vm, "target": target, "error": error}))
+                return
+            self._restart_placed(effect, now, out)
+            return
+        if kind == "rplaced":
+            if event.error:  # NATS gone mid-way: the core asks again (the same host)
+                out.append(Log("error", "VM restart not completed", {"vm": vm, "target": target,
+                                                                     "error": event.error}))
+                self.state.restarts.on_result(effect, "unanswered", now.wall, self.state)
+                return
+            start = f"rstart:{effect.failure_id}:{effect.attempt}"
+            self.restarts[start] = effect
+            out.append(self._restart_span(effect))
+            out.append(Request(self.subjects.agent_cmd(target), VmStart(vm=effect.spec, incident=effect.failure_id),
+                               self.timeout, start))
+            return
+        reply = read_reply(event, target)
+        outcome: Outcome = "unanswered" if reply.unanswered else ("failed" if reply.error else "started")
+        self.state.restarts.on_result(effect, outcome, now.wall, self.state)
+        where = "same_host" if effect.same_host else "elsewhere"
+        metrics.VM_RESTARTS.labels(effect.failure, where, outcome).inc()
+        done = "restarted" if outcome == "started" else "failed"
+        out.append(Log("info" if done == "restarted" else "error",
+                       "VM restarted" if done == "restarted" else "VM restart failed",
+                       {"vm": vm, "target": target, "error": reply.error}))
+        metrics.VM_EVENTS.labels(done).inc()
+        out.append(Span(f"vm {vm} {done}", self.failure_trace.get(effect.failure_id, {}), {"hafence.vm": vm}))
+        result = VmEvent(vm=vm, kind=done, at=now.wall, incident=effect.failure_id,  # type: ignore[arg-type]
+                         from_host=effect.from_host, target=target,
+                         reason=reply.error or ("already running" if reply.already else effect.reason))
+        out.append(Publish(self.subjects.vm_event(vm, done), result, vm_event_id(result, effect.attempt),
+                           tag=EVENT_TAG))
+        if outcome in ("started", "failed"):
+            self.failure_trace.pop(effect.failure_id, None)
+
+    # -- the HA reservation ---------------------------------------------------------
+
+    def _check_reservation(self, now: Now, out: list[Effect]) -> bool:
+        """Publish a warning when the loss of the largest host could no longer be absorbed, and
+        when it can again. False when there is no verdict yet (hosts still reporting in)."""
+        state, cfg = self.state, self.config
+        since = now.mono - (self.started_mono if self.started_mono is not None else now.mono)
+        if since < 2 * cfg.timings.detection_window_s and len(state.inventories) < len(cfg.hosts):
+            return False  # hosts are still reporting in: no verdict on half a cluster
+        ok, host, reason = self.reservation_check(
+            state.candidates(), state.ha_vms_by_host(), cfg.scheduler.strategy,
+            cfg.scheduler.memory_overcommit, cfg.scheduler.cpu_overcommit,
+        )
+        metrics.HA_RESERVATION.set(1 if ok else 0)
+        if self.reservation_ok == ok or not host:
+            return True
+        self.reservation_ok = ok
+        kind = "ha_reservation_ok" if ok else "ha_reservation_lost"
+        out.append(Log("info" if ok else "error", "HA reservation", {"ok": ok, "reason": reason}))
+        out.append(Publish(self.subjects.host_event(host, kind),
+                           HostEvent(host=host, kind=kind, at=now.wall, reason=reason, alert=not ok), tag=EVENT_TAG))
+        return True

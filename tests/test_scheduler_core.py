@@ -1,0 +1,314 @@
+"""The scheduler's core on its own: events in, effects out, no NATS, no clock,
+the start history in memory. Each test names the rule it proves and fails when
+that rule is broken (S1's release, the record before the command, the retry and
+move rules of a start, a takeover's use of its predecessor's starts)."""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+import pytest
+
+import hafence.scheduler.state as scheduler_state
+from hafence.config import parse_config
+from hafence.contracts import (
+    AgentReply,
+    FenceResult,
+    HostEvent,
+    Inventory,
+    Message,
+    VmEvent,
+    VmInfo,
+    VmSpec,
+    VmStart,
+    encode,
+)
+from hafence.core import (
+    Call,
+    CaughtUp,
+    Delivered,
+    Effect,
+    Event,
+    LeaseChanged,
+    Now,
+    Publish,
+    Request,
+    Returned,
+    Started,
+    TimerFired,
+)
+from hafence.scheduler.core import TICK, SchedulerCore
+from hafence.scheduler.ports import MemoryStartHistory
+from tests.conftest import cluster_toml
+
+
+class Harness:
+    """Drives the core as a driver would: store calls answered at once (after the
+    effects of the same event), requests kept until a test answers them."""
+
+    def __init__(self, tmp_path: Path, store: MemoryStartHistory | None = None) -> None:
+        config = parse_config(cluster_toml("nats://127.0.0.1:4222", tmp_path, 3), "test.toml")
+        self.core = SchedulerCore(config)
+        self.store = store or MemoryStartHistory()
+        self.mono, self.wall = 100.0, 1_700_000_000.0
+        # Everything the core did, in order: ("record", rows) / ("request", target, vm) / ("publish", subject).
+        self.trace: list[tuple[str, object, ...]] = []  # type: ignore[misc]
+        self.open: dict[str, Request] = {}
+        self.queue: deque[Event] = deque()
+        self.feed(Started())
+
+    def feed(self, event: Event) -> None:
+        self.queue.append(event)
+        while self.queue:
+            self._carry_out(self.core.handle(self.queue.popleft(), Now(self.mono, self.wall)))
+
+    def _carry_out(self, effects: list[Effect]) -> None:
+        for effect in effects:
+            match effect:
+                case Call(port="store", op=op, args=args, tag=tag):
+                    if op == "record":
+                        self.trace.append(("record", [row[0] for row in args[0]], args[1]))
+                    try:
+                        value = getattr(self.store, op)(*args)
+                    except OSError as err:
+                        if tag:
+                            self.queue.append(Returned(tag, error=f"OSError: {err}"))
+                        continue
+                    if tag:
+                        self.queue.append(Returned(tag, value=value))
+                case Request(subject=subject, message=message, tag=tag):
+                    self.open[tag] = effect
+                    vm = message.vm.name if isinstance(message, VmStart) else message.vm  # type: ignore[union-attr]
+                    self.trace.append(("request", subject.split(".")[2], vm))
+                case Publish(subject=subject, tag=tag):
+                    self.trace.append(("publish", subject))
+                    if tag:
+                        self.queue.append(Returned(tag))
+
+    # -- the world as the core hears of it --------------------------------------------
+
+    def deliver(self, message: Message) -> None:
+        self.feed(Delivered("events", "", message))
+
+    def inventory(self, host: str, vms: list[str], boot: str = "", memory_mb: int = 16384) -> None:
+        self.deliver(Inventory(host=host, boot_id=boot or f"{host}-b1", memory_mb=memory_mb, vcpus=16,
+                               sent_at=self.wall,
+                               vms=[VmInfo(spec=VmSpec(name=n, memory_mb=1024, ha=True), state="running")
+                                    for n in vms]))
+
+    def lead(self) -> None:
+        self.feed(CaughtUp("events"))
+        self.feed(LeaseChanged(held=True, term=1, valid_until=self.mono + 1000))
+
+    def suspect(self, host: str, incident: str, boot: str) -> None:
+        self.deliver(HostEvent(host=host, kind="suspect", at=self.wall, incident=incident, boot_id=boot))
+
+    def fence(self, host: str, incident: str, boot: str, outcome: str = "confirmed_off") -> None:
+        self.deliver(FenceResult(request_id=f"fence-{incident}", incident=incident, host=host, term=1,
+                                 outcome=outcome, started_at=self.wall, finished_at=self.wall,  # type: ignore[arg-type]
+                                 boot_id=boot))
+
+    def tick(self, seconds: float = 1.0) -> None:
+        self.mono += seconds
+        self.wall += seconds
+        self.feed(TimerFired(TICK))
+
+    def starts(self) -> list[tuple[str, str]]:
+        """(target, vm) of every VmStart sent, in order."""
+        return [(t[1], t[2]) for t in self.trace if t[0] == "request"]
+
+    def answer(self, vm: str, error: str = "", ok: bool = True) -> None:
+        [tag] = [tag for tag, r in self.open.items() if isinstance(r.message, VmStart) and r.message.vm.name == vm]
+        request = self.open.pop(tag)
+        host = request.subject.split(".")[2]
+        if error:
+            self.feed(Returned(tag, error=error))
+        else:
+            self.feed(Returned(tag, value=encode(AgentReply(host=host, vm=vm, ok=ok, state="running",
+                                                            error="" if ok else "refused"))))
+
+
+def failover_ready(tmp_path: Path, store: MemoryStartHistory | None = None) -> Harness:
+    """h1 runs vm-a and vm-b; h2 and h3 are empty (h3 has the most room); the core leads."""
+    h = Harness(tmp_path, store)
+    h.inventory("h1", ["vm-a", "vm-b"])
+    h.inventory("h2", [], memory_mb=8192)
+    h.inventory("h3", [], memory_mb=32768)
+    h.lead()
+    return h
+
+
+# -- S1: only a confirmed fence of that incident and boot releases a host's VMs --------
+
+
+def test_no_vm_is_started_before_the_fence_of_its_incident_and_boot_is_confirmed_off(tmp_path: Path) -> None:
+    h = failover_ready(tmp_path)
+    h.suspect("h1", "h1-b1-1", "h1-b1")
+    h.tick()
+    h.fence("h1", "h1-b1-1", "h1-b1", outcome="failed")
+    h.fence("h1", "h1-b1-1", "h1-b1", outcome="unreachable")
+    h.deliver(HostEvent(host="h1", kind="fence_failed", at=h.wall, incident="h1-b1-1"))
+    h.tick()
+    assert h.starts() == []
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    assert sorted(vm for _, vm in h.starts()) == ["vm-a", "vm-b"]
+    assert all(target != "h1" for target, _ in h.starts())
+
+
+def test_a_fence_result_for_another_boot_or_incident_releases_nothing(tmp_path: Path) -> None:
+    """h1 rebooted (boot b2 runs vm-a again) and is suspect in a new incident: a
+    confirmed off of the old boot, or of an older incident, says nothing about b2.
+    Before: the old boot's result released vm-a while b2 ran it (S0)."""
+    h = Harness(tmp_path)
+    h.inventory("h1", ["vm-a"], boot="h1-b1")
+    h.inventory("h1", ["vm-a"], boot="h1-b2")
+    h.inventory("h2", [])
+    h.lead()
+    h.suspect("h1", "h1-b2-1", "h1-b2")
+    h.fence("h1", "h1-b1-7", "h1-b1")  # a late result of the first boot's incident
+    h.fence("h1", "h1-b2-0", "h1-b2")  # the right boot, but not the open incident
+    h.tick()
+    assert h.starts() == []
+    h.fence("h1", "h1-b2-1", "h1-b2")
+    assert h.starts() == [("h2", "vm-a")]
+
+
+def test_an_operator_confirmation_releases_the_host(tmp_path: Path) -> None:
+    h = failover_ready(tmp_path)
+    h.suspect("h1", "h1-b1-1", "h1-b1")
+    h.deliver(HostEvent(host="h1", kind="confirmed_fenced", at=h.wall, incident="h1-b1-1", by="ops"))
+    assert sorted(vm for _, vm in h.starts()) == ["vm-a", "vm-b"]
+
+
+def test_the_release_rule_is_the_one_module_function_the_simulation_replaces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The planted bug "start before confirmed off" replaces ``state.host_released``:
+    the core must take its answer, or the simulation could not catch the bug."""
+    monkeypatch.setattr(scheduler_state, "host_released", lambda *args: True)
+    h = failover_ready(tmp_path)
+    h.suspect("h1", "h1-b1-1", "h1-b1")
+    assert h.starts(), "the core did not ask state.host_released"
+
+
+# -- the record before the command ----------------------------------------------------
+
+
+def test_every_start_of_a_wave_is_recorded_before_any_request_and_placed_before_its_request(
+    tmp_path: Path,
+) -> None:
+    h = failover_ready(tmp_path)
+    h.suspect("h1", "h1-b1-1", "h1-b1")
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    first_request = next(i for i, t in enumerate(h.trace) if t[0] == "request")
+    records = [(i, t) for i, t in enumerate(h.trace) if t[0] == "record"]
+    assert records and records[0][0] < first_request
+    assert sorted(records[0][1][1]) == ["vm-a", "vm-b"] and records[0][1][2] is True  # durable, both VMs
+    for target, vm in h.starts():
+        placed = h.trace.index(("publish", f"hafence.vm.{vm}.placed"))
+        assert placed < h.trace.index(("request", target, vm))
+    # The results: written once the wave is answered, not durable.
+    h.answer("vm-a")
+    h.answer("vm-b")
+    assert [t for t in h.trace if t[0] == "record"][-1][2] is False
+    assert {row[3] for row in h.store.rows.values()} == {"started"}
+
+
+def test_nothing_is_sent_when_the_starts_could_not_be_recorded(tmp_path: Path) -> None:
+    class DiskFull(MemoryStartHistory):
+        def record(self, rows, durable):  # type: ignore[no-untyped-def]
+            raise OSError("disk full")
+
+    h = failover_ready(tmp_path, DiskFull())
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    h.tick()
+    assert [t[0] for t in h.trace if t[0] == "record"] and h.starts() == []
+    assert not h.core.state.reserved  # free to be placed again once the store works
+    assert all(not t[1].endswith(".placed") for t in h.trace if t[0] == "publish")
+
+
+# -- a start's reply: asked again, or moved on ---------------------------------------
+
+
+def test_an_unanswered_start_is_asked_again_on_the_same_host_until_that_host_is_fenced(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.inventory("h1", ["vm-a"])
+    h.inventory("h2", [], memory_mb=32768)
+    h.inventory("h3", [], memory_mb=8192)
+    h.lead()
+    h.suspect("h1", "h1-b1-1", "h1-b1")
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    assert h.starts() == [("h2", "vm-a")]
+    # No answer in time: h2 may be starting it, so h2 is asked again, never h3 (S0).
+    h.answer("vm-a", error="timeout: nats: timeout")
+    assert h.starts() == [("h2", "vm-a"), ("h2", "vm-a")]
+    h.answer("vm-a", error="error: ConnectionClosedError")
+    assert h.starts()[-1] == ("h2", "vm-a")
+    # h2 is fenced meanwhile: whatever it started is off, so vm-a moves on.
+    h.suspect("h2", "h2-b1-1", "h2-b1")
+    h.fence("h2", "h2-b1-1", "h2-b1")
+    h.answer("vm-a", error="timeout: nats: timeout")
+    assert h.starts()[-1] == ("h3", "vm-a")
+
+
+def test_a_start_nobody_heard_or_the_agent_refused_moves_to_another_host(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.inventory("h1", ["vm-a", "vm-b"])
+    h.inventory("h2", [], memory_mb=32768)
+    h.inventory("h3", [], memory_mb=8192)
+    h.lead()
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    assert sorted(h.starts()) == [("h2", "vm-a"), ("h2", "vm-b")]
+    h.answer("vm-a", error="no_responders: nats: no responders available for request")
+    h.answer("vm-b", ok=False)
+    assert sorted(h.starts()[2:]) == [("h3", "vm-a"), ("h3", "vm-b")]
+    failed = [row for row in h.store.rows.values() if row[3] == "failed"]
+    assert sorted((row[0], row[2]) for row in failed) == [("vm-a", "h2"), ("vm-b", "h2")]
+
+
+# -- restarts and takeovers use the history -------------------------------------------
+
+
+def test_a_restarted_scheduler_asks_the_host_its_store_says_it_chose(tmp_path: Path) -> None:
+    store = MemoryStartHistory()
+    first = failover_ready(tmp_path / "a", store)
+    first.fence("h1", "h1-b1-1", "h1-b1")
+    chosen = dict((vm, target) for target, vm in first.starts())
+    assert set(chosen.values()) == {"h3"}
+    # It dies before any answer; a new core, the same store, the stream replayed.
+    second = Harness(tmp_path / "b", store)
+    second.inventory("h1", ["vm-a", "vm-b"])
+    second.inventory("h2", [], memory_mb=65536)  # placement afresh would pick h2 now
+    second.inventory("h3", [], memory_mb=8192)
+    second.fence("h1", "h1-b1-1", "h1-b1")
+    second.lead()
+    assert dict((vm, target) for target, vm in second.starts()) == chosen
+
+
+def test_a_standby_taking_over_mid_failover_asks_the_host_its_predecessor_placed_the_vm_on(
+    tmp_path: Path,
+) -> None:
+    """The standby's own store knows nothing; the stream has the predecessor's
+    ``placed``. Before: the standby placed the VM afresh (on h3, the most room)
+    while h2 might be booting it (S0)."""
+    h = Harness(tmp_path)
+    h.inventory("h1", ["vm-a"])
+    h.inventory("h2", [], memory_mb=8192)
+    h.inventory("h3", [], memory_mb=65536)
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    h.deliver(VmEvent(vm="vm-a", kind="placed", at=h.wall, incident="h1-b1-1", from_host="h1", target="h2"))
+    h.lead()
+    assert h.starts() == [("h2", "vm-a")]
+
+
+def test_no_start_is_sent_once_the_lease_has_run_out(tmp_path: Path) -> None:
+    h = Harness(tmp_path)
+    h.inventory("h1", ["vm-a"])
+    h.inventory("h2", [])
+    h.feed(CaughtUp("events"))
+    h.feed(LeaseChanged(held=True, term=1, valid_until=h.mono + 2))
+    h.mono += 3  # paused past its lease: the driver has not said so yet
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    h.tick()
+    assert h.starts() == []
