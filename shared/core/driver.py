@@ -197,7 +197,8 @@ class Driver:
             effect = effects[i]
             if isinstance(effect, Span):
                 spans.close()  # spans of one handle are siblings
-                parent = extract_context(effect.parent) if effect.parent else None
+                parent = (otel_context.Context() if effect.root
+                          else extract_context(effect.parent) if effect.parent else None)
                 spans.enter_context(tracer().start_as_current_span(
                     effect.name, context=parent, attributes=effect.attributes))
                 i += 1

@@ -121,6 +121,8 @@ class Span:
     name: str
     parent: dict[str, str] = field(default_factory=dict)
     attributes: dict[str, Any] = field(default_factory=dict)
+    # A new trace (a suspicion is the root of its incident's trace), whatever the event's context.
+    root: bool = False
 
 
 Effect = Publish | Request | Reply | Ack | Nak | Term | InProgress | SetTimer | CancelTimer | Call | Log | Span
