@@ -26,6 +26,7 @@ from hafence.core import (
     Publish,
     Returned,
     SetTimer,
+    Span,
     Started,
     Term,
     TimerFired,
@@ -97,9 +98,11 @@ class Bench:
     def start(self) -> list[Effect]:
         return self.feed(Started())
 
-    def deliver(self, req: FenceRequest, subject: str = "", attempt: int = 1) -> int:
+    def deliver(self, req: FenceRequest, subject: str = "", attempt: int = 1,
+                headers: dict[str, str] | None = None) -> int:
         self.tokens += 1
-        self.feed(Delivered("requests", subject or PREFIX + req.host, req, self.tokens, attempt=attempt))
+        self.feed(Delivered("requests", subject or PREFIX + req.host, req, self.tokens, attempt=attempt,
+                            headers=headers or {}))
         return self.tokens
 
     def complete(self, tag: str, error: str = "") -> list[Effect]:
@@ -303,12 +306,15 @@ def test_requests_that_wait_for_their_host_are_kept_in_progress(tmp_path: Path) 
     bench = ready(tmp_path)
     bench.deliver(request("h1", "a"))
     bench.settle(hold=("check", "power"))
-    second = bench.deliver(request("h1", "b"))
+    second = bench.deliver(request("h1", "b"), headers={"traceparent": "b"})
     assert SetTimer("progress:2", bench.core.ack_wait / 3) in bench.effects
     assert bench.feed(TimerFired("progress:2")) == [InProgress(second), SetTimer("progress:2", bench.core.ack_wait / 3)]
     bench.settle(hold=("check",))
     assert bench.power.fenced == ["a", "b"]
     assert CancelTimer("progress:2") in bench.effects and bench.feed(TimerFired("progress:2")) == []
+    # Started when the host was freed: its calls join its own trace, not the first request's.
+    [span] = [e for e in bench.effects if isinstance(e, Span)]
+    assert span.parent == {"traceparent": "b"} and span.attributes["hafence.request_id"] == "b"
 
 
 def test_other_hosts_do_not_wait(tmp_path: Path) -> None:
@@ -328,6 +334,18 @@ def test_deliveries_before_the_journal_is_loaded_wait_and_are_kept_in_progress(t
     assert bench.feed(TimerFired("progress:1"))[0] == InProgress(token)
     bench.settle(hold=("check",))
     assert bench.power.fenced == ["early"] and Ack(token) in bench.effects
+
+
+def test_a_request_that_arrives_before_the_load_is_decided_against_the_loaded_journal(tmp_path: Path) -> None:
+    journal = MemoryJournal()
+    journal.highest_term = 7
+    bench = Bench(config(tmp_path), journal=journal)
+    bench.start()
+    bench.deliver(request("h1", "stale", term=6))
+    bench.settle(hold=("check", "load"))  # however long the load takes, the request waits for it
+    assert not bench.power.fenced and bench.results() == []
+    bench.settle(hold=("check",))
+    assert [(r.outcome, r.highest_term) for r in bench.results()] == [("refused", 7)] and not bench.power.fenced
 
 
 def test_a_journal_that_cannot_be_loaded_is_loaded_again_later(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ clock, no file and no device.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hafence import metrics
 from hafence.bus.consume import MAX_HANDLER_ATTEMPTS
@@ -54,6 +54,7 @@ from hafence.core import (
     Publish,
     Returned,
     SetTimer,
+    Span,
     Started,
     Term,
     TimerFired,
@@ -86,6 +87,7 @@ class Job:
     refused: bool = False
     verdict: Verdict | None = None  # this replica's journal's
     result: FenceResult | None = None
+    headers: dict[str, str] = field(default_factory=dict)  # the request's trace context
 
 
 class FencerCore:
@@ -185,7 +187,7 @@ class FencerCore:
         if event.subject != self.subjects.fence_request(request.host):
             return [Term(event.token, f"rejected: request for host {request.host!r} on subject {event.subject}")]
         self._next_jid += 1
-        job = Job(self._next_jid, request, event.token, event.attempt, now.wall)
+        job = Job(self._next_jid, request, event.token, event.attempt, now.wall, headers=dict(event.headers))
         self.jobs[job.jid] = job
         if request.host not in self.hosts:
             # Not a matter of terms: this fencer cannot fence the host. A failure, so the
@@ -203,15 +205,22 @@ class FencerCore:
         if not self.loaded:
             self.before_load.append(job.jid)
             return effects
-        return effects + self._enqueue(job)
+        return effects + self._enqueue(job, waited=False)
 
-    def _enqueue(self, job: Job) -> list[Effect]:
+    def _enqueue(self, job: Job, waited: bool = True) -> list[Effect]:
         host = job.request.host
         if host in self.busy:
             self.waiting.setdefault(host, deque()).append(job.jid)
             return []
         self.busy[host] = job.jid
-        return [Call("replicas", "admit", (job.request,), self._tag("shared_admit", job))]
+        effects: list[Effect] = []
+        if waited:
+            # Started by another event (the host freed, the journal loaded): its calls
+            # join the request's own trace, not that event's.
+            effects.append(Span(f"fencer resume fence.request {host}", job.headers,
+                                {"hafence.host": host, "hafence.request_id": job.request.request_id}))
+        effects.append(Call("replicas", "admit", (job.request,), self._tag("shared_admit", job)))
+        return effects
 
     def _next_for(self, host: str) -> list[Effect]:
         """The host is free: start the next job waiting for it."""

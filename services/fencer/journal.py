@@ -5,24 +5,25 @@ recorded result instead of a second fence (S4), and the highest leader term
 ever seen survives restarts (S3). Never holds a credential: evidence is
 device names, commands and power readings.
 
-``admit`` is one transaction: read the highest term and the request's entry,
-decide (``admission.admit_request``), raise the term and record the request or
-the refusal. It is called under the host's lock, and the journal's own lock
-keeps the coroutines of other hosts from interleaving their statements on the
-one connection: otherwise a term N request could read the highest term before
-a term N+1 request raised it, and run after it (S3).
+This is the production binding of the fencer core's ``journal`` port
+(``hafence.fencer.ports.JournalPort``): the core loads the whole journal once
+(``load``), decides every admission against it in memory
+(``admission.admit_request``) and writes each decision here (``admit``) before
+it acts on it. The journal's own lock keeps the writes of requests of other
+hosts from interleaving their statements on the one connection; a term is only
+ever raised (``MAX``), whatever order the writes of two hosts arrive in.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aiosqlite
 import msgspec
 
 from hafence.contracts import Decoders, FenceRequest, FenceResult
-from hafence.fencer.admission import Refuse, Seen, Verdict, admit_request
+from hafence.fencer.admission import Refuse, Run, Seen, Verdict
+from hafence.fencer.ports import JournalState
 from hafence.store import open_store
 
 MIGRATIONS = [
@@ -72,48 +73,44 @@ class FenceJournal:
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
-    async def _seen(self, request_id: str) -> Seen | None:
-        async with self.db.execute(
-            "SELECT incident, host, attempts, result FROM requests WHERE request_id = ?", (request_id,)
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:
-            return None
-        result = Decoders.fence_result.decode(row[3]) if row[3] is not None else None
-        return Seen(incident=row[0], host=row[1], attempts=int(row[2]), result=result)
+    async def load(self) -> JournalState:
+        """The highest term and every request seen, as the core holds them."""
+        async with self._lock:
+            highest = await self.highest_term()
+            requests: dict[str, Seen] = {}
+            async with self.db.execute("SELECT request_id, incident, host, attempts, result FROM requests") as cur:
+                async for row in cur:
+                    result = Decoders.fence_result.decode(row[4]) if row[4] is not None else None
+                    requests[row[0]] = Seen(incident=row[1], host=row[2], attempts=int(row[3]), result=result)
+        return JournalState(highest, requests)
 
-    async def admit(self, request: FenceRequest) -> Verdict:
-        """Check the term, raise it, and check and record the request, atomically."""
+    async def admit(self, request: FenceRequest, verdict: Verdict, at: float) -> None:
+        """Write an admission the core decided, in one transaction: a refusal is kept;
+        otherwise the term is raised, and a request to run is recorded with its attempt."""
         async with self._lock:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
-                highest = await self.highest_term()
-                seen = await self._seen(request.request_id)
-                verdict = admit_request(request.request_id, request.incident, request.host, request.term,
-                                        highest, seen)
                 if isinstance(verdict, Refuse):
                     await self.db.execute(
                         "INSERT INTO refusals (request_id, host, term, reason, at) VALUES (?, ?, ?, ?, ?)",
-                        (request.request_id, request.host, request.term, verdict.reason, time.time()),
+                        (request.request_id, request.host, request.term, verdict.reason, at),
                     )
                 else:
-                    await self.db.execute("UPDATE highest_term SET term = ? WHERE id = 1", (verdict.highest,))
-                    if seen is None:
-                        await self.db.execute(
-                            """INSERT INTO requests (request_id, host, incident, term, action, received_at)
-                               VALUES (?, ?, ?, ?, ?, ?)""",
-                            (request.request_id, request.host, request.incident, request.term, request.action,
-                             time.time()),
-                        )
-                    elif seen.result is None:
-                        await self.db.execute(
-                            "UPDATE requests SET attempts = attempts + 1 WHERE request_id = ?", (request.request_id,)
-                        )
+                    await self.db.execute("UPDATE highest_term SET term = MAX(term, ?) WHERE id = 1",
+                                          (verdict.highest,))
+                if isinstance(verdict, Run):
+                    await self.db.execute(
+                        """INSERT INTO requests (request_id, host, incident, term, action, received_at, attempts)
+                           VALUES (?, ?, ?, ?, ?, ?, ?)
+                           ON CONFLICT (request_id) DO UPDATE SET attempts = excluded.attempts
+                           WHERE requests.result IS NULL""",
+                        (request.request_id, request.host, request.incident, request.term, request.action, at,
+                         verdict.attempts),
+                    )
                 await self.db.commit()
             except BaseException:
                 await self.db.rollback()
                 raise
-        return verdict
 
     async def record(self, request: FenceRequest, result: FenceResult) -> None:
         async with self._lock:

@@ -139,9 +139,9 @@ class MemoryJournal:
             row = self.rows.get(request.request_id)
             if row is None:
                 self.rows[request.request_id] = _Row(request.incident, request.host, request.term, request.action,
-                                                     at, 1)
+                                                     at, verdict.attempts)
             elif row.result is None:
-                row.attempts += 1
+                row.attempts = verdict.attempts
 
     def record(self, request: FenceRequest, result: FenceResult) -> None:
         self.writes += 1

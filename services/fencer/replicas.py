@@ -161,12 +161,11 @@ class SharedRequests:
         else:
             await self.state.update(key, value, last=record.revision)
 
-    @asynccontextmanager
-    async def claim(self, request: FenceRequest, highest: int) -> AsyncIterator[Answer | Token]:
+    async def acquire_claim(self, request: FenceRequest, highest: int) -> Answer | Token:
         """Claim the request for this replica, waiting while another replica's claim is
-        live. Yields the token (run it, inside this block: a claim not renewed in time
-        cancels the block with ``LockLost``), or the result another replica recorded
-        meanwhile (``Answer``: run nothing)."""
+        live: the token (the caller holds it, ``locks.hold(key, what, token)``, while it
+        runs the request), or the result another replica recorded meanwhile (``Answer``:
+        run nothing; no claim is kept)."""
         key = kv_key("req", request.request_id)
         delay, waited = 0.05, False
         while True:
@@ -176,10 +175,9 @@ class SharedRequests:
             if record is not None and record.result is not None:
                 if token is not None:
                     await self.locks.release(token)
-                yield Answer(record.result, highest)
-                return
+                return Answer(record.result, highest)
             if token is not None:
-                break
+                return token
             if not waited:
                 waited = True
                 log.warning("request claimed by another fencer replica: waiting for its result or for its claim "
@@ -187,5 +185,14 @@ class SharedRequests:
                                                       holder=await self.locks.holder_of(key)))
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.locks.ttl / 8)
-        async with self.locks.hold(key, token.what, token) as held:
+
+    @asynccontextmanager
+    async def claim(self, request: FenceRequest, highest: int) -> AsyncIterator[Answer | Token]:
+        """``acquire_claim``, held for the block: run the request inside it (a claim not
+        renewed in time cancels the block with ``LockLost``)."""
+        claim = await self.acquire_claim(request, highest)
+        if isinstance(claim, Answer):
+            yield claim
+            return
+        async with self.locks.hold(claim.key, claim.what, claim) as held:
             yield held
