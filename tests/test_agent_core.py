@@ -250,3 +250,13 @@ def test_a_command_runs_in_a_span_under_the_askers_trace_even_when_it_waited_for
     assert span.name == "agent start vm vm-b" and span.parent == second
     calls = [e for e in effects if isinstance(e, Call)]
     assert effects.index(span) < effects.index(next(c for c in calls if c.tag == "cmd:2:power"))
+
+
+def test_an_agent_started_on_a_host_that_is_off_renews_and_reports_nothing(tmp_path: Path) -> None:
+    host = FakeHost(running=("vm-a",))
+    host.on = False
+    run = Run(AgentCore(config(tmp_path), "h1", storage_lease=True), host)
+    run.feed(Started())
+    assert [c for c in host.calls if c.port == "storage"] == []
+    assert inventories(run.effects) == [] and heartbeats(run.effects) == []
+    assert len(ops(host, "stop_all")) == 1

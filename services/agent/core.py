@@ -308,10 +308,10 @@ class AgentCore:
         metrics.AGENT_POWERED.labels(self.host).set(1 if state.on else 0)
         self.last_state = state
         out: list[Effect] = []
-        if self.phase == "starting":
+        first = self.phase == "starting"
+        if first:
             self.boot_id = state.boot_id
             self.phase = "up"
-            out += self._changed() + self._renew()
         if self.phase == "up" and (not state.on or state.boot_id != self.boot_id):
             # Off now, or off and on again since the last look (a new boot id): the
             # old boot's VMs died with the power.
@@ -320,6 +320,8 @@ class AgentCore:
                     Call("hypervisor", "stop_all", (), "poweroff")]
         elif self.phase == "down" and state.on:
             out += self._boot(state)
+        elif first:
+            out += self._changed() + self._renew()  # the first inventory and renewal of this agent
         return out
 
     def _boot(self, state: HostState) -> list[Effect]:
