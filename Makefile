@@ -11,7 +11,7 @@ LIBVIRT := $(shell pkg-config --exists libvirt 2>/dev/null && echo 1)
 EXTRAS := test$(if $(LIBVIRT),$(comma)libvirt)
 STAMP  := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: demo test bench lint clean secrets nats-conf
+.PHONY: demo test bench lint clean secrets nats-conf sim sim-long
 
 $(STAMP): pyproject.toml
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
@@ -23,9 +23,20 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m hafence.lab.demo
 
+# The deterministic simulation (docs/simulation.md): seeds of 10 simulated minutes each, in parallel.
+SIM_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+SIM := $(BIN)/python -m hafence.sim --jobs $(SIM_JOBS) --log-dir sim-failures
+
 test: $(STAMP)
 	$(BIN)/ruff check shared services tests bench
 	$(BIN)/python -m pytest -q
+	$(SIM) --seeds 300
+
+sim: $(STAMP)
+	$(SIM) --seeds 300
+
+sim-long: $(STAMP)
+	$(SIM) --seeds 10000 --keep-going
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

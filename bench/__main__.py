@@ -16,6 +16,7 @@ from bench.nats_sync import nats_sync
 from bench.pipeline import pipeline_overhead
 from bench.placement import placement
 from bench.report import Table
+from bench.sim import sim
 
 BENCHES = {
     "pipeline": pipeline_overhead,
@@ -24,6 +25,7 @@ BENCHES = {
     "ingest": heartbeat_ingest,
     "failover-scale": failover_scale,
     "nats-sync": nats_sync,
+    "sim": sim,
 }
 
 

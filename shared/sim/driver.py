@@ -203,8 +203,12 @@ class SimService:
         self._caught_up = set()
         self._lease_reported = (False, 0, 0.0)
         self.net.log(self.who, f"start #{self.incarnation}")
+        # Started is handled once the inputs are open (the lease port exists).
+        self._draining = True
         self._post(Started())
         self._open_inputs()
+        self._draining = False
+        self._kick()
 
     def restart(self) -> None:
         """Crash if running, then start again."""
@@ -234,6 +238,7 @@ class SimService:
         self.paused_until = -1.0
         self._resume = None
         self._busy = False
+        self._draining = False
         self._on_resume.clear()
         if self.conn is not None:
             self.conn.close()
@@ -296,9 +301,11 @@ class SimService:
         self._kick()
 
     def _kick(self) -> None:
+        """Handle what waits, now. Every caller is a scheduler callback (a timer, a message,
+        an outcome), never a handle in progress: one handling at a time, in queue order."""
         if not self._draining and not self._busy and self._queue and not self.paused and self.core is not None:
             self._draining = True
-            self.scheduler.call_soon(self._drain, self.incarnation)
+            self._drain(self.incarnation)
 
     def _drain(self, incarnation: int) -> None:
         """Handle what waits, in order, until the queue is empty, the process pauses or
@@ -377,8 +384,11 @@ class SimService:
         if incarnation != self.incarnation:
             return
         self._busy = False
+        self._draining = True  # the rest of this handle's effects first: nothing is handled meanwhile
         self._carry_out(effects, i, incarnation)
-        self._kick()
+        if incarnation == self.incarnation:
+            self._draining = False
+            self._kick()
 
     def _when_awake(self, callback: Callable[[], None]) -> None:
         if self.paused:

@@ -824,6 +824,7 @@ class Connection:
         def answer(result: Any, error: BaseException | None) -> None:
             if fut.done():
                 return
+            timer.cancel()  # answered: its expiry need not run (a step saved per operation)
             if error is not None:
                 fut.set_exception(error)
             else:
@@ -840,7 +841,7 @@ class Connection:
                 return
             self.down.send(f"reply {what}", answer, result, error)
 
-        self.clock.call_later(timeout, expire)
+        timer = self.clock.call_later(timeout, expire)
         if self.connected:
             self.up.send(what, at_server)
         else:
