@@ -368,3 +368,21 @@ def test_a_result_that_comes_before_its_fence_requested_is_stored_is_not_lost(tm
     assert [e.request_id for e in host_events(core.feed(delivered(done), at(30.2)), "fenced")] == [done.request_id]
     core.feed(Returned(event.tag), at(30.3))
     assert core.core.policy.views["h3"].phase == "fenced"
+
+
+def test_a_new_leader_whose_term_cannot_be_raised_re_sends_at_a_later_round(tmp_path: Path) -> None:
+    """In flight under term 3, refused; the new leader (term 3 again: a recreated
+    bucket) cannot raise it at first: nothing goes out, and the re-send is tried again."""
+    core = Harness(make_core(tmp_path))
+    history = fenced_history("h1", WALL0 - 5)[:2]
+    core.feed(Started(), at(0))
+    for fact in [*history, FenceResult(request_id="fence-h9", incident="h9", host="h2", term=3, outcome="refused",
+                                       highest_term=6, started_at=WALL0, finished_at=WALL0)]:
+        core.feed(delivered(fact), at(0))
+    core.feed(CaughtUp("events"), at(0))
+    [raise_call] = tagged(core.feed(LeaseChanged(True, 3, MONO0 + 100), at(1)))
+    assert requests(core.feed(Returned(raise_call.tag, value=False), at(1))) == []
+    [raise_call] = tagged(core.feed(TimerFired(TICK), at(2)))
+    core.feed(LeaseChanged(True, 7, MONO0 + 100), at(2))
+    [again] = requests(core.feed(Returned(raise_call.tag, value=True), at(2)))
+    assert again.request_id == "fence-h1-old" and again.term == 7

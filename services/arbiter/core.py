@@ -421,6 +421,8 @@ class ArbiterCore:
 
         def raised(returned: Returned, now: Now) -> list[Effect]:
             if not (returned.ok and returned.value is True) or not self.held(now) or self.term < self.refused_below:
+                if any(f.reason == REISSUE_REASON for f in fences):
+                    self.reissued = False  # the requests in flight are sent again at the next round
                 return [Log("warning", "not fencing under a term the fencer refused",
                             {"hosts": [f.host for f in fences], "term": self.term,
                              "refused_below": self.refused_below, "error": returned.error})]
