@@ -185,7 +185,7 @@ class FencerCore:
         if not isinstance(request, FenceRequest):
             return [Term(event.token, f"not a fence request: {type(request).__name__}")]
         if event.subject != self.subjects.fence_request(request.host):
-            return [Term(event.token, f"rejected: request for host {request.host!r} on subject {event.subject}")]
+            return [Term(event.token, f"request for host {request.host!r} on subject {event.subject}")]
         self._next_jid += 1
         job = Job(self._next_jid, request, event.token, event.attempt, now.wall, headers=dict(event.headers))
         self.jobs[job.jid] = job
