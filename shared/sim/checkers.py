@@ -277,6 +277,7 @@ class Checkers:
         if need > free:
             excuses.append(f"no room: {need} MiB of HA VMs down, {free} MiB free on live hosts that may take VMs")
             return excuses
+        lost: list[str] = []
         for vm in missing:
             host = w.last_host.get(vm, w.vms[vm].home)
             if vm in self.disputed:
@@ -286,9 +287,11 @@ class Checkers:
                 excuses.append(f"{vm}: the fence of {host} was given up on (an operator must confirm)")
                 continue
             state = w.hosts[host]
-            self.violation("L1", f"HA VM {vm} runs nowhere at the end of the heal phase (last on {host}: "
-                                 f"{'powered' if state.powered else 'off'}{', hung' if state.hung else ''}, "
-                                 f"boot {state.boots})", key=f"L1 {vm}")
+            lost.append(f"{vm} (last on {host}: {'powered' if state.powered else 'off'}"
+                        f"{', hung' if state.hung else ''}, boot {state.boots})")
+        if lost:
+            self.violation("L1", f"HA VM{'s' if len(lost) > 1 else ''} running nowhere at the end of the heal "
+                                 f"phase: {'; '.join(lost)}", key="L1")
         return excuses
 
 

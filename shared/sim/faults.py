@@ -24,6 +24,10 @@ The kinds (``KINDS``), as ../shared/SIMULATION.md lists them:
   ``host_power_loss`` (with its BMC);
 * ``device_fault``: a device slow, stuck on, unreachable or refusing credentials;
 * ``clock_jump``, ``clock_drift`` (a node's wall clock stepped; its rate changed);
+  ``clock_stall``: a control node's clocks almost stop for a while and then run on
+  (a suspended VM resumed, a stalled hypervisor): its process believes less time
+  passed than did, so a lease holder there thinks its lease still valid after the
+  KV expired it — the stale leader the fencing token (S3) is for;
 * ``host_comes_back``: a host that is off (fenced) is powered on again;
 * ``compromised_agent``: one host's agent credentials publish well-formed lies on
   every subject an agent may publish on (``hafence.natsconf``: its own
@@ -64,7 +68,7 @@ from hafence.sim.world import World
 KINDS: tuple[str, ...] = (
     "service_crash", "service_pause", "nats_restart", "bucket_loss", "network",
     "host_cut_nats", "host_cut_storage", "host_cut_both", "host_hang", "host_crash", "host_power_loss",
-    "device_fault", "clock_jump", "clock_drift", "host_comes_back", "compromised_agent",
+    "device_fault", "clock_jump", "clock_drift", "host_comes_back", "compromised_agent", "clock_stall",
 )
 HEALTHY = Faults()
 
@@ -186,6 +190,10 @@ def draw_plan(
             elif kind == "clock_jump" and nodes:
                 actions.append(Action(t, "clock_jump", rng.choice(nodes), rng.choice([-1.0, 1.0]) *
                                       rng.uniform(1.0, 300.0)))
+            elif kind == "clock_stall" and nodes:
+                node = rng.choice([n for n in nodes if n.startswith("ctl-")] or nodes)
+                length = rng.uniform(5.0, 40.0)
+                actions += [Action(t, "clock_drift", node, -0.999), Action(t + length, "clock_drift", node, 0.0)]
             elif kind == "clock_drift" and nodes:
                 actions.append(Action(t, "clock_drift", rng.choice(nodes), rng.uniform(-0.01, 0.01)))
             elif kind == "host_comes_back" and hosts:
