@@ -7,6 +7,9 @@ can read what came before what, or hold a call back and look at the core meanwhi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,8 @@ from hafence.core import (
 from hafence.fencer import admission
 from hafence.fencer.admission import Admission, Answer, Refuse, Run
 from hafence.fencer.core import FencerCore
+from hafence.fencer.live_ports import ClaimLost, HeldClaim
+from hafence.fencer.locks import LockLost, Token
 from hafence.fencer.ports import Claimed, FenceReport, MemoryJournal, Protection, SoloReplicas
 from hafence.fencer.topology import Verdict
 from tests.conftest import cluster_toml
@@ -480,3 +485,61 @@ def test_protection_is_announced_only_when_it_changes(tmp_path: Path) -> None:
     bench.settle()
     assert events()[2:] == [("h2", "not_protected")]
     assert [e.subject for e in bench.effects if isinstance(e, Publish)][-1] == "hafence.host.h2.not_protected"
+
+
+# -- the production replicas binding: a fence stops when its claim is lost ----------------
+
+
+class FlakyLocks:
+    """``KvLocks`` whose hold ends with ``LockLost`` after ``lose_after`` seconds."""
+
+    def __init__(self, lose_after: float) -> None:
+        self.lose_after = lose_after
+        self.released = False
+
+    @staticmethod
+    def now() -> float:
+        return asyncio.get_running_loop().time()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str, what: str, token: Token) -> AsyncIterator[Token]:
+        try:
+            async with asyncio.timeout(self.lose_after):
+                yield token
+        except TimeoutError:
+            raise LockLost(f"lock on {what} lost: not renewed") from None
+        finally:
+            self.released = True
+
+
+async def test_a_fence_running_under_a_claim_that_is_lost_is_stopped_and_reports_it() -> None:
+    locks = FlakyLocks(lose_after=0.05)
+    stopped = asyncio.Event()
+
+    async def slow_fence() -> FenceReport:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            stopped.set()
+        raise AssertionError("not reached")
+
+    async with asyncio.TaskGroup() as tg:
+        token = Token("req.r1", "request r1", 5, 5, locks.now() + 10)
+        claim = HeldClaim(locks, token, tg)  # type: ignore[arg-type]
+        with pytest.raises(ClaimLost, match="lock on request r1 lost"):
+            await claim.run(slow_fence())
+        assert stopped.is_set() and locks.released
+
+
+async def test_a_fence_that_ends_past_its_claims_validity_is_not_reported() -> None:
+    locks = FlakyLocks(lose_after=10)
+
+    async def quick_fence() -> FenceReport:
+        return Power().fence(request("h1", "r1"))
+
+    async with asyncio.TaskGroup() as tg:
+        token = Token("req.r1", "request r1", 5, 5, locks.now() - 0.001)  # a pause ate the validity
+        claim = HeldClaim(locks, token, tg)  # type: ignore[arg-type]
+        with pytest.raises(ClaimLost, match="expired"):
+            await claim.run(quick_fence())
+        claim.release()

@@ -115,6 +115,11 @@ class KvReplicas:
         await self.shared.raise_term(term)
 
     async def record(self, request: FenceRequest, result: FenceResult) -> None:
+        """Written under the claim: one lost meanwhile (a pause) stops here, and the
+        core publishes nothing (the replica that took the request over answers)."""
+        claim = self.claims.get(request.request_id)
+        if claim is not None and claim.expired():
+            raise ClaimLost(claim.lost or f"claim on {claim.token.what} expired before its result was shared")
         await self.shared.record(request, result)
 
     def release(self, request_id: str) -> None:
