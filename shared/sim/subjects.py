@@ -20,6 +20,7 @@ def subject_matches(pattern: str, subject: str) -> bool:
     return len(have) == len(want)
 
 
+@lru_cache(maxsize=65536)
 def matches_any(patterns: tuple[str, ...], subject: str) -> bool:
     """Whether ``subject`` matches one of ``patterns``; no patterns means every subject."""
     return not patterns or any(subject_matches(p, subject) for p in patterns)
