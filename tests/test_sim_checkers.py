@@ -230,3 +230,18 @@ def test_l1_excuses_a_vm_a_compromised_agent_claimed() -> None:
     w.lose_power("h1")
     c.disputed.add("vm1")
     assert "compromised" in c.check_recovery()[0]
+
+
+def test_s1_does_not_hold_a_vm_to_an_incident_of_a_later_boot_that_never_ran_it() -> None:
+    s, w, c = setup()
+    old_boot = w.hosts["h1"].boot_id
+    w.lose_power("h1")
+    w.restore_power("h1")  # a new boot, running nothing
+    c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+        host="h1", kind="suspect", at=0.0, incident="i2", boot_id=w.hosts["h1"].boot_id)))
+    c.on_effect("scheduler", start())
+    assert not c.violations
+    c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+        host="h1", kind="suspect", at=0.0, incident="i1", boot_id=old_boot)))
+    assert rule_of(lambda: c.on_effect("scheduler", start())) == "S1"
+    s.run()

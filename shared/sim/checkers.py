@@ -13,8 +13,8 @@ The rules, as ../shared/SIMULATION.md states them:
 * **S0** (world): no VM runs on two powered hosts (a hung host counts: its VMs
   resume with it).
 * **S1** (messages + world): a ``VmStart`` sent to host T for a VM last started on
-  host H (``World.last_host``), H != T, is a violation
-  - while H has an open incident (a ``suspect`` HostEvent published) that no
+  host H (``World.last_host``, in boot B: ``World.last_boot``), H != T, is a violation
+  - while H has an open incident of boot B (or of an unnamed boot) (a ``suspect`` HostEvent published) that no
     ``confirmed_off`` FenceResult of the fencer for that incident, and no operator
     ``confirmed_fenced``, has released; an ``alive`` closes the incident (a start
     after it is judged by the second clause and S0);
@@ -72,6 +72,7 @@ class Incident:
     host: str
     incident: str
     opened: float
+    boot: str = ""  # the boot the suspicion is about (HostEvent.boot_id), when the monitor said
     released: str = ""  # how: "confirmed_off <request id>" / "operator"
     closed: bool = False  # the host was heard again
 
@@ -195,7 +196,7 @@ class Checkers:
         if event.kind == "suspect" and service.startswith("heartbeat"):
             key = (host, event.incident)
             if key not in self.incidents:  # a re-announce of the same incident is the same incident
-                self.incidents[key] = Incident(host, event.incident, self.world.scheduler.now)
+                self.incidents[key] = Incident(host, event.incident, self.world.scheduler.now, event.boot_id)
         elif event.kind == "alive" and service.startswith("heartbeat"):
             for incident in self._open(host):
                 incident.closed = True
@@ -243,7 +244,10 @@ class Checkers:
         target, vm = tokens[-2], start.vm.name
         home = self.world.last_host.get(vm)
         if home is not None and home != target:
+            boot = self.world.last_boot.get(vm, "")
             for incident in self._open(home):
+                if incident.boot and boot and incident.boot != boot:
+                    continue  # an incident of a later boot, which never ran it
                 self.violation("S1", f"{service} starts {vm} on {target} while {home}, where it ran, is in incident "
                                      f"{incident.incident!r} (suspect since t={incident.opened:.3f}) with no "
                                      f"confirmed_off or operator confirmation",

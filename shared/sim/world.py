@@ -191,6 +191,7 @@ class World:
         # Where each VM was last started (its "host" for S1), and a counter of changes
         # to what runs where, so checkers look again only after a change.
         self.last_host: dict[str, str] = {}
+        self.last_boot: dict[str, str] = {}  # the boot id of that host when it was started there
         self.version = 0
         self.power = WorldPower(self)
         self.storage = WorldStorage(self)
@@ -232,6 +233,7 @@ class World:
         host = self.hosts[home]
         host.defined[name] = spec
         self.last_host[name] = home
+        self.last_boot[name] = host.boot_id
         if running and host.powered:
             host.running.add(name)
             self.version += 1
@@ -299,6 +301,7 @@ class World:
         for vm in host.running:
             host.stop_reasons.pop(vm, None)
             self.last_host[vm] = host.name
+            self.last_boot[vm] = host.boot_id
         self.log(f"{host.name} boots ({why}) boot={host.boot_id} autostarted: {','.join(sorted(host.running)) or '-'}")
         if host.boots > 1:
             self._tell("boot", host.name)
@@ -608,6 +611,7 @@ class WorldHypervisor:
             h.running.add(spec.name)
             h.stop_reasons.pop(spec.name, None)
             self.world.last_host[spec.name] = h.name
+            self.world.last_boot[spec.name] = h.boot_id
             self.world.version += 1
             self.starts += 1
             self.world.log(f"{spec.name} started on {h.name}")
