@@ -9,7 +9,7 @@ from hafence.contracts import Alert, Heartbeat, HostEvent, MonitorView
 from hafence.core import Delivered, LeaseChanged, Now, Publish, SetTimer, Started, TimerFired
 from hafence.core.effects import Effect
 from hafence.heartbeat import liveness
-from hafence.heartbeat.core import SOURCE, TICK, VIEWS, HeartbeatCore, Settings
+from hafence.heartbeat.core import FLUSH, FLUSH_BATCH, SOURCE, TICK, VIEWS, HeartbeatCore, Settings
 from hafence.subjects import Subjects
 
 WALL = 1_800_000_000.0
@@ -214,3 +214,28 @@ def test_the_fast_path_and_a_delivery_share_one_decision() -> None:
     with pytest.raises(liveness.UnknownHost):
         core.heard("x", "b", 1, WALL, 4.2, WALL + 4.2)
     assert core.processed == 2  # counted for the load guard since the tick: unknown hosts are not
+
+
+def test_what_the_fast_path_decided_is_carried_out_in_order_in_batches() -> None:
+    """A starting monitor hears every host come alive at once: one FLUSH is fed for
+    the lot, and each FLUSH hands over a batch, so the ticks run between batches."""
+    hosts = [f"h{i:04d}" for i in range(2 * FLUSH_BATCH + 10)]
+    core = make(hosts)
+    lead(core, 0.0)
+    feeds = 0
+    for host in hosts:
+        out = core.heard(host, "b", 1, WALL + 0.5, 0.5, WALL + 0.5)
+        if out and core.defer(out):
+            feeds += 1
+    assert feeds == 1
+    published: list[str] = []
+    batches = 0
+    while True:
+        out = core.handle(TimerFired(FLUSH), at(0.6))
+        batches += 1
+        assert len([e for e in out if isinstance(e, Publish)]) <= FLUSH_BATCH
+        published += [e.host for e in events(out, "alive")]
+        if SetTimer(FLUSH, 0.0) not in out:
+            break
+    assert published == hosts and batches == 3
+    assert core.handle(TimerFired(FLUSH), at(0.7)) == []

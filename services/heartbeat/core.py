@@ -32,7 +32,7 @@ from typing import Any, Protocol
 from hafence import metrics
 from hafence.config import ClusterConfig
 from hafence.contracts import Alert, Heartbeat, HostEvent
-from hafence.core.effects import Effect, Log, Publish, SetTimer
+from hafence.core.effects import Effect, Log, Publish, SetTimer, Span
 from hafence.core.events import Delivered, Event, LeaseChanged, Now, Started, TimerFired
 from hafence.core.inputs import Inputs, Lease, Subscribe
 from hafence.heartbeat import view
@@ -43,6 +43,16 @@ from hafence.subjects import Subjects
 SOURCE = "heartbeats"  # the subscription heartbeats are delivered from
 TICK = "tick"
 VIEWS = "views"
+# Not a timer the core sets: the service's fast path feeds it when heartbeats it
+# passed to ``heard`` decided something (see ``defer``).
+FLUSH = "flush"
+# A Span parent without trace context: the span starts a trace of its own (the
+# suspicion is the root of its incident's trace, whatever the event was).
+NEW_TRACE: dict[str, str] = {"hafence-new-trace": "1"}
+# Effects carried out per FLUSH: a starting monitor hears every host come alive at
+# once, and the driver awaits a run of stored publishes before its next event; in
+# batches, the ticks (the load guard's lag probe) run between them.
+FLUSH_BATCH = 256
 # Labelled metrics cost microseconds each: set once every few seconds, not per heartbeat.
 METRICS_EVERY_S = 5.0
 # A host unheard for this many intervals is "late": reported with a suspect as
@@ -195,6 +205,7 @@ class HeartbeatCore:
         self.unknown_warned: set[str] = set()
         self.due = 0.0  # when the tick timer should fire: its lateness is the loop's lag
         self.next_metrics = 0.0
+        self.outbox: list[Effect] = []  # decided on the fast path, carried out at the next FLUSH
 
     def inputs(self) -> Inputs:
         return Inputs(
@@ -215,6 +226,8 @@ class HeartbeatCore:
                 return self.tick(now)
             if event.key == VIEWS:
                 return self.publish_views(now)
+            if event.key == FLUSH:
+                return self.flush()
             return []
         if isinstance(event, LeaseChanged):
             return self.lease_changed(event, now)
@@ -252,7 +265,7 @@ class HeartbeatCore:
         ``UnknownHost`` for a host this monitor does not watch."""
         live = self.live
         if live is None:
-            return []  # not started: the driver opens inputs before Started
+            return []  # before Started: not counted (the start-up grace begins then anyway)
         out = live.heartbeat(host, boot_id, seq, mono)
         self.processed += 1
         if wall - sent_at > self.age_limit_s:
@@ -262,6 +275,20 @@ class HeartbeatCore:
         if not out:
             return []
         return self.announce(out, mono, wall)
+
+    def defer(self, effects: list[Effect]) -> bool:
+        """Keep what the fast path's ``heard`` decided for the next ``TimerFired(FLUSH)``,
+        so it is carried out in order with every other decision. True: the outbox
+        was empty (the caller feeds one FLUSH for the lot)."""
+        was_empty = not self.outbox
+        self.outbox += effects
+        return was_empty
+
+    def flush(self) -> list[Effect]:
+        out, self.outbox = self.outbox[:FLUSH_BATCH], self.outbox[FLUSH_BATCH:]
+        if self.outbox:
+            out.append(SetTimer(FLUSH, 0.0))  # the rest after whatever else is waiting
+        return out
 
     def tick(self, now: Now) -> list[Effect]:
         live, guard, s = self.live, self.guard, self.settings
@@ -278,12 +305,13 @@ class HeartbeatCore:
         for change in guard.observe(Sample(mono, lag, processed, late, self.feed.pending(), self.feed.connected())):
             metrics.MONITOR_OVERLOADED.set(1 if guard.overloaded else 0)
             out += self.alert(change, now)
-        transitions: list[Transition] = live.tick(mono) if guard.may_suspect(mono) else []
         if self.held(mono) and not self.announced:
-            # The lease was taken (or came back) without a LeaseChanged handled since.
+            # The lease came back without a LeaseChanged since (its validity had run
+            # out). Before this tick's own suspects, which go out with their late hosts.
             out += self.reannounce(now)
         elif not self.held(mono):
             self.announced = False
+        transitions: list[Transition] = live.tick(mono) if guard.may_suspect(mono) else []
         if transitions:
             suspects = [t for t in transitions if isinstance(t, Suspect)]
             late_of = (late_hosts(live, suspects, mono, s.interval_s, s.missed)
@@ -329,6 +357,9 @@ class HeartbeatCore:
         for t in transitions:
             if isinstance(t, Suspect):
                 late = late_of.get(t.incident) if late_of else None
+                out.append(Span(f"host suspect {t.host}", NEW_TRACE, {
+                    "hafence.host": t.host, "hafence.incident": t.incident,
+                    "hafence.silent_for_s": round(t.silent_for, 3), "hafence.term": self.term}))
                 out.append(Log("warning", "host is suspect", {"host": t.host, "incident": t.incident}))
                 out.append(Publish(self.subjects.host_event(t.host, "suspect"),
                                    suspect_event(t, self.window, self.term, self.wall_offset, late),

@@ -12,20 +12,12 @@ receives only its own. Pure: the core (``core.py``) calls it on its view timer.
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import time
-
-from hafence.bus import Bus
 from hafence.config import ClusterConfig
 from hafence.contracts import MonitorView
 from hafence.core.effects import Publish
 from hafence.heartbeat.liveness import Liveness
-from hafence.lease import LeaderLease
 from hafence.slots import view_subject
 from hafence.subjects import Subjects
-
-log = logging.getLogger("hafence.heartbeat")
 
 HEARD_WITHIN_INTERVALS = 1.5
 
@@ -55,23 +47,3 @@ def views(subjects: Subjects, core: Liveness, hosts: list[str], mono: float, wal
     return [Publish(view_subject(subjects, host), MonitorView(host=host, term=term, at=wall), core=True)
             for host in listed(core, hosts, mono, interval)]
 
-
-async def publish_views(config: ClusterConfig, bus: Bus, core: Liveness, lease: LeaderLease,
-                        shard_hosts: list[str]) -> None:
-    """The service's view loop until it runs on the core (interim)."""
-    hosts = watchdog_hosts(config, shard_hosts)
-    if not hosts:
-        return
-    interval, period = config.timings.heartbeat_interval_s, view_period(config)
-    while True:
-        await asyncio.sleep(period)
-        if not lease.held():
-            continue
-        term = lease.term
-        for host in listed(core, hosts, time.monotonic(), interval):
-            try:
-                await bus.publish_core(view_subject(bus.subjects, host), MonitorView(host=host, term=term,
-                                                                                     at=time.time()))
-            except Exception as err:  # NATS away: the views stop, which is the safe side
-                log.warning("view not published: %s", err or type(err).__name__)
-                break
