@@ -171,7 +171,8 @@ class SimService:
         self._slot_waiters: dict[str, SimFuture[None]] = {}
         self._asks: dict[int, CoreMsg] = {}
         self._tasks: list[Task[Any]] = []
-        self._caught_up: set[str] = set()
+        # Per replay input: done once its history was handed over (the lease waits on it).
+        self._caught_up: dict[str, SimFuture[None]] = {}
         self._lease_reported: tuple[bool, int, float] = (False, 0, 0.0)
         self._resume: SimFuture[None] | None = None
         # Untagged stored publishes being awaited: the rest of that handle's effects, and
@@ -200,7 +201,7 @@ class SimService:
             self.conn = self.net.connect(self.node, self.clock)
         self.core = self.core_factory()
         self.inputs = self.core.inputs()
-        self._caught_up = set()
+        self._caught_up = {}
         self._lease_reported = (False, 0, 0.0)
         self.net.log(self.who, f"start #{self.incarnation}")
         # Started is handled once the inputs are open (the lease port exists).
@@ -346,8 +347,6 @@ class SimService:
                 self._settle(Nak(event.token, 1.0))
             return
         self.handled += 1
-        if isinstance(event, CaughtUp):
-            self._caught_up.add(event.source)
         self._carry_out(effects, 0, self.incarnation)
 
     def _carry_out(self, effects: list[Effect], i: int, incarnation: int) -> None:
@@ -415,7 +414,7 @@ class SimService:
             self.lease = lease
             after = spec.after
             self._spawn(
-                lease.run(lambda: not after or after in self._caught_up, self._awake, self._report_lease),
+                lease.run(self._caught_up.get(after) if after else None, self._awake, self._report_lease),
                 f"lease {spec.role}",
             )
 
@@ -452,9 +451,13 @@ class SimService:
                                  meta.num_pending, 1, dict(d.headers or {})))
 
         replay = self.conn.replay(stream, spec.filters, on_message)
+        ready = self._caught_up[spec.name] = self.scheduler.future(f"{self.who} {spec.name} caught up")
 
         def caught_up(_: SimFuture[None]) -> None:
             if incarnation == self.incarnation:
+                # As production's driver: the lease may be taken from now on, while the
+                # replayed messages may still wait in the queue (a busy or paused core).
+                ready.set_result(None)
                 self._post(CaughtUp(spec.name))
 
         replay.caught_up.add_done_callback(caught_up)

@@ -93,22 +93,41 @@ class SimLease:
     # -- the loop -----------------------------------------------------------------------------
     async def run(
         self,
-        ready: Callable[[], bool],
+        ready: SimFuture[None] | None,
         awake: Callable[[], SimFuture[None] | None],
         changed: Callable[[], None],
     ) -> None:
-        """Stand by until ``ready()`` (learning the holder's term), then acquire or renew
-        every ``ttl / 4``. ``awake()`` is a future to wait for while the process is
-        paused (None when it runs); ``changed()`` is called after every step."""
-        while not ready():
+        """Stand by until ``ready`` is done (the service's replay caught up), learning
+        the holder's term every ``ttl / 4``; then acquire or renew every ``ttl / 4``, as
+        production's driver does. ``awake()`` is a future to wait for while the process
+        is paused (None when it runs); ``changed()`` is called after every step."""
+        while ready is not None and not ready.done():
             await self._awake(awake)
             await self.lease._learn_from_bucket()
-            await self.clock.sleep(self.ttl / 4)
+            await self._first(ready, self.ttl / 4)
         while True:
             await self._awake(awake)
             await self.lease.step()
             changed()
             await self.clock.sleep(self.ttl / 4)
+
+    async def _first(self, ready: SimFuture[None], seconds: float) -> None:
+        """Until ``ready`` or ``seconds`` of the node's time, whichever comes first."""
+        if ready.done():
+            return
+        scheduler = self.clock.scheduler
+        either: SimFuture[None] = scheduler.future("lease standby")
+
+        def wake(_: object = None) -> None:
+            if not either.done():
+                either.set_result(None)
+
+        timer = self.clock.call_later(seconds, wake)
+        ready.add_done_callback(wake)
+        try:
+            await either
+        finally:
+            timer.cancel()
 
     @staticmethod
     async def _awake(awake: Callable[[], SimFuture[None] | None]) -> None:
