@@ -287,6 +287,21 @@ def test_subscribe_replay_and_caught_up_in_order() -> None:
     assert seen[4] == CaughtUp("events") and seen[5].source == "hb"  # type: ignore[union-attr]
 
 
+def test_a_stored_publish_reaches_core_subscribers_of_its_subject_too() -> None:
+    """As on a real server (the agent hears its ``cleared`` on a plain subscription)."""
+    w = World()
+    wants = Inputs(subscriptions=[Subscribe("results", "hafence.fence.result.h1", FenceResult)])
+    w.service(lambda c, e, n: [], wants)
+    w.run(0.1)
+    result = FenceResult(request_id="r", incident="i", host="h1", term=1, outcome="failed", started_at=0.0,
+                         finished_at=0.0)
+    w.publish("hafence.fence.result.h1", encode(result), msg_id="once")
+    w.publish("hafence.fence.result.h1", encode(result), msg_id="once")  # a duplicate for the stream
+    w.run(1)
+    got = [e for e, _ in w.cores[0].seen if isinstance(e, Delivered)]
+    assert [e.message for e in got] == [result, result] and len(w.stored("HAFENCE_EVENTS")) == 1
+
+
 def test_request_and_reply_between_two_cores_and_no_responders() -> None:
     w = World()
 
