@@ -120,3 +120,15 @@ def test_the_compromised_agent_publishes_only_on_its_own_subjects() -> None:
     assert any("js pub hafence.inventory.h2" in line for line in net.log.lines)
     assert not any("pub hafence.fence" in line or "pub hafence.host" in line for line in net.log.lines)
     assert all(float(line.split()[0]) < 60.0 for line in lies)
+
+
+def test_a_clock_stall_freezes_the_nodes_services_and_its_monotonic_clock_misses_the_stall() -> None:
+    s, w, net, services, clocks = cluster()
+    inj = FaultInjector(FaultPlan({}, HEALTHY, [], 100.0, 100.0), w, net, services, clocks, "leases")
+    s.run(until=10)
+    before = clocks["svc"].monotonic()
+    inj.apply(Action(10, "clock_stall", "svc", 20.0))
+    assert services["arbiter"].paused_for == 20.0 and services["agent-h1"].paused_for == 0.0
+    s.run(until=30)
+    assert abs(clocks["svc"].monotonic() - before) < 1e-9  # it believes no time passed
+    assert clocks["h1"].monotonic() - clocks["svc"].monotonic() > 19.0

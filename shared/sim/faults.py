@@ -24,10 +24,12 @@ The kinds (``KINDS``), as ../shared/SIMULATION.md lists them:
   ``host_power_loss`` (with its BMC);
 * ``device_fault``: a device slow, stuck on, unreachable or refusing credentials;
 * ``clock_jump``, ``clock_drift`` (a node's wall clock stepped; its rate changed);
-  ``clock_stall``: a control node's clocks almost stop for a while and then run on
-  (a suspended VM resumed, a stalled hypervisor): its process believes less time
-  passed than did, so a lease holder there thinks its lease still valid after the
-  KV expired it — the stale leader the fencing token (S3) is for;
+  ``clock_stall``: a control node is suspended (a VM paused and resumed): its
+  processes freeze and its monotonic clock does not count the stall, so on waking
+  a lease holder there believes its lease still valid after the KV expired it and
+  acts on its backlog — the stale leader the fencing token (S3) is for (pausing
+  the clock with a drift would stretch the timers set during the stall, an
+  artefact of ``NodeClock``);
 * ``host_comes_back``: a host that is off (fenced) is powered on again;
 * ``compromised_agent``: one host's agent credentials publish well-formed lies on
   every subject an agent may publish on (``hafence.natsconf``: its own
@@ -192,8 +194,7 @@ def draw_plan(
                                       rng.uniform(1.0, 300.0)))
             elif kind == "clock_stall" and nodes:
                 node = rng.choice([n for n in nodes if n.startswith("ctl-")] or nodes)
-                length = rng.uniform(5.0, 40.0)
-                actions += [Action(t, "clock_drift", node, -0.999), Action(t + length, "clock_drift", node, 0.0)]
+                actions.append(Action(t, "clock_stall", node, rng.uniform(0.5, 3.0) * lease_ttl))
             elif kind == "clock_drift" and nodes:
                 actions.append(Action(t, "clock_drift", rng.choice(nodes), rng.uniform(-0.01, 0.01)))
             elif kind == "host_comes_back" and hosts:
@@ -291,6 +292,16 @@ class FaultInjector:
             if clock is not None:
                 clock.jump(action.arg)
                 self._jumps[target] = self._jumps.get(target, 0.0) + action.arg
+        elif k == "clock_stall":
+            # The node is suspended: its processes freeze and its monotonic clock stops, so
+            # on waking they believe only an instant passed (the stale leader).
+            length = self._until_heal(action.arg)
+            for svc in self.services.values():
+                if getattr(svc, "node", None) == target and svc.alive:
+                    svc.pause(length)
+            clock = self.clocks.get(target)
+            if clock is not None:
+                clock.monotonic_offset -= length
         elif k == "clock_drift":
             clock = self.clocks.get(target)
             if clock is not None:
