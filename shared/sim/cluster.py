@@ -222,6 +222,10 @@ class SimCluster:
             if svc not in self.agents.values() or self.world.hosts[svc.node].answers:
                 svc.start()
 
+    def close(self) -> None:
+        for svc in self.services:
+            svc.close()
+
     def _host_changed(self, what: str, host: str) -> None:
         """An agent lives and dies with its host: off kills it, a boot starts a new
         process, a hang freezes it until the host resumes."""

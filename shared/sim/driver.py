@@ -244,6 +244,14 @@ class SimService:
         if self.conn is not None:
             self.conn.close()
 
+    def close(self) -> None:
+        """The run is over: close the coroutines of the driver's tasks (one that never ran
+        would warn "never awaited" when collected)."""
+        for task in self._tasks:
+            if not task.done():
+                task._coro.close()
+        self._tasks.clear()
+
     def pause(self, seconds: float) -> None:
         """Freeze the process for ``seconds`` of simulated time (GC, SIGSTOP): nothing is
         handled and none of the driver's loops moves; events and timer firings queue."""

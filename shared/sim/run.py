@@ -94,6 +94,7 @@ def run_seed(seed: int, minutes: float = DEFAULT_MINUTES, hosts: int = 5, keep_l
     except Exception as err:  # a bug of the simulator or of code it runs outside a core: report, with the seed
         result.rule, result.what, result.at = "E0", "".join(traceback.format_exception(err)), s.now
         cluster.log("sim", f"run failed: {err!r}")
+    cluster.close()
     result.steps = s.steps
     result.fences = cluster.fences()
     result.vm_starts = cluster.vm_starts()
