@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     # Logs are kept only where they will be shown: a failing seed of a batch is run again
     # with its log (the same seed gives the same run).
     keep = args.seed is not None
+    began = time.perf_counter()  # the command's own duration, on stderr; no simulated run reads a clock
     for result in results(seeds, args.minutes, args.hosts, args.jobs, keep):
         print(result.summary(), flush=True)
         ran += 1
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         print(run_seed(args.seed, args.minutes, args.hosts).log, end="")
     print(f"{ran} seed(s), {minutes:g} simulated minutes, {steps:.0f} steps: "
           f"{'all passed' if not failed else f'{len(failed)} violated'}", flush=True)
+    took = time.perf_counter() - began
+    print(f"{ran} seed(s) in {took:.1f} s: {took / max(ran, 1):.2f} s per seed with {args.jobs} job(s)",
+          file=sys.stderr, flush=True)
     return 1 if failed else 0
 
 
