@@ -239,3 +239,31 @@ def test_what_the_fast_path_decided_is_carried_out_in_order_in_batches() -> None
             break
     assert published == hosts and batches == 3
     assert core.handle(TimerFired(FLUSH), at(0.7)) == []
+
+
+def test_the_service_fast_path_calls_the_cores_own_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Production ingests raw frames without building events (issue 12); it must
+    still decide through the very function ``handle(Delivered)`` uses."""
+    from hafence.contracts import encode
+    from hafence.heartbeat.service import Ingest
+
+    calls: list[tuple[str, str]] = []
+    heard = HeartbeatCore.heard
+
+    def spy(self: HeartbeatCore, host: str, *rest: object) -> list[Effect]:
+        calls.append(("core", host))
+        return heard(self, host, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(HeartbeatCore, "heard", spy)
+    core = make(["a", "b"])
+    core.handle(LeaseChanged(True, 7, valid_until=float("inf")), at(0.0))  # the ingest reads the real clock
+    beat(core, "a", 1, 0.5)
+    flushes: list[int] = []
+    ingest = Ingest(core, "hafence.hb.", lambda: flushes.append(1))
+    hb = Heartbeat(host="b", boot_id="boot1", seq=1, sent_at=WALL)
+    ingest.take("hafence.hb.b", encode(hb))
+    ingest.take("hafence.hb.a", encode(hb))  # S5: b's heartbeat on a's subject never reaches the core
+    assert calls == [("core", "a"), ("core", "b")]
+    assert [r.error for r in ingest.rejected] == ["rejected: heartbeat of host 'b' on subject hafence.hb.a"]
+    # b came alive: its event waits in the outbox for the one FLUSH the shell fed.
+    assert flushes == [1] and [e.host for e in events(core.handle(TimerFired(FLUSH), at(0.6)), "alive")] == ["b"]
