@@ -92,15 +92,29 @@ class Scheduler:
         timer.callback(*timer.args)
         return True
 
-    def run(self, until: float | None = None, max_steps: int | None = None) -> None:
+    def run(
+        self, until: float | None = None, max_steps: int | None = None,
+        after_step: Callable[[], object] | None = None,
+    ) -> None:
         """Run callbacks in time order until ``until`` (then time is ``until``), until
-        nothing is scheduled, or for ``max_steps`` callbacks."""
+        nothing is scheduled, or for ``max_steps`` callbacks; ``after_step`` after each
+        (the simulation's checkers). One tight loop: it is the simulation's hot path."""
+        heap, pop = self._heap, heapq.heappop
         steps = 0
         while max_steps is None or steps < max_steps:
-            when = self.next_time()
-            if when is None or (until is not None and when > until):
+            while heap and heap[0][2].cancelled:
+                pop(heap)
+            if not heap:
                 break
-            self.step()
+            when = heap[0][0]
+            if until is not None and when > until:
+                break
+            timer = pop(heap)[2]
+            self.now = when
+            self.steps += 1
+            timer.callback(*timer.args)
+            if after_step is not None:
+                after_step()
             steps += 1
         if until is not None and self.now < until and (max_steps is None or steps < max_steps):
             self.now = until

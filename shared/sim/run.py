@@ -73,18 +73,20 @@ def run_seed(seed: int, minutes: float = DEFAULT_MINUTES, hosts: int = 5, keep_l
     s, checkers, failures = cluster.scheduler, cluster.checkers, cluster.failures
     unhandled = s.unhandled
     end = minutes * 60.0
+    after_step = checkers.after_step
+
+    def check() -> None:
+        after_step()
+        if failures:
+            at, what = failures[0]
+            raise SafetyViolation(Violation("L3", s.steps, at, f"a core raised: {what}"))
+        if unhandled:
+            name, exc = unhandled[0]
+            raise SafetyViolation(Violation("E0", s.steps, s.now, f"task {name} failed: {exc!r}"))
+
     cluster.start()
     try:
-        while (when := s.next_time()) is not None and when <= end:
-            s.step()
-            checkers.after_step()
-            if failures:
-                at, what = failures[0]
-                raise SafetyViolation(Violation("L3", s.steps, at, f"a core raised: {what}"))
-            if unhandled:
-                name, exc = unhandled[0]
-                raise SafetyViolation(Violation("E0", s.steps, s.now, f"task {name} failed: {exc!r}"))
-        s.now = max(s.now, end)
+        s.run(until=end, after_step=check)
         result.excuses = checkers.check_recovery()
     except SafetyViolation as err:
         v = err.violation
