@@ -245,3 +245,17 @@ def test_s1_does_not_hold_a_vm_to_an_incident_of_a_later_boot_that_never_ran_it(
         host="h1", kind="suspect", at=0.0, incident="i1", boot_id=old_boot)))
     assert rule_of(lambda: c.on_effect("scheduler", start())) == "S1"
     s.run()
+
+
+def test_s1_a_confirmed_off_of_the_same_boot_releases_an_incident_named_twice() -> None:
+    s, w, c = setup()
+    boot = w.hosts["h1"].boot_id
+    for incident in ("i1", "i2"):  # two monitor replicas named one outage twice
+        c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+            host="h1", kind="suspect", at=0.0, incident=incident, boot_id=boot)))
+    s.run_until_complete(w.power.fence(fence_request(incident="i2")))
+    c.on_effect("fencer", Publish("hafence.fence.result.h1", FenceResult(
+        request_id="r1", incident="i2", host="h1", term=1, outcome="confirmed_off", level=1, started_at=0.0,
+        finished_at=0.0, boot_id=boot)))
+    c.on_effect("scheduler", start())
+    assert not c.violations

@@ -14,9 +14,9 @@ The rules, as ../shared/SIMULATION.md states them:
   resume with it).
 * **S1** (messages + world): a ``VmStart`` sent to host T for a VM last started on
   host H (``World.last_host``, in boot B: ``World.last_boot``), H != T, is a violation
-  - while H has an open incident of boot B (or of an unnamed boot) (a ``suspect`` HostEvent published) that no
-    ``confirmed_off`` FenceResult of the fencer for that incident, and no operator
-    ``confirmed_fenced``, has released; an ``alive`` closes the incident (a start
+  - while H has an open incident (a ``suspect`` HostEvent published) of boot B, or
+    of an unnamed boot, that no ``confirmed_off`` FenceResult of the fencer for that
+    incident or that boot, and no operator ``confirmed_fenced``, has released; an ``alive`` closes the incident (a start
     after it is judged by the second clause and S0);
   - or whenever the VM really runs on a powered host other than T right now (a
     start "elsewhere" before its host is off, whatever anyone believes).
@@ -234,7 +234,9 @@ class Checkers:
                                  f"{result.level}) without a run that really turned that level off: {seen}",
                            key=f"result {result.request_id}")
         for incident in self._open(result.host):
-            if incident.incident == result.incident:
+            # Its own incident's result, or any confirmed_off of the boot it is about: two
+            # monitor replicas may name one outage twice (a restarted agent's sequence).
+            if incident.incident == result.incident or (result.boot_id and incident.boot == result.boot_id):
                 incident.released = f"confirmed_off {result.request_id}"
 
     def _vm_start(self, service: str, subject: str, start: VmStart) -> None:
