@@ -67,6 +67,10 @@ TICK_S = 1.0
 # The HA reservation check (a walk over every host) runs at most this often, and
 # only when capacity changed (``ReservationGate``).
 RESERVATION_EVERY_S = 1.0
+# Commands of a wave in flight at once (a reply lets the next one go). Agents bound
+# their own parallel starts; this bounds the scheduler's reply inboxes and keeps a
+# 10,000-VM wave from timing out in agents' queues.
+COMMANDS_IN_FLIGHT = 128
 TRACE_HEADERS = ("traceparent", "tracestate")
 # Tag of VM events and alerts nobody waits for: tagged so the driver does not
 # hold the next event up for their acks (a failure comes back and is logged).
@@ -91,6 +95,18 @@ def vm_event_id(event: VmEvent, attempt: int = 0) -> str:
     return ":".join(parts)
 
 
+_children: dict[tuple[int, str], Any] = {}
+
+
+def _count(counter: Any, label: str) -> None:
+    """``counter.labels(label).inc()`` without its lookup each time (two per VM of a wave)."""
+    key = (id(counter), label)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = counter.labels(label)
+    child.inc()
+
+
 def _reservation(*args: Any, **kwargs: Any) -> tuple[bool, str, str]:
     return placement.largest_host_loss_absorbed(*args, **kwargs)
 
@@ -113,6 +129,7 @@ class _Wave:
     waiting: dict[str, tuple[LostVm, str]] = field(default_factory=dict)
     results: list[StartRow] = field(default_factory=list)
     started: dict[str, str] = field(default_factory=dict)
+    unsent: list[tuple[LostVm, str]] = field(default_factory=list)  # recorded, not asked yet (last first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +313,10 @@ class SchedulerCore:
                     del self.history[gone]
                 for gone in self.announced_starts.keys() - incidents:
                     del self.announced_starts[gone]
+                # What the replay folded about incidents long over is not kept either.
+                for table in (self.incident_trace, self.fence_confirmed_at, self.failover_remaining):
+                    for gone in table.keys() - incidents:
+                        del table[gone]  # type: ignore[attr-defined]
                 missing = sorted(incidents - self.history.keys())
                 if missing:
                     self.loading = True
@@ -372,12 +393,21 @@ class SchedulerCore:
         return len(jobs)
 
     def _send_wave(self, wave: _Wave, now: Now, out: list[Effect]) -> None:
-        """The wave is on disk: its placed events, then every command at once. The
-        driver writes them in this order on one connection, so every subscriber sees
-        a VM's ``placed`` before its command; nothing waits for the placed acks."""
-        by_incident: dict[str, list[tuple[LostVm, str]]] = {}
+        """The wave is on disk: its placed events, then its commands at once (up to
+        ``COMMANDS_IN_FLIGHT``; the rest one per reply). The driver writes them in
+        this order on one connection, so every subscriber sees a VM's ``placed``
+        before its command; nothing waits for the placed acks."""
         for lost, target in wave.jobs:
             self._note(lost, target, "sending")
+        wave.unsent = list(reversed(wave.jobs))
+        self._send_more(wave, COMMANDS_IN_FLIGHT, now, out)
+
+    def _send_more(self, wave: _Wave, count: int, now: Now, out: list[Effect]) -> None:
+        batch = [wave.unsent.pop() for _ in range(min(count, len(wave.unsent)))]
+        if not batch:
+            return
+        by_incident: dict[str, list[tuple[LostVm, str]]] = {}
+        for lost, target in batch:
             by_incident.setdefault(lost.incident, []).append((lost, target))
         for incident, jobs in by_incident.items():
             # One span per wave and incident carries its VMs (and its placed events the trace).
@@ -386,7 +416,7 @@ class SchedulerCore:
                 "hafence.vms": [lost.spec.name for lost, _ in jobs],
                 "hafence.targets": [target for _, target in jobs]}))
             out += [self._vm_event(lost, "placed", now, target) for lost, target in jobs]
-        for lost, target in wave.jobs:
+        for lost, target in batch:
             tag = f"start:{wave.id}:{lost.spec.name}"
             wave.waiting[tag] = (lost, target)
             out.append(Span(f"start vm {lost.spec.name}", self.incident_trace.get(lost.incident, {}), {
@@ -408,12 +438,12 @@ class SchedulerCore:
             out.append(self._vm_event(lost, "failed", now, target, reply.error))
         elif outcome == "failed":
             out.append(Log("error", "VM start failed", {"vm": vm, "target": target, "error": reply.error}))
-            metrics.PLACEMENTS.labels("failed").inc()
+            _count(metrics.PLACEMENTS, "failed")
             self._note(lost, target, "failed")
             wave.results.append((vm, lost.incident, target, "failed", reply.error, now.wall))
             out.append(self._vm_event(lost, "failed", now, target, reply.error))
         else:
-            metrics.PLACEMENTS.labels("started").inc()
+            _count(metrics.PLACEMENTS, "started")
             self._note(lost, target, "started")
             wave.results.append((vm, lost.incident, target, "started", "", now.wall))
             wave.started[vm] = target
@@ -424,6 +454,10 @@ class SchedulerCore:
                     del self.failover_remaining[lost.incident]
                     metrics.FAILOVER_SECONDS.observe(now.wall - self.fence_confirmed_at[lost.incident])
             out.append(self._vm_event(lost, "started", now, target, "already running" if reply.already else ""))
+        if self.leader(now):
+            self._send_more(wave, 1, now, out)
+        elif wave.unsent:
+            self._abandon(wave)
         if wave.waiting:
             return
         self.wave = None
@@ -437,6 +471,15 @@ class SchedulerCore:
             out.append(Log("info", "VMs started",
                            {"priority": wave.priority, "count": len(wave.started), "vms": wave.started}))
 
+    def _abandon(self, wave: _Wave) -> None:
+        """Send no more of this wave: what was not sent is no longer reserved."""
+        unsent = wave.unsent if wave.unsent or wave.waiting else wave.jobs
+        for lost, target in unsent:
+            self.state.reserved.pop((lost.spec.name, target), None)
+        wave.unsent = []
+        if not wave.waiting:
+            self.wave, self.run = None, None
+
     def _note(self, lost: LostVm, target: str, status: str) -> None:
         """Mirror of one upsert into the table (an updated row moves to the end, as its ``at`` does)."""
         runs = self.history.setdefault(lost.incident, {}).setdefault(lost.spec.name, [])
@@ -444,7 +487,7 @@ class SchedulerCore:
         runs.append((target, status))
 
     def _vm_event(self, lost: LostVm, kind: str, now: Now, target: str = "", reason: str = "") -> Publish:
-        metrics.VM_EVENTS.labels(kind).inc()
+        _count(metrics.VM_EVENTS, kind)
         event = VmEvent(vm=lost.spec.name, kind=kind, at=now.wall, incident=lost.incident,  # type: ignore[arg-type]
                         from_host=lost.from_host, target=target, reason=reason)
         return Publish(self.subjects.vm_event(lost.spec.name, kind), event, vm_event_id(event), tag=EVENT_TAG)
@@ -475,6 +518,13 @@ class SchedulerCore:
                 self.store_retry_at = now.mono + TICK_S
                 out.append(Log("error", "starts not recorded: nothing sent", {"error": event.error}))
                 return
+            if not self.leader(now):
+                # The lease ran out while the records were written: a leader sends
+                # commands, not this process. The "sending" records make whoever
+                # leads next (this one again, from its store) ask the same hosts.
+                self._abandon(wave)
+                out.append(Log("warning", "lease lost: the wave's starts were not sent", {"wave": wave.id}))
+                return
             self._send_wave(wave, now, out)
         elif tag.startswith("start:"):
             if self.wave is not None and tag in self.wave.waiting:
@@ -493,7 +543,7 @@ class SchedulerCore:
                           else "no host is known to hold the wrong copy: a person must decide")
                 reason = f"running on {', '.join(hosts)}; {action}"
                 out.append(Log("error", "VM runs on two hosts", {"vm": vm, "hosts": list(hosts)}))
-                metrics.VM_EVENTS.labels("duplicate").inc()
+                _count(metrics.VM_EVENTS, "duplicate")
                 out.append(Publish(self.subjects.vm_event(vm, "duplicate"),
                                    VmEvent(vm=vm, kind="duplicate", at=now.wall, target=",".join(stop_on),
                                            reason=reason), tag=EVENT_TAG))
@@ -524,7 +574,7 @@ class SchedulerCore:
             return
         reason = f"duplicate: also running on {', '.join(effect.keep)}; {effect.host} was fenced"
         out.append(Log("warning", "duplicate copy stopped", {"vm": effect.vm, "host": effect.host}))
-        metrics.VM_EVENTS.labels("stopped").inc()
+        _count(metrics.VM_EVENTS, "stopped")
         out.append(Publish(self.subjects.vm_event(effect.vm, "stopped"),
                            VmEvent(vm=effect.vm, kind="stopped", at=now.wall, target=effect.host, reason=reason),
                            tag=EVENT_TAG))
@@ -540,7 +590,7 @@ class SchedulerCore:
             out.append(Log("error" if kind == "restart_limit" else "warning",
                            "HA VM not restarted" if kind == "restart_limit" else "HA VM restart pending",
                            {"vm": effect.vm, "host": effect.host, "reason": reason}))
-        metrics.VM_EVENTS.labels(kind).inc()
+        _count(metrics.VM_EVENTS, kind)
         out.append(Span(f"vm {effect.vm} {kind}", self.failure_trace.get(effect.failure_id, {}),
                         {"hafence.vm": effect.vm, "hafence.host": effect.host}))
         event = VmEvent(vm=effect.vm, kind=kind, at=now.wall,  # type: ignore[arg-type]
@@ -616,7 +666,7 @@ class SchedulerCore:
         out.append(Log("info" if done == "restarted" else "error",
                        "VM restarted" if done == "restarted" else "VM restart failed",
                        {"vm": vm, "target": target, "error": reply.error}))
-        metrics.VM_EVENTS.labels(done).inc()
+        _count(metrics.VM_EVENTS, done)
         out.append(Span(f"vm {vm} {done}", self.failure_trace.get(effect.failure_id, {}), {"hafence.vm": vm}))
         result = VmEvent(vm=vm, kind=done, at=now.wall, incident=effect.failure_id,  # type: ignore[arg-type]
                          from_host=effect.from_host, target=target,

@@ -3,8 +3,9 @@ a fenced host. A fold over the events stream; pure, no I/O, time is an argument.
 
 S1 lives here, in one function: ``host_released`` (every fact about a host's
 fate is put to it; a VM enters ``lost``, the only set the scheduler restarts
-from, only when it says yes): a fence result ``confirmed_off`` for the host's open
-incident and boot, or an operator's confirmation by hand that the host is off.
+from, only when it says yes): a fence result ``confirmed_off`` (of the boot it
+names, or of the open incident), or an operator's confirmation by hand that the
+host is off. What a later boot of the host runs is never released.
 The simulation plants "start a VM before confirmed off" by replacing it.
 "Of the current term" is enforced where it can be enforced atomically, by the
 fencer, which runs no request older than the newest term it has seen: a
@@ -57,23 +58,22 @@ BOOTS_KEPT = 4
 RESEND_S = 5.0
 
 
-def host_released(fact: FenceResult | HostEvent, incident: str, boot: str) -> bool:
-    """S1: may the VMs of ``fact``'s host be restarted elsewhere because of it?
-    ``incident`` and ``boot``: the host's open incident as the scheduler knows it
-    from its suspect event ("" when none is open or it named none).
+def host_released(fact: FenceResult | HostEvent, incident: str) -> bool:
+    """S1: may the VMs of ``fact``'s host (of the boot it names) be restarted
+    elsewhere because of it? ``incident``: the host's open incident ("" if none).
 
-    Yes only for a fence result ``confirmed_off`` of that incident and that boot
-    (a power reading for another boot, or an older incident, says nothing about the
-    boot that may be running now), or an operator's ``confirmed_fenced`` (a person
-    confirms by hand that the host is off). Every host event and fence result is
-    asked, so a rule that said yes too early would show at once."""
+    Yes for a fence result ``confirmed_off`` (a power reading: every boot up to it
+    is off, so it releases the boot it names; what a later boot runs is not
+    released, see ``_fenced``) and for an operator's ``confirmed_fenced`` (a person
+    confirms by hand that the host is off). A result that names no boot is about
+    its own incident's boot: if that is not the open incident, which boot it saw
+    off is not known, and it releases nothing. Every host event and fence result
+    is asked, so a rule that said yes too early would show at once."""
     if isinstance(fact, HostEvent):
         return fact.kind == "confirmed_fenced"
     if fact.outcome != "confirmed_off":
         return False
-    if boot and fact.boot_id and fact.boot_id != boot:
-        return False
-    return not (incident and fact.incident and fact.incident != incident)
+    return bool(fact.boot_id) or not incident or fact.incident == incident
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +138,6 @@ class SchedulerState:
     # The boot an open incident is about (from the suspect event, else the last report before it).
     suspect_boot: dict[str, str] = field(default_factory=dict)
     suspect_incident: dict[str, str] = field(default_factory=dict)
-    suspect_named_boot: dict[str, str] = field(default_factory=dict)
     fenced_boots: dict[str, set[str]] = field(default_factory=dict)
     quarantine: dict[str, Quarantine] = field(default_factory=dict)
     lost: dict[str, LostVm] = field(default_factory=dict)
@@ -285,11 +284,9 @@ class SchedulerState:
         """The scheduler's own VM events: what it did about failures (their count survives a restart)."""
         self.restarts.on_vm_event(event)
 
-    def open_incident(self, host: str) -> tuple[str, str]:
-        """(incident, boot) of the host's open incident, as its suspect event named
-        them; ("", "") when none is open. A boot the scheduler only guessed (the
-        suspect named none) is not held against a result that names one."""
-        return self.suspect_incident.get(host, ""), self.suspect_named_boot.get(host, "")
+    def open_incident(self, host: str) -> str:
+        """The host's open incident, from its suspect event ("" when none is open)."""
+        return self.suspect_incident.get(host, "")
 
     def on_host_event(self, event: HostEvent) -> bool:
         """Fold a host event; True when it releases the host's VMs for restart (S1)."""
@@ -299,7 +296,6 @@ class SchedulerState:
             inv = self.inventories.get(host)
             self.suspect_boot[host] = event.boot_id or (inv.boot_id if inv else "")
             self.suspect_incident[host] = event.incident
-            self.suspect_named_boot[host] = event.boot_id
         elif event.kind == "alive" and self.phases.get(host) == "suspect":
             self._set_phase(host, "up")
             self._close_incident(host)
@@ -315,18 +311,17 @@ class SchedulerState:
                 q.cleared_by = event.by or "unknown"
                 self._maybe_rejoin(host)
         # Looked up at each call (not bound at import): the simulation replaces it.
-        if host_released(event, *self.open_incident(host)):
+        if host_released(event, self.open_incident(host)):
             return self._fenced(host, event.incident, event.boot_id)
         return False
 
     def _close_incident(self, host: str) -> None:
         self.suspect_boot.pop(host, None)
         self.suspect_incident.pop(host, None)
-        self.suspect_named_boot.pop(host, None)
 
     def on_fence_result(self, result: FenceResult) -> bool:
         """True when this result releases the host's VMs for restart."""
-        if not host_released(result, *self.open_incident(result.host)):
+        if not host_released(result, self.open_incident(result.host)):
             return False
         if self.phases.get(result.host) in ("fenced", "quarantined") and any(
             lost.incident == result.incident for lost in self.lost.values()
@@ -360,8 +355,10 @@ class SchedulerState:
             return True
         copies = self.copies()
         for vm in inv.vms:
-            if vm.state != "running" or any(h != host for h in copies.get(vm.spec.name, ())):
-                continue  # running elsewhere already
+            # Running elsewhere already, or on this host's later boot (back, quarantined:
+            # S6 deals with it there): not lost, whatever the fenced boot ran.
+            if vm.state != "running" or copies.get(vm.spec.name):
+                continue
             spec = self.resolve(vm.spec)
             if spec.ha:
                 self.lost[vm.spec.name] = LostVm(spec, host, incident)
