@@ -71,3 +71,20 @@ def test_a_violation_prints_the_seed_the_rule_and_the_log_and_fails(
     assert "seed 1: 0.5 simulated min" in out and "seed 3:" not in out  # stops at the first violation
     assert "seed 2 violated S0 at t=12.500000: vm1-1 runs on 2 powered hosts" in out
     assert "the last 20 of" in out and "replay: python -m hafence.sim --seed 2" in out
+
+
+def test_a_violation_raised_inside_a_simulated_task_is_reported_as_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A LeaseChanged is handled in the lease task's step: a checker raising there must not
+    become a failed task (E0), nor be swallowed by whoever awaits the task."""
+    from hafence.core.events import LeaseChanged
+    from hafence.sim.checkers import Checkers, SafetyViolation, Violation
+
+    def on_event(self: Checkers, service: object, event: object) -> None:
+        if isinstance(event, LeaseChanged) and event.held:
+            v = Violation("S9", 0, 0.0, "planted: a lease was taken")
+            self.violations.append(v)
+            raise SafetyViolation(v)
+
+    monkeypatch.setattr(Checkers, "on_event", on_event)
+    result = run_seed(1, 0.5)
+    assert (result.rule, result.what) == ("S9", "planted: a lease was taken")

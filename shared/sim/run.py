@@ -75,13 +75,21 @@ def run_seed(seed: int, minutes: float = DEFAULT_MINUTES, hosts: int = 5, keep_l
     end = minutes * 60.0
     after_step = checkers.after_step
 
+    violations = checkers.violations
+
     def check() -> None:
         after_step()
+        if violations:
+            # Raised inside a callback that caught it (a task's step, a port's outcome): the
+            # checkers kept it all the same.
+            raise SafetyViolation(violations[0])
         if failures:
             at, what = failures[0]
             raise SafetyViolation(Violation("L3", s.steps, at, f"a core raised: {what}"))
         if unhandled:
             name, exc = unhandled[0]
+            if isinstance(exc, SafetyViolation):
+                raise exc
             raise SafetyViolation(Violation("E0", s.steps, s.now, f"task {name} failed: {exc!r}"))
 
     cluster.start()
