@@ -259,3 +259,10 @@ def test_s1_a_confirmed_off_of_the_same_boot_releases_an_incident_named_twice() 
         finished_at=0.0, boot_id=boot)))
     c.on_effect("scheduler", start())
     assert not c.violations
+
+
+def test_l1_excuses_the_vms_of_a_host_whose_agent_is_compromised() -> None:
+    _s, w, c = setup()
+    w.lose_power("h1")
+    c.compromised.add("h1")
+    assert "compromised" in c.check_recovery()[0] and not c.violations

@@ -32,7 +32,9 @@ The rules, as ../shared/SIMULATION.md states them:
 * **L1** (``check_recovery``, after the heal phase): every HA VM runs on a live
   host, unless there is no room, or its host's fence was given up on
   (a ``fence_failed`` the arbiter published with ``alert``, awaiting an operator),
-  which the design allows.
+  or a compromised agent claimed it or ran it (an agent that lies about its own
+  VMs is root on its host: no cluster can restart what it hides), which the
+  design allows.
 
 Services are told apart by name prefix (``fencer``, ``arbiter``, ``heartbeat``,
 ``scheduler``; ``operator`` for the operator's confirmations): replicas may be
@@ -102,6 +104,8 @@ class Checkers:
     cleared_at: dict[str, float] = field(default_factory=dict)
     # VMs a compromised agent claimed to run: a scheduler may believe it (L1 excuses them)
     disputed: set[str] = field(default_factory=set)
+    # hosts whose agent is compromised: what it says of its own VMs cannot be checked
+    compromised: set[str] = field(default_factory=set)
     _seen_version: int = -1
     _runs_checked: int = 0
     _highest_term: int = 0
@@ -288,6 +292,9 @@ class Checkers:
             host = w.last_host.get(vm, w.vms[vm].home)
             if vm in self.disputed:
                 excuses.append(f"{vm}: a compromised agent claimed to run it")
+                continue
+            if host in self.compromised:
+                excuses.append(f"{vm}: its host {host} has a compromised agent (it may hide its own VMs)")
                 continue
             if self.given_up.get(host):
                 excuses.append(f"{vm}: the fence of {host} was given up on (an operator must confirm)")

@@ -324,6 +324,8 @@ class FaultInjector:
     @classmethod
     def for_cluster(cls, cluster: Any, plan: FaultPlan) -> FaultInjector:
         """On a ``hafence.sim.cluster.SimCluster`` (which wires agents to their hosts itself)."""
+        if plan.compromised:
+            cluster.checkers.compromised.add(plan.compromised)
         return cls(plan, cluster.world, cluster.net, {svc.who: svc for svc in cluster.services},
                    cluster.clocks, cluster.names.leases, lease_ttl=cluster.config.timings.lease_ttl_s,
                    prefix=cluster.config.cluster.subject_prefix, on_crash=cluster.checkers.service_crashed,
