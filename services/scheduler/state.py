@@ -58,9 +58,10 @@ BOOTS_KEPT = 4
 RESEND_S = 5.0
 
 
-def host_released(fact: FenceResult | HostEvent, incident: str) -> bool:
+def host_released(fact: FenceResult | HostEvent, incident: str, boot: str) -> bool:
     """S1: may the VMs of ``fact``'s host (of the boot it names) be restarted
-    elsewhere because of it? ``incident``: the host's open incident ("" if none).
+    elsewhere because of it? ``incident``, ``boot``: the host's open incident and
+    the boot it is about ("" if none is open; the boot a fact naming none releases).
 
     Yes for a fence result ``confirmed_off`` (a power reading: every boot up to it
     is off, so it releases the boot it names; what a later boot runs is not
@@ -284,9 +285,12 @@ class SchedulerState:
         """The scheduler's own VM events: what it did about failures (their count survives a restart)."""
         self.restarts.on_vm_event(event)
 
-    def open_incident(self, host: str) -> str:
-        """The host's open incident, from its suspect event ("" when none is open)."""
-        return self.suspect_incident.get(host, "")
+    def open_incident(self, host: str) -> tuple[str, str]:
+        """(incident, boot) of the host's open incident, from its suspect event (the
+        boot it named, else the last one the host reported); ("", "") when none is open."""
+        if host not in self.suspect_incident:
+            return "", ""
+        return self.suspect_incident[host], self.suspect_boot.get(host, "")
 
     def on_host_event(self, event: HostEvent) -> bool:
         """Fold a host event; True when it releases the host's VMs for restart (S1)."""
@@ -311,7 +315,7 @@ class SchedulerState:
                 q.cleared_by = event.by or "unknown"
                 self._maybe_rejoin(host)
         # Looked up at each call (not bound at import): the simulation replaces it.
-        if host_released(event, self.open_incident(host)):
+        if host_released(event, *self.open_incident(host)):
             return self._fenced(host, event.incident, event.boot_id)
         return False
 
@@ -321,7 +325,7 @@ class SchedulerState:
 
     def on_fence_result(self, result: FenceResult) -> bool:
         """True when this result releases the host's VMs for restart."""
-        if not host_released(result, self.open_incident(result.host)):
+        if not host_released(result, *self.open_incident(result.host)):
             return False
         if self.phases.get(result.host) in ("fenced", "quarantined") and any(
             lost.incident == result.incident for lost in self.lost.values()
