@@ -132,3 +132,13 @@ def test_a_clock_stall_freezes_the_nodes_services_and_its_monotonic_clock_misses
     s.run(until=30)
     assert abs(clocks["svc"].monotonic() - before) < 1e-9  # it believes no time passed
     assert clocks["h1"].monotonic() - clocks["svc"].monotonic() > 19.0
+
+
+def test_the_compromised_agent_is_silent_while_its_host_is_off() -> None:
+    s, w, net, services, clocks = cluster()
+    p = FaultPlan({"compromised_agent": 1.0}, HEALTHY, [], 60.0, 60.0, compromised="h2")
+    inj = FaultInjector(p, w, net, services, clocks, "leases")
+    w.lose_power("h2")
+    s.call_at(0.0, inj._lie)
+    s.run(until=60)
+    assert not [line for line in net.log.lines if "liar h2" in line]

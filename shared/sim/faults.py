@@ -410,6 +410,9 @@ class FaultInjector:
         if s.now >= self.plan.heal_at:
             return
         host = self.plan.compromised
+        if not self.world.hosts[host].answers:  # a host that is off or frozen says nothing
+            s.call_later(self.net.rng.uniform(*self.liar_interval), self._lie)
+            return
         if self._liar is None or self._liar.closed:
             self._liar = self.net.connect(host, self.clocks.get(host))
         try:
