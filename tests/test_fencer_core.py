@@ -38,7 +38,7 @@ from hafence.fencer import admission
 from hafence.fencer.admission import Admission, Answer, Refuse, Run
 from hafence.fencer.core import FencerCore
 from hafence.fencer.live_ports import ClaimLost, HeldClaim
-from hafence.fencer.locks import LockLost, Token
+from hafence.fencer.locks import KvLocks, LockLost, Token
 from hafence.fencer.ports import Claimed, FenceReport, MemoryJournal, Protection, SoloReplicas
 from hafence.fencer.topology import Verdict
 from tests.conftest import cluster_toml
@@ -543,3 +543,35 @@ async def test_a_fence_that_ends_past_its_claims_validity_is_not_reported() -> N
         with pytest.raises(ClaimLost, match="expired"):
             await claim.run(quick_fence())
         claim.release()
+
+
+class SwallowingKv:
+    """A KV whose update loses a cancellation that comes while it is in flight, as
+    ``asyncio.wait_for`` does on Python < 3.12 when the reply arrives at once."""
+
+    def __init__(self) -> None:
+        self.revision = 1
+        self.swallowed = 0
+        self.in_flight = asyncio.Event()
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        self.in_flight.set()
+        try:
+            await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            self.swallowed += 1
+        self.revision += 1
+        return self.revision
+
+    async def delete(self, key: str, last: int) -> None:
+        return None
+
+
+async def test_a_lock_whose_renewal_loses_its_cancellation_is_still_released() -> None:
+    kv = SwallowingKv()
+    locks = KvLocks(kv, "me", ttl=0.2)  # type: ignore[arg-type]
+    token = Token("dev.x", "device x", 1, 1, locks.now() + locks.validity)
+    async with asyncio.timeout(5):  # before: the renewer renewed on and the block never ended
+        async with locks.hold(token.key, token.what, token):
+            await kv.in_flight.wait()  # the block ends while a renewal is in flight
+    assert kv.swallowed >= 1

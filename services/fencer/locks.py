@@ -140,10 +140,15 @@ class KvLocks:
         token = token or await self.acquire(key, what)
         try:
             async with asyncio.timeout_at(token.valid_until) as deadline:
-                renewer = asyncio.create_task(self._keep(token, deadline), name=f"renew {key}")
+                # Told to stop as well as cancelled: a cancellation that arrives as a KV
+                # reply does is lost in ``wait_for`` (Python < 3.12), and a renewer that
+                # renews on would hold the lock, and this block, for ever.
+                stop = asyncio.Event()
+                renewer = asyncio.create_task(self._keep(token, deadline, stop), name=f"renew {key}")
                 try:
                     yield token
                 finally:
+                    stop.set()
                     renewer.cancel()
                     await asyncio.gather(renewer, return_exceptions=True)
         except TimeoutError:
@@ -154,10 +159,12 @@ class KvLocks:
         finally:
             await asyncio.shield(self.release(token))
 
-    async def _keep(self, token: Token, deadline: asyncio.Timeout) -> None:
-        while True:
+    async def _keep(self, token: Token, deadline: asyncio.Timeout, stop: asyncio.Event) -> None:
+        while not stop.is_set():
             await asyncio.sleep(self.ttl / 4)
-            if self.now() >= token.valid_until:
+            if stop.is_set() or self.now() >= token.valid_until:
                 return  # the deadline fires (a pause ate the validity); renewing now is too late
             await self.renew(token)
+            if stop.is_set():
+                return
             deadline.reschedule(token.valid_until)
