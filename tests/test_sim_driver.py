@@ -541,3 +541,28 @@ def test_no_real_time_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("time", "monotonic", "perf_counter", "time_ns", "monotonic_ns", "sleep"):
         monkeypatch.setattr(time, name, forbidden)
     assert busy_world(5).count("\n") > 200
+
+
+# -- the whole cluster on the driver -------------------------------------------------------------
+
+def test_a_host_that_loses_power_is_fenced_and_its_vms_run_again_elsewhere() -> None:
+    """Every real core on the simulated driver, no random fault: h1 loses its power with
+    its BMC at t=60 (its PDU, if it has one, or nothing can confirm it off)."""
+    from hafence.sim.run import build
+
+    cluster, _ = build(2, minutes=4.0, kinds=())
+    cluster.start()
+    s, world = cluster.scheduler, cluster.world
+    s.run(until=60.0, after_step=cluster.checkers.after_step)
+    assert {h for h, a in cluster.agents.items() if a.alive} == set(world.hosts)
+    assert sorted(world.running_on("vm1-1")) == ["h1"]
+    victim = next(h for h in sorted(world.hosts) if len(world.hosts[h].devices) > 1)  # it has a PDU level
+    vms = sorted(world.hosts[victim].running)
+    world.lose_power(victim)
+    s.run(until=180.0, after_step=cluster.checkers.after_step)
+    assert cluster.checkers.violations == [] and cluster.failures == []
+    confirmed = [r for r in world.runs if r.host == victim and r.outcome == "confirmed_off"]
+    assert confirmed and confirmed[0].started - 60.0 < 10.0  # detection (3 s) and the arbiter's decision
+    for vm in vms:
+        (where,) = world.running_on(vm)
+        assert where != victim
