@@ -512,6 +512,27 @@ def test_after_the_bucket_is_lost_a_term_learned_and_raised_goes_above_the_last_
     assert raised is not None and raised.held and raised.term > first.term
 
 
+def test_a_stale_lease_bound_as_production_binds_it_keeps_believing_while_another_takes_over() -> None:
+    """The lab's StaleLease (what ``lease_factory`` binds for the S3 test) on the simulated
+    lease: the old leader, paused past its TTL, still says it holds its term for ever."""
+    from hafence.lab.stale_arbiter import StaleLease
+
+    w = World(lease_ttl=4.0)
+    wants = Inputs(lease=Lease("arbiter", ttl=4.0))
+    stale = SimService("arbiter", "a", lambda: ToyCore(leased, wants), {}, None, NodeClock(w.s, "a"), w.net)
+    stale.lease_factory = StaleLease
+    stale.start()
+    w.run(1)
+    w.service(leased, wants, node="b", name="arbiter")
+    old = stale.core.memory["lease"]  # type: ignore[union-attr]
+    stale.pause(10.0)
+    w.run(20)
+    new = lease_state(w.cores[0])
+    assert new is not None and new.held and new.term > old.term
+    assert stale.core.memory["lease"] == old  # type: ignore[union-attr]
+    assert old.held and old.valid_until == float("inf")
+
+
 # -- determinism and no real time ------------------------------------------------------------------
 
 def busy_world(seed: int) -> str:

@@ -60,6 +60,7 @@ from hafence.core.events import (
 )
 from hafence.core.inputs import Consume, Inputs, ReplayInput, Serve, Subscribe
 from hafence.core.machine import Core
+from hafence.lease import LeaderLease
 from hafence.retry import ATTEMPTS, FIRST_DELAY_S, MAX_DELAY_S
 from hafence.sim.clock import NodeClock, SimFuture, Task, Timer
 from hafence.sim.lease import SimLease
@@ -155,6 +156,9 @@ class SimService:
         self.incarnation = 0
         self.core: Core | None = None
         self.lease: SimLease | None = None
+        # The lease class of the next start (production's ``lease_factory``): a fault or a
+        # test binds the lab's StaleLease to make a leader that never notices its loss.
+        self.lease_factory: type[LeaderLease] = LeaderLease
         self.inputs = Inputs()
         self.paused_until = -1.0
         self.crashes = 0
@@ -418,7 +422,7 @@ class SimService:
         if inputs.lease is not None:
             spec = inputs.lease
             lease = SimLease(self.conn.key_value(self.bucket), spec.role,  # type: ignore[union-attr]
-                             f"{self.who}#{incarnation}", spec.ttl, self.clock)
+                             f"{self.who}#{incarnation}", spec.ttl, self.clock, self.lease_factory)
             self.lease = lease
             after = spec.after
             self._spawn(

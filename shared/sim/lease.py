@@ -72,10 +72,13 @@ class SimLease:
     """One replica's lease on ``role``: the port a core calls (``learn``, ``raise_term``)
     and the loop the driver runs (``run``)."""
 
-    def __init__(self, kv: KV, role: str, holder: str, ttl: float, clock: NodeClock) -> None:
+    def __init__(self, kv: KV, role: str, holder: str, ttl: float, clock: NodeClock,
+                 factory: type[LeaderLease] = LeaderLease) -> None:
         self.clock = clock
         self.ttl = ttl
-        self.lease = LeaderLease(NatsKV(kv), role, holder, ttl, clock=clock.monotonic)  # type: ignore[arg-type]
+        # ``factory``: another lease class, as production's ``lease_factory`` (the lab's
+        # ``StaleLease``: a leader that never notices it lost its lease).
+        self.lease = factory(NatsKV(kv), role, holder, ttl, clock=clock.monotonic)  # type: ignore[arg-type]
 
     # -- the port ----------------------------------------------------------------------
     def learn(self, term: int) -> None:
