@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 
 from hafence.contracts import Alert, Heartbeat, HostEvent, MonitorView
-from hafence.core import Delivered, LeaseChanged, Now, Publish, SetTimer, Started, TimerFired
+from hafence.core import Delivered, LeaseChanged, Now, Publish, Returned, SetTimer, Started, TimerFired
 from hafence.core.effects import Effect
+from hafence.core.events import Event
 from hafence.heartbeat import liveness
 from hafence.heartbeat.core import FLUSH, FLUSH_BATCH, SOURCE, TICK, VIEWS, HeartbeatCore, Settings
 from hafence.subjects import Subjects
@@ -28,19 +29,31 @@ def make(hosts: list[str], nonce: str = "n1", **kw: object) -> HeartbeatCore:
     return core
 
 
+def handle(core: HeartbeatCore, event: Event, now: Now) -> list[Effect]:
+    """As a driver whose publishes are stored at once: each tagged one reports back."""
+    out = core.handle(event, now)
+    i = 0
+    while i < len(out):
+        e = out[i]
+        if isinstance(e, Publish) and e.tag:
+            out += core.handle(Returned(e.tag), now)
+        i += 1
+    return out
+
+
 def lead(core: HeartbeatCore, mono: float, term: int = 7) -> list[Effect]:
-    return core.handle(LeaseChanged(True, term, valid_until=mono + 100.0), at(mono))
+    return handle(core, LeaseChanged(True, term, valid_until=mono + 100.0), at(mono))
 
 
 def beat(core: HeartbeatCore, host: str, seq: int, mono: float, boot: str = "boot1") -> list[Effect]:
     hb = Heartbeat(host=host, boot_id=boot, seq=seq, sent_at=WALL + mono)
-    return core.handle(Delivered(SOURCE, f"hafence.hb.{host}", hb), at(mono))
+    return handle(core, Delivered(SOURCE, f"hafence.hb.{host}", hb), at(mono))
 
 
 def tick(core: HeartbeatCore, mono: float) -> list[Effect]:
     """A tick on time (the load guard reads a late one as the monitor's own stall)."""
     core.due = mono
-    return core.handle(TimerFired(TICK), at(mono))
+    return handle(core, TimerFired(TICK), at(mono))
 
 
 def ticks(core: HeartbeatCore, start: float, stop: float) -> list[Effect]:
@@ -49,7 +62,7 @@ def ticks(core: HeartbeatCore, start: float, stop: float) -> list[Effect]:
     core.due = start
     t = start
     while t <= stop + 1e-9:
-        out += core.handle(TimerFired(TICK), at(t))
+        out += handle(core, TimerFired(TICK), at(t))
         t += INTERVAL / 4
     return out
 
@@ -151,7 +164,7 @@ def test_an_overloaded_monitor_holds_its_suspects_and_alerts() -> None:
     # The process stalls for 4 s (SIGSTOP, a starved VM): the first tick after it is
     # 4 s late, and everyone has been silent past the window, for the monitor's fault.
     core.due = 2.25
-    out = core.handle(TimerFired(TICK), at(6.25))
+    out = handle(core, TimerFired(TICK), at(6.25))
     assert not events(out, "suspect")
     [alert] = [e.message for e in out if isinstance(e, Publish) and isinstance(e.message, Alert)]
     assert alert.kind == "monitor_overloaded" and "event loop" in alert.reason
@@ -162,7 +175,7 @@ def test_an_overloaded_monitor_holds_its_suspects_and_alerts() -> None:
     while t < 12.0:
         out += beat(core, "a", seq, t)
         core.due = t
-        out += core.handle(TimerFired(TICK), at(t))
+        out += handle(core, TimerFired(TICK), at(t))
         t += INTERVAL / 4
         seq += 1
     assert "monitor_recovered" in [e.message.kind for e in out
@@ -218,7 +231,8 @@ def test_the_fast_path_and_a_delivery_share_one_decision() -> None:
 
 def test_what_the_fast_path_decided_is_carried_out_in_order_in_batches() -> None:
     """A starting monitor hears every host come alive at once: one FLUSH is fed for
-    the lot, and each FLUSH hands over a batch, so the ticks run between batches."""
+    the lot; a batch goes out, and the next only once the last is stored (a flood
+    of publishes would keep the event loop past the load guard's lag limit)."""
     hosts = [f"h{i:04d}" for i in range(2 * FLUSH_BATCH + 10)]
     core = make(hosts)
     lead(core, 0.0)
@@ -228,17 +242,23 @@ def test_what_the_fast_path_decided_is_carried_out_in_order_in_batches() -> None
         if out and core.defer(out):
             feeds += 1
     assert feeds == 1
+    batch = [e for e in core.handle(TimerFired(FLUSH), at(0.6)) if isinstance(e, Publish)]
     published: list[str] = []
     batches = 0
-    while True:
-        out = core.handle(TimerFired(FLUSH), at(0.6))
+    while batch:
         batches += 1
-        assert len([e for e in out if isinstance(e, Publish)]) <= FLUSH_BATCH
-        published += [e.host for e in events(out, "alive")]
-        if SetTimer(FLUSH, 0.0) not in out:
-            break
+        assert len(batch) <= FLUSH_BATCH
+        published += [e.message.host for e in batch]  # type: ignore[union-attr]
+        following: list[Effect] = []
+        for i, e in enumerate(batch):
+            more = core.handle(Returned(e.tag), at(0.7))
+            assert not more or i == len(batch) - 1  # nothing new before the whole batch is stored
+            following += more
+        batch = [e for e in following if isinstance(e, Publish)]
     assert published == hosts and batches == 3
-    assert core.handle(TimerFired(FLUSH), at(0.7)) == []
+    # Idle again: the next host back is fed a FLUSH of its own.
+    core.handle(TimerFired(TICK), at(0.75))
+    assert core.defer([]) is True
 
 
 def test_the_service_fast_path_calls_the_cores_own_decision(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -267,3 +287,21 @@ def test_the_service_fast_path_calls_the_cores_own_decision(monkeypatch: pytest.
     assert [r.error for r in ingest.rejected] == ["rejected: heartbeat of host 'b' on subject hafence.hb.a"]
     # b came alive: its event waits in the outbox for the one FLUSH the shell fed.
     assert flushes == [1] and [e.host for e in events(core.handle(TimerFired(FLUSH), at(0.6)), "alive")] == ["b"]
+
+
+def test_a_hosts_next_event_waits_until_its_previous_one_is_stored() -> None:
+    """Host events are not awaited (a slow stream must not hold up the ticks), so
+    a retried "alive" could land after the "suspect" that follows it: a host's
+    next event is sent only once its previous one was stored or given up on."""
+    core = make(["a", "b"])
+    lead(core, 0.0)
+    hb = Heartbeat(host="a", boot_id="boot1", seq=1, sent_at=WALL + 0.5)
+    [alive] = [e for e in core.handle(Delivered(SOURCE, "hafence.hb.a", hb), at(0.5)) if isinstance(e, Publish)]
+    assert alive.tag  # sent, not awaited: its outcome comes back as Returned(tag)
+    beat(core, "b", 1, 3.0)
+    core.due = 3.6
+    held = core.handle(TimerFired(TICK), at(3.6))  # "a" is suspect now, its "alive" still in flight
+    assert events(held, "suspect") == []
+    out = core.handle(Returned(alive.tag, error="error: NotPublished: nats down"), at(5.0))
+    [suspect] = events(out, "suspect")
+    assert suspect.host == "a" and suspect.at == WALL + 3.6  # as declared, not as sent

@@ -26,6 +26,7 @@ constructor.
 from __future__ import annotations
 
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,7 +34,7 @@ from hafence import metrics
 from hafence.config import ClusterConfig
 from hafence.contracts import Alert, Heartbeat, HostEvent
 from hafence.core.effects import Effect, Log, Publish, SetTimer, Span
-from hafence.core.events import Delivered, Event, LeaseChanged, Now, Started, TimerFired
+from hafence.core.events import Delivered, Event, LeaseChanged, Now, Returned, Started, TimerFired
 from hafence.core.inputs import Inputs, Lease, Subscribe
 from hafence.heartbeat import view
 from hafence.heartbeat.liveness import Alive, Liveness, Suspect, Transition, UnknownHost
@@ -49,10 +50,16 @@ FLUSH = "flush"
 # A Span parent without trace context: the span starts a trace of its own (the
 # suspicion is the root of its incident's trace, whatever the event was).
 NEW_TRACE: dict[str, str] = {"hafence-new-trace": "1"}
-# Effects carried out per FLUSH: a starting monitor hears every host come alive at
-# once, and the driver awaits a run of stored publishes before its next event; in
-# batches, the ticks (the load guard's lag probe) run between them.
+# What the fast path decided goes out at most this many hosts' events at a time,
+# the next batch once the last is stored (as the service did before the core): a
+# starting monitor hears every host come alive at once, and sending them all at
+# once would keep its event loop busy past the load guard's lag limit.
 FLUSH_BATCH = 256
+# Host events are published tagged (sent in order, not awaited: a slow stream must
+# not hold up the ticks, the load guard's lag probe); a host's next event waits
+# until its previous one is stored or given up on, so a retried publish can never
+# let an "alive" overtake the "suspect" after it.
+HOST_EVENT_TAG = "hostevent:"
 # Labelled metrics cost microseconds each: set once every few seconds, not per heartbeat.
 METRICS_EVERY_S = 5.0
 # A host unheard for this many intervals is "late": reported with a suspect as
@@ -205,7 +212,11 @@ class HeartbeatCore:
         self.unknown_warned: set[str] = set()
         self.due = 0.0  # when the tick timer should fire: its lateness is the loop's lag
         self.next_metrics = 0.0
-        self.outbox: list[Effect] = []  # decided on the fast path, carried out at the next FLUSH
+        # Decided on the fast path (one heartbeat's effects each), sent in batches from a FLUSH.
+        self.outbox: deque[list[Effect]] = deque()
+        self.batch_out: set[str] = set()  # hosts of the batch sent, not yet stored
+        self.in_flight: set[str] = set()  # hosts with a host event sent, not yet stored
+        self.held_back: dict[str, list[list[Effect]]] = {}  # host -> its next events, in order
 
     def inputs(self) -> Inputs:
         return Inputs(
@@ -227,10 +238,14 @@ class HeartbeatCore:
             if event.key == VIEWS:
                 return self.publish_views(now)
             if event.key == FLUSH:
-                return self.flush()
+                return self.flush(now)
             return []
         if isinstance(event, LeaseChanged):
             return self.lease_changed(event, now)
+        if isinstance(event, Returned):
+            if event.tag.startswith(HOST_EVENT_TAG):
+                return self.host_event_done(event, now)
+            return []
         if isinstance(event, Started):
             return self.started(now)
         return []
@@ -277,17 +292,31 @@ class HeartbeatCore:
         return self.announce(out, mono, wall)
 
     def defer(self, effects: list[Effect]) -> bool:
-        """Keep what the fast path's ``heard`` decided for the next ``TimerFired(FLUSH)``,
-        so it is carried out in order with every other decision. True: the outbox
-        was empty (the caller feeds one FLUSH for the lot)."""
-        was_empty = not self.outbox
-        self.outbox += effects
-        return was_empty
+        """Keep what the fast path's ``heard`` decided, to be carried out in order with
+        every other decision. True: nothing was waiting or being sent, so the caller
+        feeds one ``TimerFired(FLUSH)``; else the batch under way brings the rest."""
+        idle = not self.outbox and not self.batch_out
+        self.outbox.append(effects)
+        return idle
 
-    def flush(self) -> list[Effect]:
-        out, self.outbox = self.outbox[:FLUSH_BATCH], self.outbox[FLUSH_BATCH:]
-        if self.outbox:
-            out.append(SetTimer(FLUSH, 0.0))  # the rest after whatever else is waiting
+    def flush(self, now: Now) -> list[Effect]:
+        """The next batch of what the fast path decided."""
+        if self.batch_out:
+            return []  # a batch is under way: its last Returned sends the next
+        if not self.held(now.mono):
+            # Decided while leading, lost since: the next leader announces what is suspect.
+            for effects in self.outbox:
+                for e in effects:
+                    if isinstance(e, Publish) and e.tag.startswith(HOST_EVENT_TAG):
+                        self.in_flight.discard(e.tag[len(HOST_EVENT_TAG):])
+            self.outbox.clear()
+            return []
+        out: list[Effect] = []
+        while self.outbox and len(self.batch_out) < FLUSH_BATCH:
+            effects = self.outbox.popleft()
+            out += effects
+            self.batch_out.update(e.tag[len(HOST_EVENT_TAG):] for e in effects
+                                  if isinstance(e, Publish) and e.tag.startswith(HOST_EVENT_TAG))
         return out
 
     def tick(self, now: Now) -> list[Effect]:
@@ -354,21 +383,53 @@ class HeartbeatCore:
         if not self.held(mono):
             return []
         out: list[Effect] = []
+        tag = HOST_EVENT_TAG
         for t in transitions:
+            one: list[Effect]
             if isinstance(t, Suspect):
                 late = late_of.get(t.incident) if late_of else None
-                out.append(Span(f"host suspect {t.host}", NEW_TRACE, {
-                    "hafence.host": t.host, "hafence.incident": t.incident,
-                    "hafence.silent_for_s": round(t.silent_for, 3), "hafence.term": self.term}))
-                out.append(Log("warning", "host is suspect", {"host": t.host, "incident": t.incident}))
-                out.append(Publish(self.subjects.host_event(t.host, "suspect"),
-                                   suspect_event(t, self.window, self.term, self.wall_offset, late),
-                                   msg_id=suspect_msg_id(t.incident)))
+                one = [
+                    Span(f"host suspect {t.host}", NEW_TRACE, {
+                        "hafence.host": t.host, "hafence.incident": t.incident,
+                        "hafence.silent_for_s": round(t.silent_for, 3), "hafence.term": self.term}),
+                    Log("warning", "host is suspect", {"host": t.host, "incident": t.incident}),
+                    Publish(self.subjects.host_event(t.host, "suspect"),
+                            suspect_event(t, self.window, self.term, self.wall_offset, late),
+                            msg_id=suspect_msg_id(t.incident), tag=tag + t.host),
+                ]
             else:
+                one = [Publish(self.subjects.host_event(t.host, "alive"), alive_event(t, self.term, wall),
+                               tag=tag + t.host)]
                 # Every host comes alive when a monitor starts: only a return from suspicion is news.
                 if t.was_suspect:
-                    out.append(Log("info", "host is alive", {"host": t.host, "was_suspect": True}))
-                out.append(Publish(self.subjects.host_event(t.host, "alive"), alive_event(t, self.term, wall)))
+                    one.insert(0, Log("info", "host is alive", {"host": t.host, "was_suspect": True}))
+            if t.host in self.in_flight:
+                self.held_back.setdefault(t.host, []).append(one)
+            else:
+                self.in_flight.add(t.host)
+                out += one
+        return out
+
+    def host_event_done(self, event: Returned, now: Now) -> list[Effect]:
+        """A host event was stored (or given up on): that host's next one may go,
+        if this monitor still leads (else the next leader announces what is suspect)."""
+        host = event.tag[len(HOST_EVENT_TAG):]
+        out: list[Effect] = []
+        if event.error:
+            out.append(Log("error", "host event not published", {"host": host, "error": event.error}))
+        if not self.held(now.mono):
+            self.held_back.pop(host, None)
+        waiting = self.held_back.get(host)
+        if waiting:
+            out += waiting.pop(0)
+            if not waiting:
+                del self.held_back[host]
+        else:
+            self.in_flight.discard(host)
+        if host in self.batch_out:
+            self.batch_out.discard(host)
+            if not self.batch_out and self.outbox:
+                out += self.flush(now)
         return out
 
     def alert(self, change: Change, now: Now) -> list[Effect]:
