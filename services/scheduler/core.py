@@ -235,8 +235,11 @@ class SchedulerCore:
         if self.caught_up and not (isinstance(event, Returned) and event.tag == EVENT_TAG and event.ok):
             self.want = True
             # The walk for duplicates, clears and VM restarts (over every host) is not
-            # repeated for each reply of a wave: a failover's replies come in a burst.
-            self._round(now, out, effects=not (isinstance(event, Returned) and event.tag.startswith("start:")))
+            # repeated for each reply of a wave, nor for each of its own VM events read
+            # back: a failover's come in bursts; the next tick or other event walks.
+            burst = ((isinstance(event, Returned) and event.tag.startswith("start:"))
+                     or (isinstance(event, Delivered) and isinstance(event.message, VmEvent)))
+            self._round(now, out, effects=not burst)
         return out
 
     def leader(self, now: Now) -> bool:
@@ -305,18 +308,13 @@ class SchedulerCore:
         state = self.state
         while self.wave is None and not self.loading:
             if self.run is None:
+                if not state.lost and (self.history or self.incident_trace or self.failover_remaining):
+                    self._forget(set())
                 if not (self.want and state.lost and self.leader(now)) or now.mono < self.store_retry_at:
                     return
                 self.want = False
                 incidents = {lost.incident for lost in state.lost.values()}
-                for gone in self.history.keys() - incidents:
-                    del self.history[gone]
-                for gone in self.announced_starts.keys() - incidents:
-                    del self.announced_starts[gone]
-                # What the replay folded about incidents long over is not kept either.
-                for table in (self.incident_trace, self.fence_confirmed_at, self.failover_remaining):
-                    for gone in table.keys() - incidents:
-                        del table[gone]  # type: ignore[attr-defined]
+                self._forget(incidents)
                 missing = sorted(incidents - self.history.keys())
                 if missing:
                     self.loading = True
@@ -338,6 +336,15 @@ class SchedulerCore:
             run.rounds += 1
             run.failures = state.failures()
             run.sent += self._wave(PRIORITIES[run.index], now, out)
+
+    def _forget(self, incidents: set[str]) -> None:
+        """Drop what is kept about incidents with no lost VM left (their history, and
+        what the replay folded about incidents long over)."""
+        tables: tuple[dict[str, Any], ...] = (self.history, self.announced_starts, self.incident_trace,
+                                              self.fence_confirmed_at, self.failover_remaining)
+        for table in tables:
+            for gone in table.keys() - incidents:
+                del table[gone]
 
     def _history_of(self, lost: LostVm) -> list[tuple[str, str]]:
         mine = self.history.get(lost.incident, {}).get(lost.spec.name, [])
