@@ -8,7 +8,8 @@ import random
 import pytest
 
 from hafence.contracts import FenceRequest, FenceResult, HostEvent, VmSpec, VmStart
-from hafence.core.effects import Publish, Request
+from hafence.core.effects import Call, Publish, Request
+from hafence.fencer.admission import Answer, Refuse, Run
 from hafence.sim.checkers import Checkers, SafetyViolation
 from hafence.sim.clock import Scheduler
 from hafence.sim.world import World
@@ -178,6 +179,35 @@ def test_s3_fires_when_a_run_has_a_lower_term_than_an_earlier_one() -> None:
     w.power.fence(fence_request("r3", term=4))
     assert rule_of(c.after_step) == "S3"
     s.run()
+
+
+def admit(request: FenceRequest, verdict: object) -> Call:
+    """The fencer writing its verdict on a request to its journal (hafence.fencer.core)."""
+    return Call("journal", "admit", (request, verdict, 0.0), "journal_admit:1")
+
+
+def test_s3_fires_when_the_fencer_answers_a_stale_term_from_its_journal_without_a_power_run() -> None:
+    # The planted term-check bug: a stale leader's request (term 3) for a request id that
+    # ran under term 5 is answered from the journal; no power run, so only the admission shows it.
+    c = setup()[2]
+    recorded = FenceResult(request_id="r1", incident="i1", host="h1", term=5, outcome="confirmed_off", level=1,
+                           started_at=0.0, finished_at=0.0)
+    c.on_effect("fencer-1", admit(fence_request("r1", term=5), Run(1, 5)))
+    c.on_effect("fencer-1", admit(fence_request("r1", term=5), Answer(recorded, 5)))  # a redelivery: fine
+    c.on_effect("fencer-1", admit(fence_request("r1", term=3), Refuse("stale leader term 3", 5)))  # refused: fine
+    assert not c.violations
+    stale = admit(fence_request("r1", term=3), Answer(recorded, 5))
+    assert rule_of(lambda: c.on_effect("fencer-1", stale)) == "S3"
+
+
+def test_s3_keeps_the_highest_admitted_term_across_a_fencer_restart_and_ignores_other_services() -> None:
+    c = setup()[2]
+    c.on_effect("fencer-1", admit(fence_request("r1", term=2), Run(1, 2)))
+    c.service_crashed("fencer-1")
+    c.on_effect("fencer-1", admit(fence_request("r2", term=2, host="h2"), Run(1, 2)))  # equal term: admitted
+    c.on_effect("scheduler-1", admit(fence_request("r3", term=1), Run(1, 1)))  # not the fencer's journal
+    assert not c.violations
+    assert rule_of(lambda: c.on_effect("fencer-1", admit(fence_request("r3", term=1), Run(1, 2)))) == "S3"
 
 
 def test_s4_allows_a_second_run_only_after_a_fencer_crash() -> None:

@@ -25,8 +25,16 @@ The rules, as ../shared/SIMULATION.md states them:
   that confirmed that level, and when that level was read back every device of it
   was really off and the host unpowered (``PowerRun.truly_off``). The arbiter's
   ``fenced`` HostEvent must likewise rest on such a run of its incident.
-* **S3** (world): the terms of the fencer's power runs, in the order they start,
-  never go down.
+* **S3** (world + the fencer's admissions): the fencer never acts for a term below
+  the newest it has admitted. Two observations: the terms of its power runs, in the
+  order they start, never go down; and every request it admits — the journal write of
+  a verdict that is not a refusal (``Call("journal", "admit", (request, verdict, at))``):
+  a run, or an answer from its journal, which publishes a result without a power
+  run — has a term at least the highest term of every request admitted before it.
+  The second is what sees a stale leader's request answered from the journal (a
+  request id that ran before under a newer term): no power run, the same result.
+  The checkers keep the highest admitted term themselves, across fencer restarts
+  (the journal that holds the fencer's own survives them).
 * **S4** (world): power runs per request id ≤ 1 + the fencer crashes since its
   first run began (a crash mid-run may run it again; nothing else may).
 * **L1** (``check_recovery``, after the heal phase): every HA VM runs on a live
@@ -46,9 +54,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hafence.contracts import FenceResult, HostEvent, VmStart
-from hafence.core.effects import Publish, Request
+from hafence.contracts import FenceRequest, FenceResult, HostEvent, VmStart
+from hafence.core.effects import Call, Publish, Request
 from hafence.core.events import Started
+from hafence.fencer.admission import Refuse
 from hafence.sim.world import PowerRun, World
 
 
@@ -109,6 +118,9 @@ class Checkers:
     _seen_version: int = -1
     _runs_checked: int = 0
     _highest_term: int = 0
+    # the highest term of a request the fencer admitted (S3), and the request that had it
+    _highest_admitted: int = 0
+    _admitted_by: str = ""
     _tally: dict[str, _Tally] = field(default_factory=dict)
     _reported: set[tuple[str, str]] = field(default_factory=set)
     _crash_counts: dict[str, int] = field(default_factory=dict)
@@ -157,6 +169,9 @@ class Checkers:
                 self._fence_result(message)
         elif isinstance(effect, Request) and isinstance(effect.message, VmStart):
             self._vm_start(service, effect.subject, effect.message)
+        elif (isinstance(effect, Call) and effect.port == "journal" and effect.op == "admit"
+              and service.startswith("fencer") and len(effect.args) >= 2):
+            self._admitted(service, effect.args[0], effect.args[1])
 
     def after_step(self) -> None:
         w = self.world
@@ -193,6 +208,19 @@ class Checkers:
             self.violation("S4", f"request {run.request_id} ({run.host}, incident {run.incident}) ran "
                                  f"{tally.runs} times with {crashes} fencer crash(es) since its first run",
                            key=f"{run.request_id}#{tally.runs}")
+
+    def _admitted(self, service: str, request: object, verdict: object) -> None:
+        """S3 at the fencer's door: a verdict written to its journal that is not a
+        refusal admits the request, whether it then runs or is answered from the journal."""
+        if isinstance(verdict, Refuse) or not isinstance(request, FenceRequest):
+            return
+        if request.term < self._highest_admitted:
+            self.violation("S3", f"{service} admitted fence request {request.request_id} for {request.host} "
+                                 f"with term {request.term} ({type(verdict).__name__.lower()}) after admitting "
+                                 f"{self._admitted_by} with term {self._highest_admitted}",
+                           key=f"admit {request.request_id} t{request.term}")
+        if request.term > self._highest_admitted:
+            self._highest_admitted, self._admitted_by = request.term, request.request_id
 
     # -- messages: S1, S2 ------------------------------------------------------------------
     def _host_event(self, service: str, event: HostEvent) -> None:
