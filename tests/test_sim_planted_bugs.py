@@ -91,15 +91,12 @@ def _admit_every_term(term: int, highest: int) -> admission.Admission:
     return admission.Admission(True, max(term, highest))
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "not found in 30-40 seeds of any fault mix tried (clock_stall, service pauses and crashes, device "
-    "faults, power loss): a stale arbiter derives the same request id from the incident as the new "
-    "leader (policy.request_id), so its late request is answered from the fencer's journal, never run; "
-    "a stale request only runs when the two leaders' decisions differ (attempts, refusals, policy), "
-    "which no fault here has produced yet"))
 def test_a_fencer_without_its_term_check_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The whole swarm (every fault kind may be drawn). What reaches the fencer is the
+    # stale_leader fault's stale request: a suspended leader wakes with a failed fence in
+    # its backlog and retries it under its old term after the other replica's newer term
+    # was admitted. With the check gone the fencer answers it from its journal (no power
+    # run): S3 judges the admission itself.
     monkeypatch.setattr(admission, "admit", _admit_every_term)
-    kinds = ("clock_stall", "host_cut_nats", "host_power_loss", "device_fault", "service_crash")
-    found = find({"S3"}, kinds)
-    passes_unplanted(monkeypatch, found.seed, kinds)
-
+    found = find({"S3"})
+    passes_unplanted(monkeypatch, found.seed)

@@ -30,6 +30,17 @@ The kinds (``KINDS``), as ../shared/SIMULATION.md lists them:
   acts on its backlog — the stale leader the fencing token (S3) is for (pausing
   the clock with a drift would stretch the timers set during the stall, an
   artefact of ``NodeClock``);
+* ``stale_leader``: the fencing token's own test (S3). A host crashes and its power
+  devices refuse the fencer's credentials, so its first fence fails at once and the
+  arbiter leader schedules a retry (``fence_retry_backoff_s``); a moment after that
+  failure the leader's node stalls (as ``clock_stall``) past the lease TTL and the
+  retry's time, and the devices work again. The other replica takes the lease,
+  retries under its newer term and fences the host; the stalled one wakes believing
+  it still leads, and its first tick (queued before the backlog that would tell it)
+  sends the same retry under its old term. Only the fencer's term check refuses it:
+  without it the request is answered from the journal (S3 sees the admission);
+  ``clock_stall`` alone rarely makes the two leaders' decisions differ (a stale
+  leader reads the new one's ``fence_requested`` before its first decision);
 * ``host_comes_back``: a host that is off (fenced) is powered on again;
 * ``compromised_agent``: one host's agent credentials publish well-formed lies on
   every subject an agent may publish on (``hafence.natsconf``: its own
@@ -71,6 +82,7 @@ KINDS: tuple[str, ...] = (
     "service_crash", "service_pause", "nats_restart", "bucket_loss", "network",
     "host_cut_nats", "host_cut_storage", "host_cut_both", "host_hang", "host_crash", "host_power_loss",
     "device_fault", "clock_jump", "clock_drift", "host_comes_back", "compromised_agent", "clock_stall",
+    "stale_leader",
 )
 HEALTHY = Faults()
 
@@ -197,6 +209,15 @@ def draw_plan(
                 actions.append(Action(t, "clock_stall", node, rng.uniform(0.5, 3.0) * lease_ttl))
             elif kind == "clock_drift" and nodes:
                 actions.append(Action(t, "clock_drift", rng.choice(nodes), rng.uniform(-0.01, 0.01)))
+            elif kind == "stale_leader" and hosts:
+                host = rng.choice(hosts)
+                # (the host fails this long after leader A is suspended, B is suspended this
+                # long after its fence failed, A wakes this long after B's retry was due)
+                when = (rng.uniform(1.5, 3.0) * lease_ttl, rng.uniform(0.2, 2.0), rng.uniform(0.5, 6.0))
+                # One at a time in the cluster: it is about the leader, not a storm of hosts
+                # (which the storm guard would rightly hold, hiding the stale request).
+                if host_free(t, " stale_leader", t + 90.0) and host_free(t, host, fault_until):
+                    actions.append(Action(t, "stale_leader", host, when))
             elif kind == "host_comes_back" and hosts:
                 actions.append(Action(t, "power_on", rng.choice(hosts)))
     # An undo that would fall after the fault phase is left to the heal.
@@ -225,6 +246,7 @@ class FaultInjector:
     open_incidents: Callable[[], list[tuple[str, str]]] = lambda: []
     on_claim: Callable[[list[str]], None] | None = None  # VMs the liar claimed to run
     liar_interval: tuple[float, float] = (1.0, 5.0)
+    retry_backoff: float = 15.0  # the arbiter's fence_retry_backoff_s (stale_leader times A's wake by it)
     applied: list[str] = field(default_factory=list)
     _jumps: dict[str, float] = field(default_factory=dict)
     _liar: Connection | None = None
@@ -293,15 +315,9 @@ class FaultInjector:
                 clock.jump(action.arg)
                 self._jumps[target] = self._jumps.get(target, 0.0) + action.arg
         elif k == "clock_stall":
-            # The node is suspended: its processes freeze and its monotonic clock stops, so
-            # on waking they believe only an instant passed (the stale leader).
-            length = self._until_heal(action.arg)
-            for svc in self.services.values():
-                if getattr(svc, "node", None) == target and svc.alive:
-                    svc.pause(length)
-            clock = self.clocks.get(target)
-            if clock is not None:
-                clock.monotonic_offset -= length
+            self._stall(target, action.arg)
+        elif k == "stale_leader":
+            self._stale_leader(action)
         elif k == "clock_drift":
             clock = self.clocks.get(target)
             if clock is not None:
@@ -314,6 +330,85 @@ class FaultInjector:
             self.heal()
         else:
             raise ValueError(f"unknown fault action {action}")
+
+    def _stall(self, node: str, seconds: float) -> None:
+        """The node is suspended: its processes freeze and its monotonic clock stops, so
+        on waking they believe only an instant passed (the stale leader)."""
+        length = self._until_heal(seconds)
+        for svc in self.services.values():
+            if getattr(svc, "node", None) == node and svc.alive:
+                svc.pause(length)
+        clock = self.clocks.get(node)
+        if clock is not None:
+            clock.monotonic_offset -= length
+
+    def _stale_leader(self, action: Action) -> None:
+        """Leader A is suspended; B takes the lease; a host fails and B's first fence of it
+        fails (refused credentials); B is suspended in turn, the devices work again, and A
+        wakes once the retry is due by the wall clock: its backlog shows B's failed fence,
+        its monotonic clock says its lease is valid, so it retries under its old term."""
+        host, (hold, delay, wake) = action.target, action.arg
+        w, s = self.world, self.net.scheduler
+        first = self._arbiter_leader()
+        if first is None or not w.hosts[host].answers:
+            return
+        frozen = [svc for svc in self.services.values() if svc.node == first.node and svc.alive]
+        since = s.now
+        self.net.log("fault", f"stale_leader: {first.who} suspended (its monotonic clock stops)")
+        for svc in frozen:
+            svc.freeze()
+        devices = [d.name for d in w.hosts[host].devices]
+        thawed = False
+
+        def thaw() -> None:
+            nonlocal thawed
+            if thawed:
+                return
+            thawed = True
+            self.net.log("fault", f"stale_leader: {first.who} wakes after {s.now - since:g}s")
+            clock = self.clocks.get(first.node)
+            if clock is not None:
+                clock.monotonic_offset -= s.now - since
+            for svc in frozen:
+                svc.thaw()
+
+        def fail_host() -> None:
+            if not w.hosts[host].answers:
+                thaw()
+                return
+            for device in devices:
+                w.set_behaviour(device, "bad_credentials")
+            w.crash(host)
+            ran_before = len(w.runs)
+
+            def watch() -> None:
+                if s.now >= self.plan.heal_at:
+                    return
+                if not any(r.host == host and r.finished is not None and r.outcome != "confirmed_off"
+                           for r in w.runs[ran_before:]):
+                    s.call_later(0.1, watch)
+                    return
+                s.call_later(delay, stall_second)
+
+            s.call_later(0.1, watch)
+
+        def stall_second() -> None:
+            for device in devices:
+                w.set_behaviour(device, "ok")
+            second = self._arbiter_leader()
+            if second is not None and second.node != first.node:
+                self._stall(second.node, self.retry_backoff + wake + 10.0)
+            s.call_later(self.retry_backoff + wake - delay, thaw)
+
+        s.call_later(hold, fail_host)
+        s.call_at(self.plan.heal_at, thaw)
+
+    def _arbiter_leader(self) -> Any:
+        """The arbiter replica that holds the lease with the newest term, as its core knows."""
+        held = [svc for _, svc in sorted(self.services.items())
+                if getattr(svc, "name", "").startswith("arbiter") and svc.alive
+                and getattr(svc.core, "lease_held", False)]
+        return max(held, key=lambda svc: getattr(svc.core, "term", 0), default=None)
 
     def _agent(self, host: str) -> Any:
         for svc in self.services.values():
@@ -329,7 +424,8 @@ class FaultInjector:
         return cls(plan, cluster.world, cluster.net, {svc.who: svc for svc in cluster.services},
                    cluster.clocks, cluster.names.leases, lease_ttl=cluster.config.timings.lease_ttl_s,
                    prefix=cluster.config.cluster.subject_prefix, on_crash=cluster.checkers.service_crashed,
-                   open_incidents=cluster.checkers.open_incidents, on_claim=cluster.checkers.disputed.update)
+                   open_incidents=cluster.checkers.open_incidents, on_claim=cluster.checkers.disputed.update,
+                   retry_backoff=cluster.config.arbiter.fence_retry_backoff_s)
 
     def _crash(self, name: str) -> None:
         svc = self.services.get(name)
