@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 
 from hafence.contracts import FenceRequest
 from hafence.sim.clock import NodeClock, Scheduler
 from hafence.sim.faults import HEALTHY, KINDS, Action, FaultInjector, FaultPlan, draw_plan
+from hafence.sim.run import run_seed
 from hafence.sim.transport import Faults, SimNats
 from hafence.sim.world import World
 
@@ -142,3 +144,20 @@ def test_the_compromised_agent_is_silent_while_its_host_is_off() -> None:
     s.call_at(0.0, inj._lie)
     s.run(until=60)
     assert not [line for line in net.log.lines if "liar h2" in line]
+
+
+def test_stale_leader_faults_are_one_at_a_time_in_the_cluster() -> None:
+    for seed in range(20):
+        times = [a.at for a in plan(seed, enable_p=1.0, kinds=("stale_leader",)).actions if a.kind == "stale_leader"]
+        assert all(b - a >= 90.0 for a, b in itertools.pairwise(times))
+        assert len(times) >= 1
+
+
+def test_a_stale_leader_fault_gets_a_stale_request_to_the_fencer_which_refuses_it() -> None:
+    # The fault is there to reach the fencer's term check: a suspended leader that wakes
+    # and fences under its old term after the other replica's newer term was admitted.
+    result = run_seed(1, minutes=5.0, keep_log=True, kinds=("stale_leader",))
+    assert result.ok, f"{result.rule}: {result.what}"
+    assert "stale_leader: arbiter-" in result.log
+    refusals = [line for line in result.log.splitlines() if "refusing fence request" in line]
+    assert any("stale leader term" in line for line in refusals), refusals

@@ -30,17 +30,19 @@ The kinds (``KINDS``), as ../shared/SIMULATION.md lists them:
   acts on its backlog — the stale leader the fencing token (S3) is for (pausing
   the clock with a drift would stretch the timers set during the stall, an
   artefact of ``NodeClock``);
-* ``stale_leader``: the fencing token's own test (S3). A host crashes and its power
-  devices refuse the fencer's credentials, so its first fence fails at once and the
-  arbiter leader schedules a retry (``fence_retry_backoff_s``); a moment after that
-  failure the leader's node stalls (as ``clock_stall``) past the lease TTL and the
-  retry's time, and the devices work again. The other replica takes the lease,
-  retries under its newer term and fences the host; the stalled one wakes believing
-  it still leads, and its first tick (queued before the backlog that would tell it)
-  sends the same retry under its old term. Only the fencer's term check refuses it:
-  without it the request is answered from the journal (S3 sees the admission);
-  ``clock_stall`` alone rarely makes the two leaders' decisions differ (a stale
-  leader reads the new one's ``fence_requested`` before its first decision);
+* ``stale_leader``: the fencing token's own test (S3). Arbiter leader A's node is
+  suspended (its monotonic clock misses it, as ``clock_stall``); the other replica B
+  takes the lease with a newer term; a host crashes with power devices that refuse
+  the fencer's credentials, so B's first fence of it fails at once (the fencer has
+  now admitted B's term); B's node is suspended in turn and the devices work again;
+  A wakes once the retry is due by the wall clock. Its backlog shows B's failed
+  fence, its clock says its lease is still valid, so it fences again under its old
+  term. The fencer must refuse it; without its term check it answers the request
+  from its journal (no power run: S3 judges the admission). ``clock_stall`` alone
+  rarely gets a stale request through: a stale leader's decisions are those of the
+  new one (same incident, same request id), and it reads the new one's
+  ``fence_requested`` before its retry is due on its stalled clock. One at a time
+  in the cluster, 90 s apart;
 * ``host_comes_back``: a host that is off (fenced) is powered on again;
 * ``compromised_agent``: one host's agent credentials publish well-formed lies on
   every subject an agent may publish on (``hafence.natsconf``: its own
