@@ -48,7 +48,8 @@ MAX_DELAY_S = 2.0
 
 
 class Publisher(Protocol):
-    async def publish(self, subject: str, msg: msgspec.Struct, msg_id: str = "") -> None: ...
+    async def publish(self, subject: str, msg: msgspec.Struct, msg_id: str = "",
+                      expect_last_subject_seq: int | None = None) -> None: ...
 
 
 class NotPublished(Exception):
@@ -59,6 +60,7 @@ async def publish_retrying(
     bus: Publisher, subject: str, msg: msgspec.Struct, msg_id: str = "", *,
     attempts: int = ATTEMPTS, first_delay_s: float = FIRST_DELAY_S, max_delay_s: float = MAX_DELAY_S,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    expect_last_subject_seq: int | None = None,
 ) -> None:
     """Publish, retrying transient failures ``attempts`` times in all, the delay
     doubling from ``first_delay_s`` up to ``max_delay_s``; raises ``NotPublished``
@@ -66,7 +68,10 @@ async def publish_retrying(
     delay = first_delay_s
     for attempt in range(1, attempts + 1):
         try:
-            await bus.publish(subject, msg, msg_id=msg_id)
+            if expect_last_subject_seq is None:
+                await bus.publish(subject, msg, msg_id=msg_id)
+            else:
+                await bus.publish(subject, msg, msg_id=msg_id, expect_last_subject_seq=expect_last_subject_seq)
             return
         except TRANSIENT as err:
             what = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__

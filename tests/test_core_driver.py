@@ -170,3 +170,44 @@ def test_request_errors_say_whether_the_request_may_have_been_done() -> None:
     assert request_error(nats.errors.TimeoutError()).startswith("timeout:")
     assert request_error(TimeoutError()).startswith("timeout:")
     assert request_error(ValueError("x")).startswith("error: ValueError")
+
+
+async def test_a_compare_and_set_publish_loses_to_a_newer_message_on_its_subject(
+    nc: NatsClient, make_config: Any
+) -> None:
+    """Two replicas that both believe they lead cannot both claim a subject: the
+    second publish expecting the old last sequence gets a conflict, the first is stored."""
+    config: ClusterConfig = make_config()
+    subjects = Subjects(config.cluster.subject_prefix)
+    subject = subjects.host_event("h1", "alive")
+    holder: dict[str, CasCore] = {}
+
+    async def body(rt: Runtime) -> None:
+        core = holder["core"] = CasCore(rt.bus.subjects, subject)
+        await drive(core, rt)
+
+    async with running("cas", config, body):
+        await eventually(lambda: "core" in holder and len(holder["core"].outcomes) == 2)
+        first, second = holder["core"].outcomes
+        assert first.ok
+        assert second.error.startswith("conflict:"), second.error
+
+
+@dataclass
+class CasCore:
+    subjects: Subjects
+    subject: str
+    name: str = "cas"
+    outcomes: list[Returned] = field(default_factory=list)
+
+    def inputs(self) -> Inputs:
+        return Inputs()
+
+    def handle(self, event: Event, now: Now) -> list[Effect]:
+        if isinstance(event, Started):
+            # Both expect "nothing on the subject yet"; only one can be right.
+            return [Publish(self.subject, HostEvent(host="h1", kind="alive", at=now.wall), tag=f"p{i}",
+                            msg_id=f"cas-{i}", expect_last_subject_seq=0) for i in (1, 2)]
+        if isinstance(event, Returned):
+            self.outcomes.append(event)
+        return []

@@ -85,13 +85,20 @@ def request_error(err: BaseException) -> str:
     return f"error: {type(err).__name__}: {text}"
 
 
-def _metadata(msg: Msg) -> tuple[float | None, int, int]:
-    """(stored at, pending, delivery count) of a JetStream message; a core message has none."""
+def _metadata(msg: Msg) -> tuple[float | None, int, int, int]:
+    """(stored at, pending, delivery count, stream sequence) of a JetStream message;
+    a core message has none."""
     try:
         meta = msg.metadata
-        return meta.timestamp.timestamp(), int(meta.num_pending or 0), int(meta.num_delivered or 1)
+        return (meta.timestamp.timestamp(), int(meta.num_pending or 0), int(meta.num_delivered or 1),
+                int(meta.sequence.stream))
     except Exception:
-        return None, 0, 1
+        return None, 0, 1, 0
+
+
+def is_conflict(err: BaseException) -> bool:
+    """A compare-and-set publish lost: the subject's last sequence was not the expected one."""
+    return getattr(err, "err_code", None) == 10071 or "wrong last sequence" in str(err).lower()
 
 
 class _Settled:
@@ -277,9 +284,11 @@ class Driver:
 
     async def _publish(self, effect: Publish) -> None:
         try:
-            await publish_retrying(self.bus, effect.subject, effect.message, effect.msg_id)
+            await publish_retrying(self.bus, effect.subject, effect.message, effect.msg_id,
+                                   expect_last_subject_seq=effect.expect_last_subject_seq)
         except (NotPublished, Exception) as err:
-            self._returned(effect.tag, error=f"error: {err}", what=f"publish to {effect.subject}")
+            kind = "conflict" if is_conflict(err) else "error"
+            self._returned(effect.tag, error=f"{kind}: {err}", what=f"publish to {effect.subject}")
             return
         if effect.tag:
             self.feed(Returned(effect.tag))
@@ -335,10 +344,10 @@ class Driver:
             token = next(self._tokens)
             future: asyncio.Future[_Settled] = asyncio.get_running_loop().create_future()
             self._settle[token], self._deliveries[token] = future, msg
-            stored_at, pending, attempt = _metadata(msg)
+            stored_at, pending, attempt, sequence = _metadata(msg)
             try:
                 self.feed(Delivered(spec.name, msg.subject, message, token, stored_at, pending, attempt,
-                                    dict(msg.headers or {})))
+                                    dict(msg.headers or {}), sequence))
                 settled = await future
             finally:
                 self._settle.pop(token, None)
@@ -354,9 +363,9 @@ class Driver:
         caught_up = self._caught_up[spec.name]
 
         async def handler(message: Any, msg: Msg) -> None:
-            stored_at, pending, attempt = _metadata(msg)
+            stored_at, pending, attempt, sequence = _metadata(msg)
             self.feed(Delivered(spec.name, msg.subject, message, 0, stored_at, pending, attempt,
-                                dict(msg.headers or {})))
+                                dict(msg.headers or {}), sequence))
 
         async def announce() -> None:
             await caught_up.wait()

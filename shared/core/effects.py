@@ -26,6 +26,10 @@ class Publish:
     msg_id: str = ""
     tag: str = ""
     core: bool = False
+    # Compare-and-set on the stream: stored only if the last message on ``subject`` has
+    # this sequence (0: none yet), else ``Returned(tag, error="conflict: ...")``. Two
+    # replicas that both believe they lead cannot both claim the same thing.
+    expect_last_subject_seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,9 @@ class Delivered:
     ``Ack``/``Nak``/``Term`` (0: nothing to settle: a replay or a core subscription).
     ``stored_at`` is when the stream stored it (wall clock; None for core NATS);
     ``pending`` how many matching messages wait behind it in the stream;
-    ``attempt`` the delivery count (1 for the first)."""
+    ``attempt`` the delivery count (1 for the first); ``sequence`` its stream
+    sequence (0 for core NATS): a core that publishes with
+    ``Publish(expect_last_subject_seq=...)`` learns the last one from here."""
 
     source: str
     subject: str
@@ -43,6 +45,7 @@ class Delivered:
     pending: int = 0
     attempt: int = 1
     headers: dict[str, str] = field(default_factory=dict)
+    sequence: int = 0
 
 
 @dataclass(frozen=True, slots=True)

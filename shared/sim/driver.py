@@ -64,7 +64,7 @@ from hafence.lease import LeaderLease
 from hafence.retry import ATTEMPTS, FIRST_DELAY_S, MAX_DELAY_S
 from hafence.sim.clock import NodeClock, SimFuture, Task, Timer
 from hafence.sim.lease import SimLease
-from hafence.sim.streams import NoStream
+from hafence.sim.streams import NoStream, WrongLastSequence
 from hafence.sim.subjects import subject_matches
 from hafence.sim.transport import (
     AlreadyAcked,
@@ -460,7 +460,7 @@ class SimService:
                 return
             meta = d.metadata
             self._post(Delivered(spec.name, d.subject, message, 0, meta.timestamp.timestamp(),
-                                 meta.num_pending, 1, dict(d.headers or {})))
+                                 meta.num_pending, 1, dict(d.headers or {}), meta.sequence.stream))
 
         replay = self.conn.replay(stream, spec.filters, on_message)
         ready = self._caught_up[spec.name] = self.scheduler.future(f"{self.who} {spec.name} caught up")
@@ -542,7 +542,7 @@ class SimService:
         self._tokens[token] = (spec.name, d)
         self._in_flight[spec.name] += 1
         self._post(Delivered(spec.name, d.subject, message, token, meta.timestamp.timestamp(),
-                             meta.num_pending, attempt, dict(d.headers or {})))
+                             meta.num_pending, attempt, dict(d.headers or {}), meta.sequence.stream))
 
     def _give_up(self, d: SimDelivery, error: str, msg_id: str) -> None:
         """Dead-letter and terminate; nak if the letter could not be stored (as the bus does)."""
@@ -634,7 +634,8 @@ class SimService:
                 if conn is None or incarnation != self.incarnation:
                     return
                 try:
-                    await conn.js_publish(effect.subject, data, msg_id=effect.msg_id, timeout=PUBLISH_TIMEOUT_S)
+                    await conn.js_publish(effect.subject, data, msg_id=effect.msg_id, timeout=PUBLISH_TIMEOUT_S,
+                                          expected_last_subject_seq=effect.expect_last_subject_seq)
                 except (TimeoutError, NoStream, NotConnected) as err:
                     error = (f"error: publish to {effect.subject} (msg id {effect.msg_id or 'none'}) failed "
                              f"{attempt} times; last: {error_text(err)}")
@@ -642,6 +643,9 @@ class SimService:
                         await self.clock.sleep(delay)
                         delay = min(MAX_DELAY_S, delay * 2)
                     continue
+                except WrongLastSequence as err:
+                    error = f"conflict: {err}"
+                    break
                 except Exception as err:
                     error = f"error: {err}"
                     break
