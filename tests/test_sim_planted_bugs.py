@@ -92,11 +92,15 @@ def _admit_every_term(term: int, highest: int) -> admission.Admission:
 
 
 def test_a_fencer_without_its_term_check_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The whole swarm (every fault kind may be drawn). What reaches the fencer is the
-    # stale_leader fault's stale request: a suspended leader wakes with a failed fence in
-    # its backlog and retries it under its old term after the other replica's newer term
-    # was admitted. With the check gone the fencer answers it from its journal (no power
-    # run): S3 judges the admission itself.
+    # What reaches the fencer is the stale_leader fault's stale request: a suspended
+    # leader wakes with a failed fence in its backlog and retries it under its old term
+    # after the other replica's newer term was admitted. With the check gone the fencer
+    # answers it from its journal (no power run): S3 judges the admission itself.
     monkeypatch.setattr(admission, "admit", _admit_every_term)
-    found = find({"S3"})
-    passes_unplanted(monkeypatch, found.seed)
+    # Faults of the control plane only: the whole swarm finds it too (seed 2), but that
+    # seed's host faults also hit a known liveness gap of the code as it is (L1: a host
+    # reset with a new boot before its incident's fence loses its VMs), so the code as
+    # it is could not pass it.
+    kinds = ("stale_leader", "service_crash", "service_pause", "clock_stall", "device_fault", "network")
+    found = find({"S3"}, kinds)
+    passes_unplanted(monkeypatch, found.seed, kinds)

@@ -42,7 +42,8 @@ The kinds (``KINDS``), as ../shared/SIMULATION.md lists them:
   rarely gets a stale request through: a stale leader's decisions are those of the
   new one (same incident, same request id), and it reads the new one's
   ``fence_requested`` before its retry is due on its stalled clock. One at a time
-  in the cluster, 90 s apart;
+  in the cluster, 90 s apart, on a host no other host fault holds then; the
+  drawn host, or the next that still runs;
 * ``host_comes_back``: a host that is off (fenced) is powered on again;
 * ``compromised_agent``: one host's agent credentials publish well-formed lies on
   every subject an agent may publish on (``hafence.natsconf``: its own
@@ -216,9 +217,10 @@ def draw_plan(
                 # (the host fails this long after leader A is suspended, B is suspended this
                 # long after its fence failed, A wakes this long after B's retry was due)
                 when = (rng.uniform(1.5, 3.0) * lease_ttl, rng.uniform(0.2, 2.0), rng.uniform(0.5, 6.0))
-                # One at a time in the cluster: it is about the leader, not a storm of hosts
-                # (which the storm guard would rightly hold, hiding the stale request).
-                if host_free(t, " stale_leader", t + 90.0) and host_free(t, host, fault_until):
+                # One at a time in the cluster (it is about the leader, not a storm of hosts,
+                # which the storm guard would rightly hold), on a host free for its span.
+                if busy.get(" stale_leader", -1.0) <= t and busy.get(host, -1.0) <= t:
+                    busy[" stale_leader"] = busy[host] = t + 90.0
                     actions.append(Action(t, "stale_leader", host, when))
             elif kind == "host_comes_back" and hosts:
                 actions.append(Action(t, "power_on", rng.choice(hosts)))
@@ -352,7 +354,11 @@ class FaultInjector:
         host, (hold, delay, wake) = action.target, action.arg
         w, s = self.world, self.net.scheduler
         first = self._arbiter_leader()
-        if first is None or not w.hosts[host].answers:
+        # The drawn host, or the next one that still runs (a fence or another fault took it).
+        names = sorted(w.hosts)
+        at = names.index(host)
+        host = next((h for h in names[at:] + names[:at] if w.hosts[h].answers), "")
+        if first is None or not host:
             return
         frozen = [svc for svc in self.services.values() if svc.node == first.node and svc.alive]
         since = s.now
