@@ -291,6 +291,28 @@ def test_s1_a_confirmed_off_of_the_same_boot_releases_an_incident_named_twice() 
     assert not c.violations
 
 
+def test_s1_a_suspect_of_a_boot_already_confirmed_off_is_released_by_that_fence() -> None:
+    # Sim seed 10 (control-plane faults): h2's boot was fenced (confirmed_off), then a
+    # monitor replica suspected the same dead boot again under a new incident id; the
+    # VM's restart after it is safe: that boot is off.
+    s, w, c = setup()
+    boot = w.hosts["h1"].boot_id
+    s.run_until_complete(w.power.fence(fence_request(incident="i1")))
+    c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+        host="h1", kind="suspect", at=0.0, incident="i1", boot_id=boot)))
+    c.on_effect("fencer", Publish("hafence.fence.result.h1", FenceResult(
+        request_id="r1", incident="i1", host="h1", term=1, outcome="confirmed_off", level=1, started_at=0.0,
+        finished_at=0.0, boot_id=boot)))
+    c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+        host="h1", kind="suspect", at=0.0, incident="i2", boot_id=boot)))
+    c.on_effect("scheduler", start())
+    assert not c.violations
+    # A suspect naming another boot is not released by it.
+    c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+        host="h1", kind="suspect", at=0.0, incident="i3", boot_id="")))
+    assert rule_of(lambda: c.on_effect("scheduler", start(target="h2"))) == "S1"
+
+
 def test_l1_excuses_the_vms_of_a_host_whose_agent_is_compromised() -> None:
     _s, w, c = setup()
     w.lose_power("h1")

@@ -16,7 +16,8 @@ The rules, as ../shared/SIMULATION.md states them:
   host H (``World.last_host``, in boot B: ``World.last_boot``), H != T, is a violation
   - while H has an open incident (a ``suspect`` HostEvent published) of boot B, or
     of an unnamed boot, that no ``confirmed_off`` FenceResult of the fencer for that
-    incident or that boot, and no operator ``confirmed_fenced``, has released; an ``alive`` closes the incident (a start
+    incident or that boot (before or after the suspect), and no operator
+    ``confirmed_fenced``, has released; an ``alive`` closes the incident (a start
     after it is judged by the second clause and S0);
   - or whenever the VM really runs on a powered host other than T right now (a
     start "elsewhere" before its host is off, whatever anyone believes).
@@ -120,6 +121,8 @@ class Checkers:
     _highest_term: int = 0
     # the highest term of a request the fencer admitted (S3), and the request that had it
     _highest_admitted: int = 0
+    # (host, boot) -> the request whose confirmed_off proved that boot off (S1)
+    _off_boots: dict[tuple[str, str], str] = field(default_factory=dict)
     _admitted_by: str = ""
     _tally: dict[str, _Tally] = field(default_factory=dict)
     _reported: set[tuple[str, str]] = field(default_factory=set)
@@ -228,7 +231,13 @@ class Checkers:
         if event.kind == "suspect" and service.startswith("heartbeat"):
             key = (host, event.incident)
             if key not in self.incidents:  # a re-announce of the same incident is the same incident
-                self.incidents[key] = Incident(host, event.incident, self.world.scheduler.now, event.boot_id)
+                incident = Incident(host, event.incident, self.world.scheduler.now, event.boot_id)
+                fenced = self._off_boots.get((host, event.boot_id)) if event.boot_id else None
+                if fenced is not None:
+                    # A boot the fencer already confirmed off, suspected again under a new
+                    # name (a monitor replica, seed 10 of the control-plane mix): it stays off.
+                    incident.released = f"confirmed_off {fenced} (before this suspect)"
+                self.incidents[key] = incident
         elif event.kind == "alive" and service.startswith("heartbeat"):
             for incident in self._open(host):
                 incident.closed = True
@@ -265,6 +274,8 @@ class Checkers:
             self.violation("S2", f"confirmed_off for {result.host} (request {result.request_id}, level "
                                  f"{result.level}) without a run that really turned that level off: {seen}",
                            key=f"result {result.request_id}")
+        if good and result.boot_id:
+            self._off_boots[(result.host, result.boot_id)] = result.request_id
         for incident in self._open(result.host):
             # Its own incident's result, or any confirmed_off of the boot it is about: two
             # monitor replicas may name one outage twice (a restarted agent's sequence).
