@@ -58,6 +58,13 @@ class Harness:
         self.queue: deque[Event] = deque()
         # While set, records wait in ``held`` (a slow disk) until ``release_store``.
         self.hold_store = False
+        # The stream as far as ``placed`` goes: each subject's last sequence (another
+        # process may have stored one the core has not read yet), the message ids stored
+        # (a duplicate is acked, not checked), and whether a stored one is read back.
+        self.seq = 0
+        self.last_seq: dict[str, int] = {}
+        self.msg_ids: set[str] = set()
+        self.echo = True
         self.held: list[Call] = []
         self.feed(Started())
 
@@ -86,10 +93,20 @@ class Harness:
                     self.open[tag] = effect
                     vm = message.vm.name if isinstance(message, VmStart) else message.vm  # type: ignore[union-attr]
                     self.trace.append(("request", subject.split(".")[2], vm))
-                case Publish(subject=subject, tag=tag):
+                case Publish(subject=subject, tag=tag, expect_last_subject_seq=expect, msg_id=msg_id):
+                    if expect is not None and msg_id not in self.msg_ids and self.last_seq.get(subject, 0) != expect:
+                        self.trace.append(("conflict", subject))
+                        self.queue.append(Returned(tag, error=f"conflict: wrong last sequence for {subject}"))
+                        continue
                     self.trace.append(("publish", subject))
                     if tag:
-                        self.queue.append(Returned(tag))
+                        self.queue.append(Returned(tag))  # the ack, then the replay reads it
+                    if subject.endswith(".placed") and msg_id not in self.msg_ids:
+                        self.seq += 1
+                        self.last_seq[subject] = self.seq
+                        self.msg_ids.add(msg_id)
+                        if self.echo:
+                            self.queue.append(Delivered("events", subject, effect.message, sequence=self.seq))
 
     def release_store(self) -> None:
         self.hold_store = False
@@ -360,3 +377,59 @@ def test_a_wave_recorded_after_the_lease_ran_out_is_not_sent(tmp_path: Path) -> 
     recorded = {row[0]: row[2] for row in h.store.rows.values()}
     h.feed(LeaseChanged(held=True, term=2, valid_until=h.mono + 1000))
     assert {vm: target for target, vm in h.starts()} == recorded
+
+
+# -- two processes that both believe they lead: the placed compare-and-set ------------
+
+
+def test_a_leader_that_missed_another_ones_placement_sends_no_start_and_follows_it(tmp_path: Path) -> None:
+    """Seed 71: a leader suspended past its lease (its monotonic clock missed it)
+    wakes and places vm-a on h3, while the leader of the meantime placed it on h2
+    (stored, not yet read here). Its ``placed`` loses the compare-and-set: no
+    ``VmStart`` to h3, its record withdrawn; once the replay brings the other
+    ``placed``, the VM is asked of h2 only. Before: started on h3 as well (S0)."""
+    h = failover_ready(tmp_path)
+    h.seq = 7
+    h.last_seq["hafence.vm.vm-a.placed"] = 7  # the other leader's placed, unread
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    assert ("conflict", "hafence.vm.vm-a.placed") in h.trace
+    assert [vm for _, vm in h.starts()] == ["vm-b"]
+    assert h.store.rows[("vm-a", "h1-b1-1", "h3")][3] == "withdrawn"
+    h.answer("vm-b")
+    h.tick()
+    assert [vm for _, vm in h.starts()] == ["vm-b"]  # nothing until the replay says where
+    h.feed(Delivered("events", "hafence.vm.vm-a.placed", VmEvent(
+        vm="vm-a", kind="placed", at=h.wall, incident="h1-b1-1", from_host="h1", target="h2"), sequence=7))
+    h.tick()
+    assert h.starts() == [("h3", "vm-b"), ("h2", "vm-a")]
+
+
+def test_a_start_goes_out_only_once_its_placed_is_stored(tmp_path: Path) -> None:
+    h = failover_ready(tmp_path)
+    acks: list[Publish] = []
+    carry_out = h._carry_out
+
+    def hold_placed_acks(effects: list[Effect]) -> None:
+        acks.extend(e for e in effects if isinstance(e, Publish) and e.tag.startswith("placed:"))
+        carry_out([e for e in effects if not (isinstance(e, Publish) and e.tag.startswith("placed:"))])
+
+    h._carry_out = hold_placed_acks  # type: ignore[method-assign]
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    assert h.starts() == [] and len(acks) == 2
+    assert all(a.expect_last_subject_seq == 0 for a in acks)  # no placed of these VMs read yet
+    h._carry_out = carry_out  # type: ignore[method-assign]
+    h._carry_out(acks)
+    h.feed(TimerFired("none"))
+    assert sorted(vm for _, vm in h.starts()) == ["vm-a", "vm-b"]
+
+
+def test_the_same_leader_asks_again_after_an_unanswered_start_before_its_placed_is_read(tmp_path: Path) -> None:
+    """Its own placed is a duplicate message id of the one stored: acked, no conflict."""
+    h = failover_ready(tmp_path)
+    h.echo = False  # the replay has not read its own placed back yet
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    first = h.starts()
+    h.answer("vm-b")
+    h.answer("vm-a", error="timeout: nats: timeout")
+    assert len(h.starts()) == 3 and h.starts()[-1] == next(s for s in first if s[1] == "vm-a")
+    assert not [t for t in h.trace if t[0] == "conflict"]

@@ -53,14 +53,15 @@ def started_ack_lost_once(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]
     real = Publishing.publish
     calls: list[str] = []
 
-    async def flaky(self: Publishing, subject: str, msg: msgspec.Struct, msg_id: str = "") -> None:
+    async def flaky(self: Publishing, subject: str, msg: msgspec.Struct, msg_id: str = "",
+                    expect_last_subject_seq: int | None = None) -> None:
         if subject.endswith(".started"):
             calls.append(msg_id)
             await real(self, subject, msg, msg_id)
             if len(calls) == 1:
                 raise nats.errors.TimeoutError
             return
-        await real(self, subject, msg, msg_id)
+        await real(self, subject, msg, msg_id, expect_last_subject_seq)
 
     monkeypatch.setattr(Publishing, "publish", flaky)
     yield calls

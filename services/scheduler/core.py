@@ -130,6 +130,9 @@ class _Wave:
     results: list[StartRow] = field(default_factory=list)
     started: dict[str, str] = field(default_factory=dict)
     unsent: list[tuple[LostVm, str]] = field(default_factory=list)  # recorded, not asked yet (last first)
+    # Start tags whose ``placed`` was stored and whose ``VmStart`` went out (the others
+    # of ``waiting`` wait for their ``placed`` compare-and-set).
+    sent: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,14 @@ class SchedulerCore:
         # stream says was asked (``placed``/``started`` of any leader, S0 on a takeover).
         self.history: History = {}
         self.announced_starts: History = {}
+        # The stream sequence of each VM's last ``placed`` event (from the replay): a
+        # wave's ``placed`` is a compare-and-set on it, so of two processes that both
+        # believe they lead (one woke from a suspension its monotonic clock missed)
+        # only one places a VM; the other's start is not sent (S0/S1).
+        self.placed_seq: dict[str, int] = {}
+        # VMs whose ``placed`` lost the compare-and-set, with the sequence it expected:
+        # not placed again until the replay brings the newer ``placed`` (then decided again).
+        self.conflicted: dict[str, int] = {}
         self.loading = False
         self.want = False
         # After the store failed, no pass before this (monotonic): not a busy loop on a full disk.
@@ -221,8 +232,8 @@ class SchedulerCore:
         match event:
             case Started():
                 self.started_mono = now.mono
-            case Delivered(message=message, headers=headers):
-                self._fold(message, headers, now)
+            case Delivered(message=message, headers=headers, sequence=sequence):
+                self._fold(message, headers, now, sequence)
             case CaughtUp():
                 self.caught_up = True
                 out.append(SetTimer(TICK, TICK_S))
@@ -237,7 +248,7 @@ class SchedulerCore:
             # The walk for duplicates, clears and VM restarts (over every host) is not
             # repeated for each reply of a wave, nor for each of its own VM events read
             # back: a failover's come in bursts; the next tick or other event walks.
-            burst = ((isinstance(event, Returned) and event.tag.startswith("start:"))
+            burst = ((isinstance(event, Returned) and event.tag.startswith(("start:", "placed:")))
                      or (isinstance(event, Delivered) and isinstance(event.message, VmEvent)))
             self._round(now, out, effects=not burst)
         return out
@@ -247,7 +258,7 @@ class SchedulerCore:
 
     # -- the fold ---------------------------------------------------------------------
 
-    def _fold(self, message: object, headers: dict[str, str], now: Now) -> None:
+    def _fold(self, message: object, headers: dict[str, str], now: Now, sequence: int = 0) -> None:
         state = self.state
         trace = {k: v for k, v in headers.items() if k in TRACE_HEADERS}
         match message:
@@ -255,6 +266,8 @@ class SchedulerCore:
                 for failure_id in state.on_inventory(message):
                     self.failure_trace[failure_id] = trace
             case VmEvent():
+                if message.kind == "placed" and sequence > self.placed_seq.get(message.vm, 0):
+                    self.placed_seq[message.vm] = sequence
                 state.on_vm_event(message)
                 self._fold_start(message)
             case HostEvent():
@@ -363,6 +376,11 @@ class SchedulerCore:
         for lost in list(state.lost.values()):
             if lost.spec.name in in_flight or lost.spec.priority != priority:
                 continue
+            blocked = self.conflicted.get(lost.spec.name)
+            if blocked is not None:
+                if self.placed_seq.get(lost.spec.name, 0) <= blocked:
+                    continue  # another process placed it: wait for the replay to say where
+                del self.conflicted[lost.spec.name]
             step, target = state.next_step(lost, self._history_of(lost))
             if step == "resend":
                 resend.append((lost, target))
@@ -410,6 +428,8 @@ class SchedulerCore:
         self._send_more(wave, COMMANDS_IN_FLIGHT, now, out)
 
     def _send_more(self, wave: _Wave, count: int, now: Now, out: list[Effect]) -> None:
+        """The next ``placed`` events of the wave, each a compare-and-set on the VM's
+        last ``placed`` sequence; a VM's ``VmStart`` goes out once its ``placed`` is stored."""
         batch = [wave.unsent.pop() for _ in range(min(count, len(wave.unsent)))]
         if not batch:
             return
@@ -422,15 +442,47 @@ class SchedulerCore:
                 "hafence.incident": incident, "hafence.wave": wave.id, "hafence.priority": wave.priority,
                 "hafence.vms": [lost.spec.name for lost, _ in jobs],
                 "hafence.targets": [target for _, target in jobs]}))
-            out += [self._vm_event(lost, "placed", now, target) for lost, target in jobs]
-        for lost, target in batch:
-            tag = f"start:{wave.id}:{lost.spec.name}"
-            wave.waiting[tag] = (lost, target)
-            out.append(Span(f"start vm {lost.spec.name}", self.incident_trace.get(lost.incident, {}), {
-                "hafence.vm": lost.spec.name, "hafence.target_host": target, "hafence.from_host": lost.from_host,
+            for lost, target in jobs:
+                vm = lost.spec.name
+                wave.waiting[f"start:{wave.id}:{vm}"] = (lost, target)
+                placed = self._vm_event(lost, "placed", now, target)
+                out.append(Publish(placed.subject, placed.message, placed.msg_id, tag=f"placed:{wave.id}:{vm}",
+                                   expect_last_subject_seq=self.placed_seq.get(vm, 0)))
+
+    def _placed_result(self, wave: _Wave, event: Returned, now: Now, out: list[Effect]) -> None:
+        """A wave's ``placed`` was stored (its start goes out), or lost the compare-and-set
+        (another process placed the VM since the last one this one read: nothing is sent,
+        and the VM waits for the replay to bring that placement), or was not published."""
+        tag = "start:" + event.tag.split(":", 1)[1]
+        lost, target = wave.waiting[tag]
+        vm = lost.spec.name
+        if event.ok and self.leader(now):
+            wave.sent.add(tag)
+            out.append(Span(f"start vm {vm}", self.incident_trace.get(lost.incident, {}), {
+                "hafence.vm": vm, "hafence.target_host": target, "hafence.from_host": lost.from_host,
                 "hafence.incident": lost.incident, "hafence.vm.memory_mb": lost.spec.memory_mb}))
             out.append(Request(self.subjects.agent_cmd(target), VmStart(vm=lost.spec, incident=lost.incident),
                                self.timeout, tag))
+            return
+        del wave.waiting[tag]
+        self.state.reserved.pop((vm, target), None)
+        if event.error.startswith("conflict"):
+            # No command went there: its "sending" record is withdrawn, so neither this
+            # process nor a later leader asks that host on its account.
+            self.conflicted[vm] = self.placed_seq.get(vm, 0)
+            self._note(lost, target, "withdrawn")
+            out.append(Call("store", "record", ([(vm, lost.incident, target, "withdrawn", event.error, now.wall)],
+                                                True)))
+            out.append(Log("warning", "VM placed by another scheduler: start not sent",
+                           {"vm": vm, "target": target, "error": event.error}))
+        elif event.error:
+            # Perhaps stored: the "sending" record stays, the same host is asked at a later pass.
+            self.store_retry_at = now.mono + TICK_S
+            out.append(Log("error", "placed not published: start not sent",
+                           {"vm": vm, "target": target, "error": event.error}))
+        else:
+            out.append(Log("warning", "lease lost: start not sent", {"vm": vm, "target": target}))
+        self._wave_step(wave, now, out)
 
     def _start_result(self, wave: _Wave, event: Returned, now: Now, out: list[Effect]) -> None:
         lost, target = wave.waiting.pop(event.tag)
@@ -461,6 +513,10 @@ class SchedulerCore:
                     del self.failover_remaining[lost.incident]
                     metrics.FAILOVER_SECONDS.observe(now.wall - self.fence_confirmed_at[lost.incident])
             out.append(self._vm_event(lost, "started", now, target, "already running" if reply.already else ""))
+        self._wave_step(wave, now, out)
+
+    def _wave_step(self, wave: _Wave, now: Now, out: list[Effect]) -> None:
+        """One job of the wave is done: the next one goes out; after the last, its results."""
         if self.leader(now):
             self._send_more(wave, 1, now, out)
         elif wave.unsent:
@@ -534,8 +590,13 @@ class SchedulerCore:
                 return
             self._send_wave(wave, now, out)
         elif tag.startswith("start:"):
-            if self.wave is not None and tag in self.wave.waiting:
+            if self.wave is not None and tag in self.wave.sent:
+                self.wave.sent.discard(tag)
                 self._start_result(self.wave, event, now, out)
+        elif tag.startswith("placed:"):
+            wave = self.wave
+            if wave is not None and "start:" + tag.split(":", 1)[1] in wave.waiting:
+                self._placed_result(wave, event, now, out)
         elif tag in self.stops:
             self._stopped(self.stops.pop(tag), event, now, out)
         elif tag in self.restarts:
@@ -638,7 +699,8 @@ class SchedulerCore:
         tag = f"rplaced:{effect.failure_id}:{effect.attempt}"
         self.restarts[tag] = effect
         out.append(Publish(self.subjects.vm_event(effect.spec.name, "placed"), placed,
-                           vm_event_id(placed, effect.attempt), tag=tag))
+                           vm_event_id(placed, effect.attempt), tag=tag,
+                           expect_last_subject_seq=self.placed_seq.get(effect.spec.name, 0)))
 
     def _restart_step(self, tag: str, effect: RestartVm, event: Returned, now: Now, out: list[Effect]) -> None:
         vm, target = effect.spec.name, effect.target
@@ -653,6 +715,13 @@ class SchedulerCore:
             self._restart_placed(effect, now, out)
             return
         if kind == "rplaced":
+            if event.error.startswith("conflict"):
+                # Another process placed the VM since the last placed this one read: nothing
+                # is sent; the replay brings that placement, and the restart is decided again.
+                out.append(Log("warning", "VM placed by another scheduler: restart not sent",
+                               {"vm": vm, "target": target, "error": event.error}))
+                self.state.restarts.on_result(effect, "unconfirmed", now.wall, self.state)
+                return
             if event.error:  # NATS gone mid-way: the core asks again (the same host)
                 out.append(Log("error", "VM restart not completed", {"vm": vm, "target": target,
                                                                      "error": event.error}))

@@ -28,7 +28,8 @@ import aiosqlite
 
 from hafence.store import open_store, write_many
 
-# (vm, incident, target, state, error, at): state is sending, started or failed.
+# (vm, incident, target, state, error, at): state is sending, started, failed, or withdrawn
+# (its `placed` lost the compare-and-set: no command was sent).
 StartRow = tuple[str, str, str, str, str, float]
 History = dict[str, dict[str, list[tuple[str, str]]]]
 
