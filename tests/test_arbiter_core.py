@@ -14,7 +14,7 @@ import pytest
 
 from hafence.arbiter.core import TICK, ArbiterCore
 from hafence.config import parse_config
-from hafence.contracts import FenceRequest, FenceResult, HostEvent
+from hafence.contracts import FenceRequest, FenceResult, HostEvent, Inventory
 from hafence.core import (
     Call,
     CaughtUp,
@@ -22,6 +22,7 @@ from hafence.core import (
     Effect,
     Event,
     LeaseChanged,
+    Log,
     Now,
     Publish,
     Returned,
@@ -45,8 +46,9 @@ def make_core(tmp_path: Path, hosts: int = 4, extra: str = "") -> ArbiterCore:
     return ArbiterCore(parse_config(cluster_toml("nats://127.0.0.1:1", tmp_path, hosts, extra), "test.toml"))
 
 
-def delivered(fact: HostEvent | FenceResult, pending: int = 0) -> Delivered:
+def delivered(fact: HostEvent | FenceResult | Inventory, pending: int = 0) -> Delivered:
     subject = (f"hafence.fence.result.{fact.host}" if isinstance(fact, FenceResult)
+               else f"hafence.inventory.{fact.host}" if isinstance(fact, Inventory)
                else f"hafence.host.{fact.host}.{fact.kind}")
     return Delivered("events", subject, fact, pending=pending)
 
@@ -386,3 +388,47 @@ def test_a_new_leader_whose_term_cannot_be_raised_re_sends_at_a_later_round(tmp_
     core.feed(LeaseChanged(True, 7, MONO0 + 100), at(2))
     [again] = requests(core.feed(Returned(raise_call.tag, value=True), at(2)))
     assert again.request_id == "fence-h1-old" and again.term == 7
+
+
+# --- the host-phase machine ------------------------------------------------------------------
+
+
+def inventory(host: str, boot: str, wall: float) -> Inventory:
+    return Inventory(host=host, boot_id=boot, memory_mb=1024, vcpus=2, sent_at=wall)
+
+
+def test_the_replay_reads_cleared_events_and_inventories(tmp_path: Path) -> None:
+    core = make_core(tmp_path)
+    [replay] = core.inputs().replays
+    assert "hafence.inventory.*" in replay.filters and "hafence.host.*.cleared" in replay.filters
+    raw = b'{"type":"inventory","host":"h1","boot_id":"b2","memory_mb":1,"vcpus":1,"sent_at":1.0}'
+    assert isinstance(replay.accepts.decode(raw), Inventory)
+
+
+def test_a_host_heard_after_its_fence_is_not_fenced_again_until_cleared_and_back(tmp_path: Path) -> None:
+    """Replayed: h1 fenced (its suspect named boot "boot"), heard again, suspect again:
+    still fenced, nothing is sent. Its new boot reports (quarantined), it is cleared:
+    up, and its next suspicion is fenced."""
+    core = Harness(make_core(tmp_path))
+    core.start(replay=[*fenced_history("h1", WALL0 - 100),
+                       HostEvent(host="h1", kind="alive", at=WALL0 - 90)])
+    assert core.core.policy.views["h1"].phase == "fenced"
+    out = core.settle(core.feed(delivered(suspect("h1", WALL0 + 10, "h1-boot-2", late=[])), at(10)), at(10))
+    assert requests(out) == [] and core.core.policy.views["h1"].phase == "fenced"
+    core.feed(delivered(inventory("h1", "boot-2", WALL0 + 20)), at(20))
+    assert core.core.policy.views["h1"].phase == "quarantined"
+    core.feed(delivered(HostEvent(host="h1", kind="cleared", at=WALL0 + 21)), at(21))
+    assert core.core.policy.views["h1"].phase == "up"
+    out = core.settle(core.feed(delivered(suspect("h1", WALL0 + 30, "h1-boot-3", late=[])), at(30)), at(30))
+    assert [r.incident for r in requests(out)] == ["h1-boot-3"]
+
+
+def test_an_illegal_event_is_logged_with_its_count_not_dropped(tmp_path: Path) -> None:
+    core = Harness(make_core(tmp_path))
+    core.start(replay=fenced_history("h1", WALL0 - 100))
+    late = FenceResult(request_id="fence-h1-old", incident="h1-old", host="h1", term=3, outcome="failed",
+                       reason="late", started_at=WALL0, finished_at=WALL0 + 1)
+    out = core.feed(delivered(late), at(1))
+    [log] = [e for e in out if isinstance(e, Log) and "illegal" in e.message]
+    assert log.fields["event"] == "fence_failed" and log.fields["phase"] == "fenced" and log.fields["count"] == 1
+    assert core.core.policy.views["h1"].phase == "fenced"

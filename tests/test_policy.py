@@ -310,3 +310,74 @@ def test_hosts_lost_together_are_never_fenced_as_a_storm_when_reported_late(
                 assert len(counted) / len(HOSTS) <= share
                 fenced.add(d.host)
                 p.fence_requested(d.host, d.incident, d.request_id, now, d.attempt)
+
+
+# --- the host-phase machine (hafence.host_phase) --------------------------------------------
+
+
+def fenced(p: Policy, host: str, incident: str, now: float, boot: str = "boot-1") -> None:
+    p.inventory(host, boot)
+    p.suspect(host, incident, now, boot_id=boot)
+    [d] = [d for d in p.decide(now + 0.6) if isinstance(d, RequestFence)]
+    p.fence_requested(host, incident, d.request_id, now + 0.6)
+    p.fence_result(host, d.request_id, "confirmed_off", "ok", now + 0.8, boot_id=boot)
+    assert p.views[host].phase == "fenced"
+
+
+def test_a_host_heard_after_its_fence_stays_fenced_and_is_not_fenced_again() -> None:
+    """Before, ``alive`` made a fenced host ``up``: the arbiter disagreed with the
+    scheduler and the CLI, and a later suspicion fenced it again. The heartbeat may be
+    the fenced boot's, still in flight: the host stays fenced until it is cleared."""
+    p = make()
+    fenced(p, "a", "a-1", 10.0)
+    p.alive("a")
+    assert p.views["a"].phase == "fenced"
+    p.suspect("a", "a-2", 200.0)
+    assert p.views["a"].phase == "fenced" and p.decide(300.0) == []
+    # Back on a new boot: quarantined (it runs no VMs), still not fenced on a suspicion.
+    p.inventory("a", "boot-2")
+    assert p.views["a"].phase == "quarantined"
+    p.alive("a")
+    p.suspect("a", "a-3", 400.0)
+    assert p.views["a"].phase == "quarantined" and p.decide(500.0) == []
+    # A late report from the fenced boot is not a new boot.
+    q = make()
+    fenced(q, "b", "b-1", 10.0)
+    q.inventory("b", "boot-1")
+    assert q.views["b"].phase == "fenced"
+
+
+def test_cleared_then_a_new_boot_makes_a_fenced_host_up_and_fenceable_again() -> None:
+    p = make()
+    fenced(p, "a", "a-1", 10.0)
+    p.cleared("a")  # in advance, while it is still off
+    assert p.views["a"].phase == "fenced_cleared"
+    p.suspect("a", "a-2", 100.0)
+    assert p.decide(200.0) == []  # still off: nothing to fence
+    p.inventory("a", "boot-2")
+    assert p.views["a"].phase == "up"
+    p.suspect("a", "a-3", 300.0, boot_id="boot-2")
+    [d] = p.decide(300.6)
+    assert isinstance(d, RequestFence) and d.incident == "a-3"
+    # The other order: back quarantined, then cleared.
+    q = make()
+    fenced(q, "b", "b-1", 10.0)
+    q.inventory("b", "boot-2")
+    q.cleared("b")
+    assert q.views["b"].phase == "up"
+    q.suspect("b", "b-2", 300.0)
+    assert [type(d) for d in q.decide(300.6)] == [RequestFence]
+
+
+def test_an_illegal_event_keeps_the_phase_and_is_counted_and_kept_for_the_log() -> None:
+    """A failure of a request already confirmed off cannot happen in a sound cluster:
+    the host stays fenced (no retry), and the event is not silently dropped."""
+    p = make()
+    fenced(p, "a", "a-1", 10.0)
+    request = p.views["a"].request_id
+    p.fence_result("a", request, "failed", "late failure", 20.0)
+    assert p.views["a"].phase == "fenced" and p.decide(100.0) == []
+    assert p.illegal == {"fence_failed in fenced": 1}
+    [(host, illegal)] = p.take_illegal()
+    assert host == "a" and (illegal.phase, illegal.event) == ("fenced", "fence_failed")
+    assert p.take_illegal() == []  # taken once

@@ -35,6 +35,10 @@ Rules that live here (the policy decides *whether* to fence; this core decides
   retries and escalates instead of waiting for ever.
 - A fence result is announced as a ``fenced``/``fence_failed`` host event, by
   the leader only, once caught up (a replayed result was announced when it came).
+- A host's phase moves by ``hafence.host_phase`` (through the policy); for the
+  table to be complete the arbiter also folds ``cleared`` host events and the
+  agents' inventories (a boot other than the last known one is ``new_boot``). An
+  event illegal in its host's phase is counted by the policy and logged here.
 - Boot ids ride through the incident (S6): the suspect names the boot last
   heard from; requests and the events about them carry it.
 - Decisions are taken every ``heartbeat_interval_s / 4``, and at once when a
@@ -52,11 +56,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from hafence import metrics
 from hafence.arbiter import deadline
 from hafence.arbiter.policy import Policy, RequestFence, SkipFence
 from hafence.config import ClusterConfig
-from hafence.contracts import Alert, Decoders, FenceRequest, FenceResult, HostEvent
+from hafence.contracts import Alert, FenceRequest, FenceResult, HostEvent, Inventory
 from hafence.core import (
     Call,
     CaughtUp,
@@ -76,23 +82,30 @@ from hafence.core import (
     Started,
     TimerFired,
 )
+from hafence.host_phase import Phase
 from hafence.lease import MAX_TERM
 from hafence.subjects import Subjects
 
 EVENTS = "events"
 TICK = "decide"
 # The host event kinds the arbiter folds (the rest are its own or other services' news).
-FOLDED_KINDS = ("suspect", "alive", "fence_requested", "confirmed_fenced", "maintenance_on", "maintenance_off")
+FOLDED_KINDS = ("suspect", "alive", "fence_requested", "confirmed_fenced", "maintenance_on", "maintenance_off",
+                "cleared")
+# What the replay of the events stream decodes: host events, fence results, inventories.
+INPUT = msgspec.json.Decoder(HostEvent | FenceResult | Inventory)
+Fact = HostEvent | FenceResult | Inventory
 # A round of decisions whose outcomes never all came back (a driver that lost one)
 # must not stop the arbiter for good: past this, the round is given up on.
 ROUND_LIMIT_S = 60.0
 REISSUE_REASON = "re-issued by a new arbiter leader"
 
 
-def event_time(event: HostEvent | FenceResult, stored_at: float | None = None) -> float | None:
+def event_time(event: Fact, stored_at: float | None = None) -> float | None:
     """When a fact happened, on the wall clock: the event's own time (the result's
-    end for a result), else when the stream stored it; None when neither is known."""
-    at = event.finished_at if isinstance(event, FenceResult) else event.at
+    end for a result, the sending for an inventory), else when the stream stored
+    it; None when neither is known."""
+    at = (event.finished_at if isinstance(event, FenceResult)
+          else event.sent_at if isinstance(event, Inventory) else event.at)
     if math.isfinite(at) and at > 0:
         return at
     return stored_at
@@ -107,22 +120,27 @@ def on_policy_clock(at: float | None, wall_now: float, mono_now: float) -> float
     return mono_now - max(0.0, wall_now - at)
 
 
-def fold(policy: Policy, event: HostEvent | FenceResult, at: float) -> None:
+def fold(policy: Policy, event: Fact, at: float) -> None:
     """Fold one fact into the policy, at ``at`` (the fact's own time on the policy's
     clock, ``on_policy_clock``): pure, so a replay gives the same state whenever it runs."""
     if isinstance(event, FenceResult):
-        policy.fence_result(event.host, event.request_id, event.outcome, event.reason, at)
+        policy.fence_result(event.host, event.request_id, event.outcome, event.reason, at, boot_id=event.boot_id)
+        return
+    if isinstance(event, Inventory):
+        policy.inventory(event.host, event.boot_id)
         return
     match event.kind:
         case "suspect":
-            policy.suspect(event.host, event.incident, at, event.late_hosts)
+            policy.suspect(event.host, event.incident, at, event.late_hosts, boot_id=event.boot_id)
         case "alive":
             policy.alive(event.host)
         case "fence_requested":
             policy.fence_requested(event.host, event.incident, event.request_id or f"fence-{event.incident}",
                                    at, event.attempt or 1)
         case "confirmed_fenced":
-            policy.confirmed_by_operator(event.host)
+            policy.confirmed_by_operator(event.host, boot_id=event.boot_id)
+        case "cleared":
+            policy.cleared(event.host)
         case "maintenance_on" | "maintenance_off":
             policy.set_maintenance(event.host, event.kind == "maintenance_on")
 
@@ -193,19 +211,29 @@ class ArbiterCore:
     # --- the contract ----------------------------------------------------------
 
     def inputs(self) -> Inputs:
-        filters = [self.subjects.host_events(kind) for kind in FOLDED_KINDS] + [self.subjects.fence_results()]
+        filters = [self.subjects.host_events(kind) for kind in FOLDED_KINDS] + [
+            self.subjects.fence_results(), self.subjects.inventory_all()]
         return Inputs(
-            replays=[ReplayInput(EVENTS, filters, Decoders.arbiter_input)],
+            replays=[ReplayInput(EVENTS, filters, INPUT)],
             # Taken only after the replay: its term must be above every term in it (S3).
             lease=Lease(role="arbiter", ttl=self.config.timings.lease_ttl_s, after=EVENTS),
         )
 
     def handle(self, event: Event, now: Now) -> list[Effect]:
+        out = self._handle(event, now)
+        # Whatever the policy found illegal while handling this (a fold, a continuation).
+        for host, illegal in self.policy.take_illegal():
+            out.append(Log("warning", "host event illegal in its phase; phase kept", {
+                "host": host, "event": str(illegal.event), "phase": str(illegal.phase), "why": illegal.why,
+                "count": self.policy.illegal.get(f"{illegal.event} in {illegal.phase}", 0)}))
+        return out
+
+    def _handle(self, event: Event, now: Now) -> list[Effect]:
         match event:
             case Started():
                 self.policy.started_at = now.mono
                 return [SetTimer(TICK, self.tick_s)]
-            case Delivered(message=HostEvent() | FenceResult() as fact):
+            case Delivered(message=HostEvent() | FenceResult() | Inventory() as fact):
                 return self._on_fact(fact, event, now)
             case CaughtUp() if event.source == EVENTS:
                 self.caught_up = True
@@ -257,13 +285,16 @@ class ArbiterCore:
 
     # --- facts in -------------------------------------------------------------
 
-    def _on_fact(self, fact: HostEvent | FenceResult, delivery: Delivered, now: Now) -> list[Effect]:
+    def _on_fact(self, fact: Fact, delivery: Delivered, now: Now) -> list[Effect]:
         if fact.host not in self.policy.views:
             return [Log("warning", "event for unknown host", {"host": fact.host, "subject": delivery.subject})]
         # The fact's own time, not the time of this (re)play: ``now`` only decides.
         at = on_policy_clock(event_time(fact, delivery.stored_at), now.wall, now.mono)
         if isinstance(fact, FenceResult):
             return self._on_result(fact, at, now)
+        if isinstance(fact, Inventory):
+            fold(self.policy, fact, at)
+            return []
         out: list[Effect] = []
         if fact.kind in ("suspect", "fence_requested") and fact.boot_id:
             self.incident_boot[fact.host] = (fact.incident, fact.boot_id)
@@ -373,7 +404,7 @@ class ArbiterCore:
         for late in deadline.overdue(self.policy.views, now.mono, self.config.timings.fence_deadline_s):
             if late.host not in reissuing:  # re-sent now: its deadline starts again
                 out += self._fail_overdue(late, now)
-        for phase in ("up", "suspect", "fencing", "fenced", "fence_failed"):
+        for phase in Phase:
             metrics.HOSTS.labels(phase).set(sum(1 for v in self.policy.views.values() if v.phase == phase))
         for decision in self.policy.decide(now.mono, live):
             metrics.DECISIONS.labels(type(decision).__name__,

@@ -31,8 +31,22 @@ Rules, in the order they are checked for each suspect host:
    poison pill in its slot on shared storage: it resets itself, docs/watchdog.md);
 6. concurrency: at most ``max_concurrent`` fences in flight; the rest wait.
 
-A host that comes back while its fence is in flight is still fenced: the fence
-has begun, and finishing it is the only state everyone can agree on.
+A host's phase moves only through ``hafence.host_phase`` (the one state machine,
+a table, shared with the cluster view, the scheduler and the CLI): each method
+below turns its fact into a ``host_phase.EventKind`` and steps. An event that is
+illegal in the host's phase leaves the phase as it was and is counted
+(``Policy.illegal``) and kept for the core to log (``Policy.take_illegal``).
+What only the arbiter needs (incident, request id, attempts, retry clock, storm
+guard clocks, maintenance) stays beside the phase in ``HostView``.
+
+How the phases decide: ``suspect`` is decided by the rules below; ``fencing`` is
+in flight; ``fence_failed`` is retried, then escalated; ``fenced``,
+``fenced_cleared`` and ``quarantined`` are never fenced again on a suspicion:
+a host heard again after its fence stays fenced (the heartbeat may be the fenced
+boot's, still in flight), a new boot of it is quarantined (it runs no VMs), and
+only ``cleared`` (S6) makes it ``up``, and fenceable, again. A host that comes
+back while its fence is in flight is still fenced: the fence has begun, and
+finishing it is the only state everyone can agree on.
 
 A failed fence is tried again (a new request id per attempt) after a growing
 back-off, ``fence_attempts`` times in all; then the host is escalated: its VMs
@@ -46,7 +60,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-Phase = Literal["up", "suspect", "fencing", "fenced", "fence_failed"]
+from hafence import host_phase
+from hafence.host_phase import EventKind, Illegal, Phase
+
 Rule = Literal["maintenance", "storm", "isolated", "concurrency", "escalated"]
 
 
@@ -82,9 +98,14 @@ def request_id(incident: str, attempt: int, refusals: int = 0) -> str:
     return f"{base}-r{refusals}" if refusals else base
 
 
+# Confirmed off and not cleared back to up: never fenced again on a suspicion.
+OFF_PHASES = (Phase.FENCED, Phase.FENCED_CLEARED, Phase.QUARANTINED)
+
+
 @dataclass(slots=True)
 class HostView:
-    phase: Phase = "up"
+    # Config hosts are known: up until told otherwise (every event is legal in up).
+    phase: Phase = Phase.UP
     incident: str = ""
     since: float = 0.0
     request_id: str = ""
@@ -103,6 +124,11 @@ class HostView:
     informed: bool = False
     # Requests of this incident the fencer refused (each re-issue gets a new id).
     refusals: int = 0
+    # The boot its inventories last came from, the boot its suspicion named, and
+    # the boot that was fenced (S6: any other boot reporting after a fence is new).
+    boot_id: str = ""
+    suspect_boot: str = ""
+    fenced_boot: str = ""
 
 
 @dataclass
@@ -123,22 +149,58 @@ class Policy:
     # had it died, it would have been suspect by then).
     late_horizon_s: float | None = None
     views: dict[str, HostView] = field(init=False)
+    # Events illegal in their host's phase, by "<event> in <phase>" (the phase stayed).
+    illegal: dict[str, int] = field(init=False, default_factory=dict)
+    # Illegal events not yet taken for logging: (host, what).
+    illegal_pending: list[tuple[str, Illegal]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.views = {h: HostView() for h in self.hosts}
 
+    # --- the phase ------------------------------------------------------------
+
+    def _step(self, host: str, view: HostView, kind: EventKind) -> bool:
+        """Move ``view``'s phase by the table (through the module: one state machine).
+        False when ``kind`` is illegal in its phase: the phase stays, it is counted and kept."""
+        nxt = host_phase.step(view.phase, kind)
+        if isinstance(nxt, Illegal):
+            key = f"{nxt.event} in {nxt.phase}"
+            self.illegal[key] = self.illegal.get(key, 0) + 1
+            self.illegal_pending.append((host, nxt))
+            return False
+        if view.phase in (Phase.QUARANTINED, Phase.FENCED_CLEARED) and nxt == Phase.UP:
+            view.fenced_boot = ""  # cleared: its next fence names its own boot
+        view.phase = nxt
+        return True
+
+    def take_illegal(self) -> list[tuple[str, Illegal]]:
+        """The illegal events since the last call (for the core to log)."""
+        out, self.illegal_pending = self.illegal_pending, []
+        return out
+
+    def _fenced(self, view: HostView, boot_id: str) -> None:
+        if view.phase == Phase.FENCED:
+            view.fenced_boot = boot_id or view.suspect_boot or view.boot_id
+
     # --- events in ----------------------------------------------------------
 
-    def suspect(self, host: str, incident: str, now: float, late: Iterable[str] | None = None) -> None:
+    def suspect(self, host: str, incident: str, now: float, late: Iterable[str] | None = None,
+                boot_id: str = "") -> None:
         """``late``: the other hosts the monitor had not heard from when it declared
         this one (None: not reported; the suspect then settles, rule 2)."""
         view = self.views[host]
-        if view.incident == incident and view.phase != "up":
+        if view.incident == incident and view.phase != Phase.UP:
             return  # the same incident seen again (a replay, another replica)
-        if view.phase in ("fencing", "fence_failed"):
-            return  # an unresolved fence is not superseded by a new suspicion
-        view.phase, view.incident, view.since, view.lost_at = "suspect", incident, now, now
+        was = view.phase
+        if not self._step(host, view, EventKind.SUSPECT) or view.phase != Phase.SUSPECT:
+            # An unresolved fence is not superseded by a new suspicion, and a host
+            # fenced (or quarantined) is not fenced again until it is cleared.
+            return
+        if was == Phase.SUSPECT and view.incident == incident:
+            return
+        view.incident, view.since, view.lost_at = incident, now, now
         view.held_by, view.request_id, view.attempt, view.refusals = "", "", 0, 0
+        view.suspect_boot = boot_id
         view.informed = late is not None
         for other in late or ():
             if other != host and other in self.views:
@@ -147,44 +209,73 @@ class Policy:
     def alive(self, host: str) -> None:
         view = self.views[host]
         view.late_at = float("-inf")  # heard again: not late any more
-        if view.phase in ("fencing", "fence_failed"):
-            return  # a fence that has begun is finished: only that is safe
-        view.phase, view.held_by = "up", ""
+        # A fence that has begun is finished, and a fenced host stays fenced (host_phase).
+        if self._step(host, view, EventKind.HEARD) and view.phase == Phase.UP:
+            view.held_by = ""
+
+    def inventory(self, host: str, boot_id: str) -> None:
+        """An inventory: from the boot last known (``reported``) or another (``new_boot``)."""
+        view = self.views[host]
+        if view.fenced_boot and boot_id == view.fenced_boot:
+            kind = EventKind.REPORTED  # a late report from the boot that was fenced
+        else:
+            # After a fence, any boot but the fenced one is new (an unknown fenced boot
+            # included: quarantine is the safe side, S6), as the cluster view folds it.
+            off = view.phase in (Phase.FENCED, Phase.FENCED_CLEARED)
+            new = off or (bool(view.boot_id) and boot_id != view.boot_id)
+            kind = EventKind.NEW_BOOT if new else EventKind.REPORTED
+        if self._step(host, view, kind):
+            view.boot_id = boot_id
+            if view.phase == Phase.UP:
+                view.held_by = ""
+
+    def cleared(self, host: str) -> None:
+        """An operator's (or the scheduler's) ``cleared``: a quarantined host is up again (S6)."""
+        view = self.views[host]
+        if self._step(host, view, EventKind.CLEARED) and view.phase == Phase.UP:
+            view.held_by = ""
 
     def fence_requested(self, host: str, incident: str, request: str, now: float, attempt: int = 1) -> None:
         view = self.views[host]
-        if view.request_id == request and view.phase in ("fencing", "fenced", "fence_failed"):
-            if view.phase == "fencing":
+        if view.request_id == request and view.phase in (Phase.FENCING, Phase.FENCE_FAILED, *OFF_PHASES):
+            if view.phase == Phase.FENCING:
                 # Sent again (a new leader's re-issue): its deadline counts from the last send.
                 view.since = max(view.since, now)
             return
-        view.phase, view.incident, view.request_id, view.since, view.held_by = (
-            "fencing", incident, request, now, "",
-        )
+        if not self._step(host, view, EventKind.FENCE_REQUESTED):
+            return
+        view.incident, view.request_id, view.since, view.held_by = incident, request, now, ""
         view.attempt = max(view.attempt, attempt)
 
-    def fence_result(self, host: str, request: str, outcome: str, reason: str, now: float) -> None:
+    def fence_result(self, host: str, request: str, outcome: str, reason: str, now: float,
+                     boot_id: str = "") -> None:
+        """``boot_id``: the boot the request was about (the one fenced), when known."""
         view = self.views[host]
         if outcome == "refused":
             # A stale leader's request. If that was the only request for this fence,
             # the decision is open again, for whoever leads now (with its own term).
-            if view.phase == "fencing" and view.request_id == request:
-                view.phase, view.held_by, view.attempt = "suspect", "", max(0, view.attempt - 1)
+            if view.request_id == request and self._step(host, view, EventKind.REFUSED) \
+                    and view.phase == Phase.SUSPECT:
+                view.held_by, view.attempt = "", max(0, view.attempt - 1)
                 view.refusals += 1
             return
         if view.request_id and view.request_id != request:
             return
-        view.request_id, view.outcome_reason = request, reason
         if outcome == "confirmed_off":
-            view.phase = "fenced"
-        else:
-            view.phase = "fence_failed"
+            if self._step(host, view, EventKind.CONFIRMED_OFF):
+                view.request_id, view.outcome_reason = request, reason
+                self._fenced(view, boot_id)
+            return
+        if self._step(host, view, EventKind.FENCE_FAILED):
+            view.request_id, view.outcome_reason = request, reason
             view.retry_at = now + self.retry_backoff_s * (2 ** max(0, view.attempt - 1))
             view.held_by = ""
 
-    def confirmed_by_operator(self, host: str) -> None:
+    def confirmed_by_operator(self, host: str, boot_id: str = "") -> None:
         view = self.views[host]
-        view.phase, view.held_by = "fenced", ""
+        if self._step(host, view, EventKind.OPERATOR_CONFIRMED):
+            view.held_by = ""
+            self._fenced(view, boot_id)
 
     def set_maintenance(self, host: str, on: bool) -> None:
         self.views[host].maintenance = on
@@ -192,7 +283,7 @@ class Policy:
     # --- decisions out ------------------------------------------------------
 
     def in_flight(self) -> list[str]:
-        return [h for h, v in self.views.items() if v.phase == "fencing"]
+        return [h for h, v in self.views.items() if v.phase == Phase.FENCING]
 
     def decide(self, now: float, storage_live: Mapping[str, bool] | None = None) -> list[Decision]:
         """``storage_live[host]`` is True when the host renewed its storage lease
@@ -202,9 +293,11 @@ class Policy:
         storage_live = storage_live or {}
         watched = [v for v in self.views.values() if not v.maintenance]
         horizon = self.detection_window_s if self.late_horizon_s is None else self.late_horizon_s
-        lost = [v for v in watched if v.phase in ("suspect", "fencing")
-                or (v.phase in ("fenced", "fence_failed") and now - v.lost_at <= self.storm_window_s)
-                or (v.phase == "up" and now - v.late_at <= horizon)]
+        # Fenced (and then cleared in advance, or back quarantined) in the window still
+        # counts: fencing the first host of a storm must not make room for the next.
+        lost = [v for v in watched if v.phase in (Phase.SUSPECT, Phase.FENCING)
+                or (v.phase in (Phase.FENCE_FAILED, *OFF_PHASES) and now - v.lost_at <= self.storm_window_s)
+                or (v.phase in (Phase.UP, Phase.UNKNOWN) and now - v.late_at <= horizon)]
         share = len(lost) / len(watched) if watched else 0.0
         slots = self.max_concurrent - len(self.in_flight())
         split = self.two_host_delay_s if len(self.views) == 2 else 0.0
@@ -212,12 +305,12 @@ class Policy:
         out: list[Decision] = []
         ready = sorted(
             ((h, v) for h, v in self.views.items()
-             if (v.phase == "suspect" and now - v.since >= (split if v.informed else settle))
-             or v.phase == "fence_failed"),
+             if (v.phase == Phase.SUSPECT and now - v.since >= (split if v.informed else settle))
+             or v.phase == Phase.FENCE_FAILED),
             key=lambda hv: (hv[1].since, hv[0]),
         )
         for host, view in ready:
-            if view.phase == "fence_failed":
+            if view.phase == Phase.FENCE_FAILED:
                 if view.attempt >= self.fence_attempts:
                     self._hold(out, host, view, now, "escalated", alert=True, reason=(
                         f"fencing failed {view.attempt} times ({view.outcome_reason}); its VMs stay down until "
@@ -244,7 +337,7 @@ class Policy:
                 slots -= 1
                 attempt = view.attempt + 1
                 why = (f"attempt {attempt} of {self.fence_attempts} after: {view.outcome_reason}"
-                       if view.phase == "fence_failed"
+                       if view.phase == Phase.FENCE_FAILED
                        else f"suspect for {now - view.since:.1f}s; {len(lost)} of {len(watched)} hosts lost")
                 # "pill": an isolated host still renewing its storage lease is fenced
                 # through its slot: it resets itself (its watchdog levels only).
