@@ -39,6 +39,11 @@ def confirmed(boot: str = "") -> FenceResult:
                        started_at=0.0, finished_at=1.0, boot_id=boot)
 
 
+# An incident of b1 open before b2 reports: b1's VMs wait for a fence (a new boot
+# reported with no incident of the old one open releases them by itself).
+B1_SUSPECT = HostEvent(host="a", kind="suspect", at=0.0, incident="i0", boot_id="b1")
+
+
 def test_the_results_boot_id_wins_over_the_boot_guessed_at_suspect_time() -> None:
     """The suspect came without a boot id, after the host's next boot had reported
     (the fallback then guesses that boot, which runs nothing). The result names the
@@ -46,14 +51,18 @@ def test_the_results_boot_id_wins_over_the_boot_guessed_at_suspect_time() -> Non
     s = SchedulerState()
     s.on_inventory(inv("a", "b1", "vm1"))
     s.on_inventory(inv("b", "b5"))
+    s.on_host_event(B1_SUSPECT)  # else b2's report alone releases b1's VMs (a new boot proves b1 gone)
     s.on_inventory(inv("a", "b2"))
     s.on_host_event(HostEvent(host="a", kind="suspect", at=0.0, incident="i1"))
     assert s.on_fence_result(confirmed(boot="b1"))
     assert set(s.lost) == {"vm1"} and s.fenced_boots["a"] == {"b1"}
     # Without it, the fallback (the boot last reported before the suspect) is used.
     guess = SchedulerState()
-    for i in (inv("a", "b1", "vm1"), inv("b", "b5"), inv("a", "b2")):
-        guess.on_inventory(i)
+    for i in (inv("a", "b1", "vm1"), inv("b", "b5"), B1_SUSPECT, inv("a", "b2")):
+        if isinstance(i, Inventory):
+            guess.on_inventory(i)
+        else:
+            guess.on_host_event(i)
     guess.on_host_event(HostEvent(host="a", kind="suspect", at=0.0, incident="i1"))
     assert guess.on_fence_result(confirmed())
     assert guess.lost == {} and guess.fenced_boots["a"] == {"b2"}
@@ -63,6 +72,7 @@ def test_the_suspects_boot_id_wins_over_the_last_inventory() -> None:
     s = SchedulerState()
     s.on_inventory(inv("a", "b1", "vm1"))
     s.on_inventory(inv("b", "b5"))
+    s.on_host_event(B1_SUSPECT)
     s.on_inventory(inv("a", "b2", "vm2"))
     s.on_host_event(HostEvent(host="a", kind="suspect", at=0.0, incident="i1", boot_id="b1"))
     assert s.on_fence_result(confirmed())

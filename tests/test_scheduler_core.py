@@ -194,9 +194,12 @@ def test_a_fence_result_releases_the_vms_of_the_boot_it_fenced_and_nothing_a_lat
     boot it saw off is not known; before: the open incident's, b2's)."""
     h = Harness(tmp_path)
     h.inventory("h1", ["vm-a", "vm-b"], boot="h1-b1")
+    h.suspect("h1", "h1-b1-7", "h1-b1")  # b1's incident is open: b2's report does not release b1
     h.inventory("h1", ["vm-a"], boot="h1-b2")
     h.inventory("h2", [])
     h.lead()
+    h.tick()
+    assert h.starts() == []
     h.suspect("h1", "h1-b2-1", "h1-b2")
     h.fence("h1", "h1-b1-7", "")
     h.tick()
@@ -433,3 +436,47 @@ def test_the_same_leader_asks_again_after_an_unanswered_start_before_its_placed_
     h.answer("vm-a", error="timeout: nats: timeout")
     assert len(h.starts()) == 3 and h.starts()[-1] == next(s for s in first if s[1] == "vm-a")
     assert not [t for t in h.trace if t[0] == "conflict"]
+
+
+# -- a host that rebooted before anyone opened an incident of its old boot -----------
+
+
+def test_a_new_boot_with_no_incident_of_the_old_one_open_restarts_the_old_boots_ha_vms(tmp_path: Path) -> None:
+    """Seeds 31, 63, 157...: h1 crashed and booted again within the detection window
+    (never suspected, never fenced). Its new boot's report proves the old boot, and
+    its VMs, gone. Before: nothing ever released them (L1)."""
+    h = failover_ready(tmp_path)
+    h.tick()
+    assert h.starts() == []
+    h.inventory("h1", [], boot="h1-b2")
+    assert sorted(vm for _, vm in h.starts()) == ["vm-a", "vm-b"]
+    # The old boot's late report, or a late fence of it, releases nothing twice.
+    for vm in ("vm-a", "vm-b"):
+        h.answer(vm)
+    h.inventory("h1", ["vm-a", "vm-b"], boot="h1-b1")
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    h.tick()
+    assert len(h.starts()) == 2
+
+
+def test_a_new_boot_waits_for_the_fence_of_its_old_boots_open_incident(tmp_path: Path) -> None:
+    h = failover_ready(tmp_path)
+    h.suspect("h1", "h1-b1-1", "h1-b1")
+    h.inventory("h1", [], boot="h1-b2")
+    h.tick()
+    assert h.starts() == []  # S1: the old boot's incident is the fencer's to close
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    assert sorted(vm for _, vm in h.starts()) == ["vm-a", "vm-b"]
+
+
+def test_an_incident_of_the_old_boot_closed_by_the_new_boots_return_restarts_its_ha_vms(tmp_path: Path) -> None:
+    """Seed 71 (later tree): h1's old boot was suspect, never fenced; h1 came back as
+    a new boot and the monitor closed the incident (alive). Before: nothing released
+    the old boot's VMs (L1)."""
+    h = failover_ready(tmp_path)
+    h.suspect("h1", "h1-b1-1", "h1-b1")
+    h.inventory("h1", [], boot="h1-b2")
+    h.tick()
+    assert h.starts() == []
+    h.deliver(HostEvent(host="h1", kind="alive", at=h.wall, incident="h1-b1-1", boot_id="h1-b2"))
+    assert sorted(vm for _, vm in h.starts()) == ["vm-a", "vm-b"]

@@ -265,6 +265,11 @@ class SchedulerCore:
             case Inventory():
                 for failure_id in state.on_inventory(message):
                     self.failure_trace[failure_id] = trace
+                if state.reboots:
+                    # A new boot proved the old one gone, with no incident to release its VMs.
+                    for host, incident in state.reboots:
+                        self._released(host, incident, message.sent_at, trace)
+                    state.reboots.clear()
             case VmEvent():
                 if message.kind == "placed" and sequence > self.placed_seq.get(message.vm, 0):
                     self.placed_seq[message.vm] = sequence

@@ -169,6 +169,9 @@ class SchedulerState:
     _where: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _indexed: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
     _twice: set[str] = field(default_factory=set, repr=False)
+    # Hosts whose previous boot's HA VMs were released because a new boot reported
+    # (host, incident): the core takes them (its log, its failover bookkeeping).
+    reboots: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
     def from_config(cls, config: ClusterConfig) -> SchedulerState:
@@ -263,6 +266,7 @@ class SchedulerState:
         if host not in self.phases:
             self._set_phase(host, "up")
         previous = self.inventories.get(host)
+        rebooted = previous is not None and previous.boot_id != inv.boot_id
         # The same report sent again (only its send time differs) changes nothing
         # placement, the reservation or the duplicates check read.
         if previous is None or msgspec.structs.replace(inv, sent_at=previous.sent_at) != previous:
@@ -278,8 +282,45 @@ class SchedulerState:
                 # duplicate if another copy appears.
                 self.lost.pop(vm.spec.name, None)
                 self.reserved.pop((vm.spec.name, host), None)
+        if rebooted and previous is not None:
+            self._rebooted(host, previous)
         self._maybe_rejoin(host)
         return self.restarts.on_inventory(inv, self)
+
+    def _rebooted(self, host: str, old: Inventory) -> None:
+        """A new boot of ``host`` reported: its previous boot is gone, and so is every VM
+        it ran (a reset, a crash and reboot, power back before anyone suspected it).
+        If no incident of that boot is open, nothing else will ever release its HA VMs:
+        they are released here, under an incident named after the boot (the same in
+        every replica, so the message ids of their events are). An open incident of
+        that boot keeps them for its fence (S1: a suspect boot's fate is the fencer's
+        to say). The boot counts as fenced from now on: its late reports, and a late
+        fence result of it, release nothing twice."""
+        if self.suspect_incident.get(host) and self.suspect_boot.get(host, "") in ("", old.boot_id):
+            return  # its incident is open: its confirmed_off (or return) decides
+        if old.boot_id in self.fenced_boots.get(host, ()):
+            return
+        incident = f"{host}-{old.boot_id}-rebooted"
+        fenced = self.fenced_boots.setdefault(host, set())
+        fenced.add(old.boot_id)
+        if len(fenced) > 4 * BOOTS_KEPT:
+            fenced.discard(next(iter(fenced - {old.boot_id})))
+        # Starts sent to the old boot are void (it is gone), as on a fence.
+        for key in [k for k in self.reserved if k[1] == host]:
+            del self.reserved[key]
+            self.failed_on.setdefault(key[0], set()).add(host)
+        copies = self.copies()
+        released = False
+        for vm in old.vms:
+            name = vm.spec.name
+            if vm.state != "running" or copies.get(name) or name in self.lost:
+                continue
+            spec = self.resolve(vm.spec)
+            if spec.ha:
+                self.lost[name] = LostVm(spec, host, incident)
+                released = True
+        if released:
+            self.reboots.append((host, incident))
 
     def on_vm_event(self, event: VmEvent) -> None:
         """The scheduler's own VM events: what it did about failures (their count survives a restart)."""
@@ -302,7 +343,13 @@ class SchedulerState:
             self.suspect_incident[host] = event.incident
         elif event.kind == "alive" and self.phases.get(host) == "suspect":
             self._set_phase(host, "up")
+            boot = self.suspect_boot.get(host, "")
             self._close_incident(host)
+            latest = self.inventories.get(host)
+            old = self.boots.get(host, {}).get(boot) if boot else None
+            if latest is not None and old is not None and latest.boot_id != boot:
+                # Alive as a new boot: the incident's boot is gone without a fence.
+                self._rebooted(host, old)
         elif event.kind == "maintenance_on":
             self.maintenance.add(host)
             self.capacity_version += 1
