@@ -146,11 +146,15 @@ def test_the_compromised_agent_is_silent_while_its_host_is_off() -> None:
     assert not [line for line in net.log.lines if "liar h2" in line]
 
 
-def test_stale_leader_faults_are_one_at_a_time_in_the_cluster() -> None:
+def test_stale_leader_faults_are_one_at_a_time_in_the_cluster_and_end_before_the_heal() -> None:
+    drawn = 0
     for seed in range(20):
-        times = [a.at for a in plan(seed, enable_p=1.0, kinds=("stale_leader",)).actions if a.kind == "stale_leader"]
+        p = plan(seed, enable_p=1.0, kinds=("stale_leader",))
+        times = [a.at for a in p.actions if a.kind == "stale_leader"]
         assert all(b - a >= 90.0 for a, b in itertools.pairwise(times))
-        assert len(times) >= 1
+        assert all(t + 60.0 <= p.fault_until for t in times)
+        drawn += len(times)
+    assert drawn >= 20
 
 
 def test_a_stale_leader_fault_gets_a_stale_request_to_the_fencer_which_refuses_it() -> None:

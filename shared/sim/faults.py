@@ -42,8 +42,9 @@ The kinds (``KINDS``), as ../shared/SIMULATION.md lists them:
   rarely gets a stale request through: a stale leader's decisions are those of the
   new one (same incident, same request id), and it reads the new one's
   ``fence_requested`` before its retry is due on its stalled clock. One at a time
-  in the cluster, 90 s apart, on a host no other host fault holds then; the
-  drawn host, or the next that still runs;
+  in the cluster, 90 s apart, on a host no other host fault holds then, at least
+  60 s before the heal (which would reset the crashed host mid-fence); the drawn
+  host, or the next that still runs;
 * ``host_comes_back``: a host that is off (fenced) is powered on again;
 * ``compromised_agent``: one host's agent credentials publish well-formed lies on
   every subject an agent may publish on (``hafence.natsconf``: its own
@@ -219,7 +220,9 @@ def draw_plan(
                 when = (rng.uniform(1.5, 3.0) * lease_ttl, rng.uniform(0.2, 2.0), rng.uniform(0.5, 6.0))
                 # One at a time in the cluster (it is about the leader, not a storm of hosts,
                 # which the storm guard would rightly hold), on a host free for its span.
-                if busy.get(" stale_leader", -1.0) <= t and busy.get(host, -1.0) <= t:
+                # Its scenario (~45 s to play out) ends before the heal, which would reset the
+                # crashed host in the middle of its fence.
+                if t + 60.0 <= fault_until and busy.get(" stale_leader", -1.0) <= t and busy.get(host, -1.0) <= t:
                     busy[" stale_leader"] = busy[host] = t + 90.0
                     actions.append(Action(t, "stale_leader", host, when))
             elif kind == "host_comes_back" and hosts:
