@@ -480,3 +480,27 @@ def test_an_incident_of_the_old_boot_closed_by_the_new_boots_return_restarts_its
     assert h.starts() == []
     h.deliver(HostEvent(host="h1", kind="alive", at=h.wall, incident="h1-b1-1", boot_id="h1-b2"))
     assert sorted(vm for _, vm in h.starts()) == ["vm-a", "vm-b"]
+
+
+# -- S1 against two claims: a suspect host's report holds a VM -----------------------
+
+
+def test_a_vm_a_suspect_host_reported_running_is_not_started_while_its_incident_is_open(tmp_path: Path) -> None:
+    """Seeds 145, 252: h1 (suspect, its fence not confirmed) last reported vm-a running
+    in the boot its incident is about; h2's agent (compromised) claims vm-a too, and
+    h2 is fenced. Before: vm-a, "lost" with h2, was started on h3 while h1's incident
+    was open (S1: the scheduler cannot tell which claim is true)."""
+    h = Harness(tmp_path)
+    h.inventory("h1", ["vm-a"], boot="h1-b1")
+    h.inventory("h2", [])
+    h.inventory("h3", [], memory_mb=65536)
+    h.lead()
+    h.suspect("h1", "h1-b1-1", "h1-b1")
+    h.inventory("h1", [], boot="h1-b2")  # back as a new boot: b1's incident stays open
+    h.inventory("h2", ["vm-a"])  # the lie
+    h.suspect("h2", "h2-b1-1", "h2-b1")
+    h.fence("h2", "h2-b1-1", "h2-b1")
+    h.tick()
+    assert h.starts() == []
+    h.fence("h1", "h1-b1-1", "h1-b1")  # h1's fate is known: vm-a may run again
+    assert h.starts() == [("h3", "vm-a")]

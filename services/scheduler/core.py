@@ -376,11 +376,14 @@ class SchedulerCore:
     def _wave(self, priority: str, now: Now, out: list[Effect]) -> int:
         state, cfg = self.state, self.config.scheduler
         in_flight = {vm for vm, _ in state.reserved}
+        held = state.held_by_suspects()
         todo: list[LostVm] = []
         resend: list[tuple[LostVm, str]] = []
         for lost in list(state.lost.values()):
             if lost.spec.name in in_flight or lost.spec.priority != priority:
                 continue
+            if lost.spec.name in held:
+                continue  # S1: a suspect host reported it running; its fence decides
             blocked = self.conflicted.get(lost.spec.name)
             if blocked is not None:
                 if self.placed_seq.get(lost.spec.name, 0) <= blocked:

@@ -279,6 +279,7 @@ class VmRestarts:
         if not self.open:
             return out  # the usual case: no walk over every VM of the cluster
         copies = state.copies()
+        held = state.held_by_suspects()
         for name, f in sorted(self.open.items()):
             if name in copies:
                 del self.open[name]  # running somewhere: its inventory will say where
@@ -286,8 +287,9 @@ class VmRestarts:
             if not f.announced:
                 f.announced = True
                 out.append(AnnounceFailure(f.id, name, f.host, f.reason, self._plan(f, now, state)))
-            if f.status != "waiting" or name in self.in_flight or name in state.lost or now < f.retry_at:
-                continue
+            if (f.status != "waiting" or name in self.in_flight or name in state.lost or now < f.retry_at
+                    or name in held):
+                continue  # (held: a suspect host reported it running; S1, its fence decides)
             effect = self._next(f, now, state)
             if effect is not None:
                 out.append(effect)

@@ -333,6 +333,27 @@ class SchedulerState:
             return "", ""
         return self.suspect_incident[host], self.suspect_boot.get(host, "")
 
+    def held_by_suspects(self) -> dict[str, str]:
+        """VM -> a host with an open, unconfirmed incident whose boot of that incident,
+        or whose current boot, last reported the VM running. No such VM may be started
+        anywhere (S1 is about the VM's real host): when two hosts claim a VM (a
+        compromised agent's lie, or a late report), the scheduler cannot tell which
+        claim is true, so the suspect host's fence decides. Few hosts are suspect at
+        once: a walk over their VMs only."""
+        held: dict[str, str] = {}
+        for host, incident in self.suspect_incident.items():
+            if not incident:
+                continue
+            boots = self.boots.get(host, {})
+            reports = [self.inventories.get(host), boots.get(self.suspect_boot.get(host, ""))]
+            for inv in reports:
+                if inv is None:
+                    continue
+                for vm in inv.vms:
+                    if vm.state == "running":
+                        held.setdefault(vm.spec.name, host)
+        return held
+
     def on_host_event(self, event: HostEvent) -> bool:
         """Fold a host event; True when it releases the host's VMs for restart (S1)."""
         host = event.host
