@@ -504,3 +504,13 @@ def test_a_vm_a_suspect_host_reported_running_is_not_started_while_its_incident_
     assert h.starts() == []
     h.fence("h1", "h1-b1-1", "h1-b1")  # h1's fate is known: vm-a may run again
     assert h.starts() == [("h3", "vm-a")]
+
+
+def test_a_fence_of_a_boot_the_host_never_reported_releases_the_boot_it_ran_when_suspected(tmp_path: Path) -> None:
+    """Seed 27: a compromised agent's forged heartbeat made the monitor suspect h1 under a
+    boot id h1 never reported; the fence of that boot powered h1 off. Before: nothing
+    was released (the forged boot ran nothing) and h1's real VMs stayed down (L1)."""
+    h = failover_ready(tmp_path)
+    h.suspect("h1", "h1-forged-1", "forged-1234")
+    h.fence("h1", "h1-forged-1", "forged-1234")
+    assert sorted(vm for _, vm in h.starts()) == ["vm-a", "vm-b"]

@@ -139,6 +139,9 @@ class SchedulerState:
     # The boot an open incident is about (from the suspect event, else the last report before it).
     suspect_boot: dict[str, str] = field(default_factory=dict)
     suspect_incident: dict[str, str] = field(default_factory=dict)
+    # The boot the host had last reported when its incident opened: what a fence of a
+    # boot it never reported (a forged boot id the monitor heard) powered off.
+    suspect_reported: dict[str, str] = field(default_factory=dict)
     fenced_boots: dict[str, set[str]] = field(default_factory=dict)
     quarantine: dict[str, Quarantine] = field(default_factory=dict)
     lost: dict[str, LostVm] = field(default_factory=dict)
@@ -362,6 +365,7 @@ class SchedulerState:
             inv = self.inventories.get(host)
             self.suspect_boot[host] = event.boot_id or (inv.boot_id if inv else "")
             self.suspect_incident[host] = event.incident
+            self.suspect_reported[host] = inv.boot_id if inv else ""
         elif event.kind == "alive" and self.phases.get(host) == "suspect":
             self._set_phase(host, "up")
             boot = self.suspect_boot.get(host, "")
@@ -388,6 +392,7 @@ class SchedulerState:
         return False
 
     def _close_incident(self, host: str) -> None:
+        self.suspect_reported.pop(host, None)
         self.suspect_boot.pop(host, None)
         self.suspect_incident.pop(host, None)
 
@@ -405,6 +410,13 @@ class SchedulerState:
         boot = boot_id or self.suspect_boot.get(host, "")
         if not boot and host in self.inventories:
             boot = self.inventories[host].boot_id
+        reported = self.suspect_reported.get(host, "")
+        if boot and boot not in self.boots.get(host, {}) and reported and reported != boot:
+            # A boot this host never reported (a forged boot id its monitor heard, seed 27):
+            # the power reading came after the incident opened, so the boot the host ran
+            # then is off, and its VMs are what this fence released. A boot reported since
+            # may be the host back after the fence: not released.
+            boot = reported
         if boot and boot in self.fenced_boots.get(host, ()):
             return False  # that boot was fenced already and its VMs released
         self._close_incident(host)
