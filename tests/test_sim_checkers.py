@@ -307,7 +307,16 @@ def test_s1_a_suspect_of_a_boot_already_confirmed_off_is_released_by_that_fence(
         host="h1", kind="suspect", at=0.0, incident="i2", boot_id=boot)))
     c.on_effect("scheduler", start())
     assert not c.violations
-    # A suspect naming another boot is not released by it.
+    # Nor by one naming no boot (a restarted monitor's "never seen" incident, sim seed 80):
+    # the boot the VM ran in is proven off.
+    c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+        host="h1", kind="suspect", at=0.0, incident="i3", boot_id="")))
+    c.on_effect("scheduler", start(target="h2"))
+    assert not c.violations
+
+
+def test_s1_an_incident_naming_no_boot_still_holds_a_vm_whose_boot_was_never_fenced() -> None:
+    c = setup()[2]
     c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
         host="h1", kind="suspect", at=0.0, incident="i3", boot_id="")))
     assert rule_of(lambda: c.on_effect("scheduler", start(target="h2"))) == "S1"
