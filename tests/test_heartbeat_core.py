@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from hafence.contracts import Alert, Heartbeat, HostEvent, MonitorView
-from hafence.core import Delivered, LeaseChanged, Now, Publish, Returned, SetTimer, Started, TimerFired
+from hafence.core import Delivered, LeaseChanged, Now, Publish, Returned, SetTimer, Span, Started, TimerFired
 from hafence.core.effects import Effect
 from hafence.core.events import Event
 from hafence.heartbeat import liveness
@@ -86,6 +86,9 @@ def test_a_silent_host_becomes_suspect_once_with_the_hosts_late_with_it() -> Non
     assert suspect.term == 7 and suspect.last_seen == WALL + 0.5
     [publish] = [e for e in out if isinstance(e, Publish) and e.message is suspect]
     assert publish.msg_id == "suspect:a-boot1-1" and publish.subject == "hafence.host.a.suspect"
+    # The suspicion is the root of its incident's trace: its span opens just before it.
+    [span] = [e for e in out if isinstance(e, Span)]
+    assert span.root and span.name == "host suspect a" and out.index(span) < out.index(publish)
     # Later ticks declare nothing again about "a" (the others fall silent in their turn).
     later = ticks(core, 3.85, 20.0)
     assert "a" not in {e.host for e in events(later, "suspect")}

@@ -47,9 +47,6 @@ VIEWS = "views"
 # Not a timer the core sets: the service's fast path feeds it when heartbeats it
 # passed to ``heard`` decided something (see ``defer``).
 FLUSH = "flush"
-# A Span parent without trace context: the span starts a trace of its own (the
-# suspicion is the root of its incident's trace, whatever the event was).
-NEW_TRACE: dict[str, str] = {"hafence-new-trace": "1"}
 # What the fast path decided goes out at most this many hosts' events at a time,
 # the next batch once the last is stored (as the service did before the core): a
 # starting monitor hears every host come alive at once, and sending them all at
@@ -389,9 +386,9 @@ class HeartbeatCore:
             if isinstance(t, Suspect):
                 late = late_of.get(t.incident) if late_of else None
                 one = [
-                    Span(f"host suspect {t.host}", NEW_TRACE, {
+                    Span(f"host suspect {t.host}", attributes={
                         "hafence.host": t.host, "hafence.incident": t.incident,
-                        "hafence.silent_for_s": round(t.silent_for, 3), "hafence.term": self.term}),
+                        "hafence.silent_for_s": round(t.silent_for, 3), "hafence.term": self.term}, root=True),
                     Log("warning", "host is suspect", {"host": t.host, "incident": t.incident}),
                     Publish(self.subjects.host_event(t.host, "suspect"),
                             suspect_event(t, self.window, self.term, self.wall_offset, late),
