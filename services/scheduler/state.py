@@ -321,6 +321,10 @@ class SchedulerState:
             spec = self.resolve(vm.spec)
             if spec.ha:
                 self.lost[name] = LostVm(spec, host, incident)
+                # Not on the host's new boot: a fence of the host may be under way (its
+                # old boot's incident, closed by the return, or one to come), and would
+                # take the VM down again (seed 293).
+                self.failed_on.setdefault(name, set()).add(host)
                 released = True
         if released:
             self.reboots.append((host, incident))
@@ -373,8 +377,12 @@ class SchedulerState:
             latest = self.inventories.get(host)
             old = self.boots.get(host, {}).get(boot) if boot else None
             if latest is not None and old is not None and latest.boot_id != boot:
-                # Alive as a new boot: the incident's boot is gone without a fence.
+                # Alive as a new boot: the incident's boot is gone without a fence. A fence
+                # of that incident may still be on its way and would power the new boot
+                # off (seed 293): the host takes no VM until it is cleared, as if fenced.
                 self._rebooted(host, old)
+                self.quarantine[host] = Quarantine(fenced_boot=boot)
+                self._set_phase(host, "quarantined")
         elif event.kind == "maintenance_on":
             self.maintenance.add(host)
             self.capacity_version += 1
