@@ -290,7 +290,7 @@ class SchedulerState:
         self._maybe_rejoin(host)
         return self.restarts.on_inventory(inv, self)
 
-    def _rebooted(self, host: str, old: Inventory) -> None:
+    def _rebooted(self, host: str, old: Inventory, fence_may_come: bool = False) -> None:
         """A new boot of ``host`` reported: its previous boot is gone, and so is every VM
         it ran (a reset, a crash and reboot, power back before anyone suspected it).
         If no incident of that boot is open, nothing else will ever release its HA VMs:
@@ -308,10 +308,9 @@ class SchedulerState:
         fenced.add(old.boot_id)
         if len(fenced) > 4 * BOOTS_KEPT:
             fenced.discard(next(iter(fenced - {old.boot_id})))
-        # Starts sent to the old boot are void (it is gone), as on a fence.
+        # Starts sent to the old boot are void (it is gone); the new boot may be asked again.
         for key in [k for k in self.reserved if k[1] == host]:
             del self.reserved[key]
-            self.failed_on.setdefault(key[0], set()).add(host)
         copies = self.copies()
         released = False
         for vm in old.vms:
@@ -321,10 +320,10 @@ class SchedulerState:
             spec = self.resolve(vm.spec)
             if spec.ha:
                 self.lost[name] = LostVm(spec, host, incident)
-                # Not on the host's new boot: a fence of the host may be under way (its
-                # old boot's incident, closed by the return, or one to come), and would
-                # take the VM down again (seed 293).
-                self.failed_on.setdefault(name, set()).add(host)
+                if fence_may_come:
+                    # Not on the host's new boot: the fence of the old boot's incident
+                    # (closed by the return) may be under way and power it off (seed 293).
+                    self.failed_on.setdefault(name, set()).add(host)
                 released = True
         if released:
             self.reboots.append((host, incident))
@@ -377,12 +376,8 @@ class SchedulerState:
             latest = self.inventories.get(host)
             old = self.boots.get(host, {}).get(boot) if boot else None
             if latest is not None and old is not None and latest.boot_id != boot:
-                # Alive as a new boot: the incident's boot is gone without a fence. A fence
-                # of that incident may still be on its way and would power the new boot
-                # off (seed 293): the host takes no VM until it is cleared, as if fenced.
-                self._rebooted(host, old)
-                self.quarantine[host] = Quarantine(fenced_boot=boot)
-                self._set_phase(host, "quarantined")
+                # Alive as a new boot: the incident's boot is gone without a fence.
+                self._rebooted(host, old, fence_may_come=True)
         elif event.kind == "maintenance_on":
             self.maintenance.add(host)
             self.capacity_version += 1
