@@ -23,6 +23,7 @@ SEEDS = {
     8: "L1: vm2-2, vm5-1 (last on h2: powered, boot 3) run nowhere",
     72: "L1: vm1-1, vm1-2 (last on h1, boot 2) run nowhere",
     225: "L1: eight HA VMs (last on h3, h4, h5: powered, boot 2) run nowhere",
+    128: "L1: vm1-1, vm1-2 (last on h1: powered, boot 3), vm2-1, vm2-2 (last on h2: powered, boot 2)... run nowhere",
 }
 
 
