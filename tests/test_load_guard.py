@@ -56,7 +56,7 @@ def test_old_heartbeats_are_lag_but_one_skewed_clock_is_not() -> None:
     out = []
     for i in range(1, 9):
         out += g.observe(Sample(i * 0.25, 0.0, processed=100, late=99))
-    assert any(isinstance(c, Overloaded) and "older than" in c.reason for c in out)
+    assert any(isinstance(c, Overloaded) and "later than" in c.reason for c in out)
     g = guard()
     for i in range(1, 40):  # one host in ten always looks late: its clock, not the monitor
         assert g.observe(Sample(i * 0.25, 0.0, processed=100, late=10)) == []
@@ -103,3 +103,34 @@ def test_liveness_names_the_hosts_that_are_late_with_a_suspect() -> None:
     live.heartbeat("d", "boot", 1, now=2.9)
     assert [s.host for s in live.tick(3.6)] == ["a"]
     assert live.late(3.6, after=1.5) == ["b", "c"]
+
+
+def test_late_heartbeats_from_one_sender_are_its_clock_not_the_monitors_lag() -> None:
+    # Seeds 242/128: the only host still heard has a stepped clock; every heartbeat looks late.
+    g = guard()
+    for i in range(1, 40):
+        assert g.observe(Sample(i * 0.25, 0.0, processed=1, late=1, late_senders=1)) == []
+    assert g.may_suspect(10.0)
+    # The same share from two senders is the monitor's lag.
+    g = guard()
+    out = []
+    for i in range(1, 9):
+        out += g.observe(Sample(i * 0.25, 0.0, processed=2, late=2, late_senders=2))
+    assert any(isinstance(c, Overloaded) and "from 2 senders" in c.reason for c in out)
+
+
+def test_a_senders_clock_offset_and_step_cancel_out_of_its_lateness() -> None:
+    from hafence.heartbeat.load import SenderClocks
+
+    c = SenderClocks(span_s=6.0, now=0.0)
+    # a's clock is 100 s behind the monitor: every delay is ~100 s, none of it lateness.
+    assert c.lateness("a", 100.01) == 0.0
+    assert c.lateness("a", 100.02) == pytest.approx(0.01)
+    assert c.lateness("b", -3.0) == 0.0  # b's clock ahead
+    assert c.lateness("b", -1.0) == pytest.approx(2.0)  # the monitor (or b's path) 2 s late
+    # a's clock stepped back 5 s: late against its old baseline, forgotten within two spans.
+    assert c.lateness("a", 105.01) == pytest.approx(5.0)
+    c.roll(6.0)
+    assert c.lateness("a", 105.01) == pytest.approx(5.0)
+    c.roll(12.0)
+    assert c.lateness("a", 105.01) == 0.0

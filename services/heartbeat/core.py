@@ -38,7 +38,7 @@ from hafence.core.events import Delivered, Event, LeaseChanged, Now, Returned, S
 from hafence.core.inputs import Inputs, Lease, Subscribe
 from hafence.heartbeat import view
 from hafence.heartbeat.liveness import Alive, Liveness, Suspect, Transition, UnknownHost
-from hafence.heartbeat.load import Change, LoadGuard, Overloaded, Recovered, Sample
+from hafence.heartbeat.load import Change, LoadGuard, Overloaded, Recovered, Sample, SenderClocks
 from hafence.subjects import Subjects
 
 SOURCE = "heartbeats"  # the subscription heartbeats are delivered from
@@ -59,6 +59,9 @@ FLUSH_BATCH = 256
 HOST_EVENT_TAG = "hostevent:"
 # Labelled metrics cost microseconds each: set once every few seconds, not per heartbeat.
 METRICS_EVERY_S = 5.0
+# A sender's clock baseline is its quickest delivery over the last 2 to 4 detection
+# windows: a lag building up shows against it, a clock's step is forgotten after it.
+BASELINE_WINDOWS = 2
 # A host unheard for this many intervals is "late": reported with a suspect as
 # probably lost with it (the arbiter's storm guard counts it at once). A live host
 # is silent about one interval; one that died with the suspect, at least
@@ -204,6 +207,10 @@ class HeartbeatCore:
         self.processed = 0
         self.late = 0
         self.age_limit_s = float("inf")
+        # Lateness is judged against each sender's own clock (L4: one sender's clock
+        # fault is not the monitor's lag); the senders of this tick's late ones.
+        self.clocks = SenderClocks(BASELINE_WINDOWS * self.window, 0.0)
+        self.late_from: set[str] = set()
         self.per_host: dict[str, int] = {}
         self.metric_children: dict[str, Any] = {}
         self.unknown_warned: set[str] = set()
@@ -254,6 +261,7 @@ class HeartbeatCore:
         self.live = Liveness(s.hosts, s.interval_s, s.missed, now.mono, nonce=self.nonce)
         self.guard = LoadGuard(s.interval_s, self.window, now.mono, alert_repeat_s=s.alert_repeat_s)
         self.age_limit_s = self.guard.lag_limit_s
+        self.clocks = SenderClocks(BASELINE_WINDOWS * self.window, now.mono)
         self.wall_offset = now.wall - now.mono
         self.due = now.mono + s.tick_s
         self.next_metrics = now.mono + METRICS_EVERY_S
@@ -280,8 +288,10 @@ class HeartbeatCore:
             return []  # before Started: not counted (the start-up grace begins then anyway)
         out = live.heartbeat(host, boot_id, seq, mono)
         self.processed += 1
-        if wall - sent_at > self.age_limit_s:
+        # Against the monitor's monotonic clock: its own wall clock's steps are no lag either.
+        if self.clocks.lateness(host, mono - sent_at) > self.age_limit_s:
             self.late += 1
+            self.late_from.add(host)
         per_host = self.per_host
         per_host[host] = per_host.get(host, 0) + 1
         if not out:
@@ -326,9 +336,13 @@ class HeartbeatCore:
         lag = max(0.0, mono - self.due)
         self.due = mono + s.tick_s
         processed, late, self.processed, self.late = self.processed, self.late, 0, 0
+        late_senders = len(self.late_from)
+        self.late_from.clear()
+        self.clocks.roll(mono)
         metrics.MONITOR_LAG.set(lag)
         out: list[Effect] = [SetTimer(TICK, s.tick_s)]
-        for change in guard.observe(Sample(mono, lag, processed, late, self.feed.pending(), self.feed.connected())):
+        for change in guard.observe(Sample(mono, lag, processed, late, late_senders=late_senders,
+                                           pending=self.feed.pending(), connected=self.feed.connected())):
             metrics.MONITOR_OVERLOADED.set(1 if guard.overloaded else 0)
             out += self.alert(change, now)
         if self.held(mono) and not self.announced:

@@ -10,11 +10,16 @@ watches four signs of its own lag, fed in every tick by the service:
   rate they are being processed;
 * deafness: the heartbeat subscription is down (NATS restarting, a network
   cut at the monitor): silence then says nothing about the hosts;
-* age: the share of heartbeats, over one heartbeat interval, that were older than
-  the limit when processed (processing time minus the agent's ``sent_at``). A
-  share and not the oldest, so that one host with a skewed clock is not read as
-  the monitor's lag; a monitor whose own clock is off by more than the limit
-  reports itself overloaded, which is the safe way to be wrong.
+* age: the share of heartbeats, over one heartbeat interval, that were later
+  than the limit when processed. A heartbeat's lateness is measured against its
+  own sender's clock (``SenderClocks``): processing time minus ``sent_at``, less
+  the smallest such difference that sender showed recently, so a sender's clock
+  offset, step or drift cancels out (and so does the monitor's own). It is a sign
+  only when more than half the heartbeats and at least ``MIN_LATE_SENDERS``
+  different senders were late: one sender's clock, stepped or drifting faster
+  than its baseline follows, is never read as the monitor's lag (seeds 242 and
+  128: the only host left heard had a stepped clock, and the monitor suspected
+  nobody while another host lost its power).
 
 Any sign above ``lag_limit_s`` makes the monitor *overloaded*: it declares no
 one suspect and raises an alert, repeated every ``alert_repeat_s`` while it
@@ -28,6 +33,43 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The age sign needs late heartbeats from this many different senders: a lag of
+# the monitor delays everyone, one sender's clock fault delays only itself.
+MIN_LATE_SENDERS = 2
+
+
+class SenderClocks:
+    """Per sender, the smallest ``received - sent_at`` seen over the last one to two
+    ``span_s``: that sender's clock offset plus the monitor's quickest delivery.
+    Lateness is the excess over it. Two generations of minima, swapped every
+    ``span_s``, so a step or drift of the sender's clock is forgotten within
+    ``2 * span_s`` without keeping any history per heartbeat."""
+
+    __slots__ = ("_roll_at", "cur", "prev", "span_s")
+
+    def __init__(self, span_s: float, now: float) -> None:
+        self.span_s = span_s
+        self.cur: dict[str, float] = {}
+        self.prev: dict[str, float] = {}
+        self._roll_at = now + span_s
+
+    def lateness(self, host: str, delay: float) -> float:
+        """How much later than its sender's usual this heartbeat (``delay`` =
+        received - sent_at) arrived; 0 for the first one heard."""
+        cur = self.cur
+        base = cur.get(host)
+        if base is None or delay < base:
+            cur[host] = base = delay
+        prev = self.prev.get(host)
+        if prev is not None and prev < base:
+            base = prev
+        return delay - base
+
+    def roll(self, now: float) -> None:
+        if now >= self._roll_at:
+            self._roll_at = now + self.span_s
+            self.prev, self.cur = self.cur, {}
+
 
 @dataclass(frozen=True, slots=True)
 class Sample:
@@ -36,9 +78,10 @@ class Sample:
     at: float
     loop_lag_s: float = 0.0
     processed: int = 0  # heartbeats processed since the previous sample
-    late: int = 0  # of those, older than the limit when processed
+    late: int = 0  # of those, later than the limit (against their sender's clock) when processed
     pending: int = 0  # received, not yet processed (the subscription's queue)
     connected: bool = True  # the heartbeat subscription is up
+    late_senders: int = MIN_LATE_SENDERS  # how many different senders the late ones came from
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +123,7 @@ class LoadGuard:
         self._age_from = now
         self._processed = 0
         self._late = 0
+        self._late_senders = 0
 
     @property
     def overloaded(self) -> bool:
@@ -110,13 +154,15 @@ class LoadGuard:
         limit = self.lag_limit_s
         self._processed += s.processed
         self._late += s.late
+        # Senders may repeat across samples: the largest count is a lower bound of the distinct ones.
+        self._late_senders = max(self._late_senders, s.late_senders if s.late else 0)
         age = ""
         if s.at - self._age_from >= self.interval_s:
-            processed, late = self._processed, self._late
-            self._age_from, self._processed, self._late = s.at, 0, 0
-            if late * 2 > processed:
-                age = (f"{late} of {processed} heartbeats older than {limit:.2f}s when processed "
-                       "(the monitor lags, or its clock is off)")
+            processed, late, senders = self._processed, self._late, self._late_senders
+            self._age_from, self._processed, self._late, self._late_senders = s.at, 0, 0, 0
+            if late * 2 > processed and senders >= MIN_LATE_SENDERS:
+                age = (f"{late} of {processed} heartbeats, from {senders} senders, later than "
+                       f"{limit:.2f}s when processed (the monitor lags)")
         if not s.connected:
             return "not connected to NATS: hearing no heartbeat is no news of anyone"
         if s.loop_lag_s > limit:
