@@ -308,3 +308,26 @@ def test_a_hosts_next_event_waits_until_its_previous_one_is_stored() -> None:
     out = core.handle(Returned(alive.tag, error="error: NotPublished: nats down"), at(5.0))
     [suspect] = events(out, "suspect")
     assert suspect.host == "a" and suspect.at == WALL + 3.6  # as declared, not as sent
+
+
+def test_one_hosts_stepped_clock_is_not_the_monitors_lag() -> None:
+    """L4, seeds 242/128: the only host still heard has its wall clock stepped back 5 s,
+    so its heartbeats look 5 s old; the monitor must not call that its own lag, and
+    the hosts that fell silent are suspected on time."""
+    core = make(["a", "b", "c"])
+    lead(core, 0.0)
+    out: list[Effect] = []
+    t, seq = 0.25, 0
+    while t <= 12.0 + 1e-9:
+        if abs(t - round(t)) < 1e-9:  # a heartbeat of each live host every interval
+            seq += 1
+            if t < 4.0:  # a and b lose their power at 4
+                beat(core, "a", seq, t)
+                beat(core, "b", seq, t)
+            step = 5.0 if t >= 5.0 else 0.0  # c's wall clock stepped back at t=5
+            hb = Heartbeat(host="c", boot_id="boot1", seq=seq, sent_at=WALL + t - step)
+            handle(core, Delivered(SOURCE, "hafence.hb.c", hb), at(t))
+        out += tick(core, t)
+        t += INTERVAL / 4
+    assert not [e for e in out if isinstance(e, Publish) and isinstance(e.message, Alert)]
+    assert sorted(e.host for e in events(out, "suspect")) == ["a", "b"]

@@ -288,8 +288,17 @@ class HeartbeatCore:
             return []  # before Started: not counted (the start-up grace begins then anyway)
         out = live.heartbeat(host, boot_id, seq, mono)
         self.processed += 1
-        # Against the monitor's monotonic clock: its own wall clock's steps are no lag either.
-        if self.clocks.lateness(host, mono - sent_at) > self.age_limit_s:
+        # Against the monitor's monotonic clock: its own wall clock's steps are no lag
+        # either. SenderClocks.lateness, inlined: this runs 50,000 times a second.
+        delay = mono - sent_at
+        clocks = self.clocks
+        base = clocks.cur.get(host)
+        if base is None or delay < base:
+            clocks.cur[host] = base = delay
+        prev = clocks.prev.get(host)
+        if prev is not None and prev < base:
+            base = prev
+        if delay - base > self.age_limit_s:
             self.late += 1
             self.late_from.add(host)
         per_host = self.per_host
