@@ -397,7 +397,7 @@ class Driver:
         spec = self.inputs.lease
         assert spec is not None
         kv = await self.bus.js.key_value(self.bus.streams.leases)
-        # A port: the lab's S3 test binds a lease that never notices its loss (hafence.lab.stale_arbiter).
+        # A port: the S3 tests bind a lease that never notices its loss (the lab's stale arbiter).
         factory: type[LeaderLease] = getattr(self.rt.args, "lease_factory", LeaderLease)
         self.lease = factory(kv, spec.role, self.rt.instance, spec.ttl)
         self.ports.setdefault("lease", self.lease)
