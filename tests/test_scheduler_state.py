@@ -77,6 +77,51 @@ def test_starts_sent_to_a_host_that_is_then_fenced_are_void() -> None:
     assert "vm1" in s.lost  # still to be restarted, now elsewhere
 
 
+def test_a_host_back_as_a_new_boot_is_no_target_while_its_old_boots_fence_is_unconfirmed() -> None:
+    # Seeds 293 and 5: a fence of the old boot's incident is in flight (or retried) when
+    # the host returns as a new boot; the fence finishes and powers the new boot off.
+    s = SchedulerState()
+    s.on_inventory(inv("a", "b1", ("vm1", True)))
+    s.on_inventory(inv("b", "b2", ("vm2", True)))
+    s.on_host_event(HostEvent(host="a", kind="suspect", at=0.0, incident="i1", term=5, boot_id="b1"))
+    s.on_host_event(HostEvent(host="a", kind="fence_requested", at=1.0, incident="i1", term=5, boot_id="b1"))
+    s.on_inventory(inv("a", "b3"))
+    s.on_host_event(HostEvent(host="a", kind="alive", at=2.0, incident="i1", term=5))
+    assert s.phases["a"] == "up"
+    assert [c.name for c in s.candidates()] == ["b"]
+    s.on_fence_result(result("a", "failed"))
+    assert [c.name for c in s.candidates()] == ["b"]  # a failed fence is retried
+    # Another host's fence of an incident that is confirmed off frees nothing of a's.
+    s.on_fence_result(result("b", "confirmed_off", incident="i2"))
+    assert [c.name for c in s.candidates()] == []
+    s.on_fence_result(result("a", "confirmed_off"))
+    assert "a" not in s.fencing
+
+
+def test_a_fence_requested_read_after_its_result_blocks_nothing() -> None:
+    s = SchedulerState()
+    s.on_inventory(inv("a", "b1"))
+    s.on_fence_result(result("a", "confirmed_off"))
+    s.on_host_event(HostEvent(host="a", kind="fence_requested", at=1.0, incident="i1", term=5))
+    assert not s.fence_pending("a")
+    s.on_host_event(HostEvent(host="a", kind="fence_failed", at=1.0, incident="i7", term=5))
+    assert s.fence_pending("a")
+    s.on_host_event(HostEvent(host="a", kind="confirmed_fenced", at=2.0, incident="i7"))
+    assert not s.fence_pending("a")
+
+
+def test_a_fence_the_arbiter_gave_up_on_blocks_nothing_but_one_it_holds_for_a_storm_does() -> None:
+    # Seed 72: a fence escalated (attempts spent) is never retried; its host, back as a
+    # new boot, is a placement target again.
+    s = SchedulerState()
+    s.on_inventory(inv("a", "b1"))
+    s.on_host_event(HostEvent(host="a", kind="fence_failed", at=1.0, incident="i1", term=5))
+    s.on_host_event(HostEvent(host="a", kind="fence_skipped", at=2.0, incident="i1", rule="storm"))
+    assert s.fence_pending("a")
+    s.on_host_event(HostEvent(host="a", kind="fence_skipped", at=3.0, incident="i1", rule="escalated"))
+    assert not s.fence_pending("a")
+
+
 # --- VM definitions never come from an agent's word (issue 10, item 1) ---------------
 
 EVIL_XML = "<domain type='kvm'><name>vm1</name><devices><disk><source file='/etc/shadow'/></disk></devices></domain>"

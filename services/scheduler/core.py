@@ -218,7 +218,8 @@ class SchedulerCore:
         filters = [
             s.inventory_all(),
             *(s.host_events(kind) for kind in
-              ("suspect", "alive", "confirmed_fenced", "maintenance_on", "maintenance_off", "cleared")),
+              ("suspect", "alive", "fence_requested", "fence_failed", "fence_skipped", "confirmed_fenced",
+               "maintenance_on", "maintenance_off", "cleared")),
             s.fence_results(),
             # What this scheduler (or the one before it) did: starts of failovers, VM-level HA.
             *(f"{s.prefix}.vm.*.{kind}" for kind in

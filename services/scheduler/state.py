@@ -172,6 +172,14 @@ class SchedulerState:
     _where: dict[str, list[str]] = field(default_factory=dict, repr=False)
     _indexed: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
     _twice: set[str] = field(default_factory=set, repr=False)
+    # Host -> incidents whose fence was requested (or failed) and not yet confirmed
+    # off. Such a host is no placement target, whatever boot it runs now: the fence
+    # of an old boot's incident finishes once begun and would power off a new boot,
+    # and what was just started there with it (the result names the old boot).
+    fencing: dict[str, set[str]] = field(default_factory=dict)
+    # Host -> incidents confirmed off: a fence_requested read after its result (the
+    # request goes out before its event is stored) opens nothing.
+    fence_confirmed: dict[str, set[str]] = field(default_factory=dict)
     # Hosts whose previous boot's HA VMs were released because a new boot reported
     # (host, incident): the core takes them (its log, its failover bookkeeping).
     reboots: list[tuple[str, str]] = field(default_factory=list)
@@ -384,6 +392,14 @@ class SchedulerState:
         elif event.kind == "maintenance_off":
             self.maintenance.discard(host)
             self.capacity_version += 1
+        elif event.kind in ("fence_requested", "fence_failed") and event.incident:
+            self._fence_open(host, event.incident)
+        elif event.kind == "fence_skipped" and event.rule == "escalated" and event.incident:
+            # The arbiter gave up on this fence (its attempts are spent): nothing of it
+            # is in flight or retried any more, until a person confirms the host off.
+            self._fence_stopped(host, event.incident)
+        elif event.kind == "confirmed_fenced":
+            self._fence_done(host, event.incident)
         elif event.kind == "cleared":
             q = self.quarantine.get(host)
             if q is not None and (not event.boot_id or event.boot_id not in self.fenced_boots.get(host, ())):
@@ -399,8 +415,48 @@ class SchedulerState:
         self.suspect_boot.pop(host, None)
         self.suspect_incident.pop(host, None)
 
+    def _fence_open(self, host: str, incident: str) -> None:
+        if incident in self.fence_confirmed.get(host, ()):
+            return
+        fencing = self.fencing.setdefault(host, set())
+        if incident not in fencing:
+            fencing.add(incident)
+            self.capacity_version += 1
+
+    def _fence_stopped(self, host: str, incident: str) -> None:
+        fencing = self.fencing.get(host)
+        if fencing is not None and incident in fencing:
+            fencing.discard(incident)
+            if not fencing:
+                del self.fencing[host]
+            self.capacity_version += 1
+
+    def _fence_done(self, host: str, incident: str) -> None:
+        """The fence of ``incident`` is confirmed (an operator's ``confirmed_fenced``
+        naming no incident confirms every fence of the host)."""
+        fencing = self.fencing.get(host, set())
+        if incident:
+            done = self.fence_confirmed.setdefault(host, set())
+            done.add(incident)
+            if len(done) > 4 * BOOTS_KEPT:
+                done.discard(next(iter(done - {incident})))
+            fencing.discard(incident)
+        else:
+            fencing.clear()
+        if not fencing and self.fencing.pop(host, None) is not None:
+            self.capacity_version += 1
+
+    def fence_pending(self, host: str) -> bool:
+        """A fence of this host (any incident, any boot) is in flight or failed, not
+        yet confirmed off: it may power the host off at any moment."""
+        return bool(self.fencing.get(host))
+
     def on_fence_result(self, result: FenceResult) -> bool:
         """True when this result releases the host's VMs for restart."""
+        if result.outcome == "confirmed_off":
+            self._fence_done(result.host, result.incident)
+        elif result.incident:
+            self._fence_open(result.host, result.incident)
         if not host_released(result, *self.open_incident(result.host)):
             return False
         if self.phases.get(result.host) in ("fenced", "quarantined") and any(
@@ -572,7 +628,7 @@ class SchedulerState:
             reserved.setdefault(target, []).append(spec)
         out = []
         for host in self.hosts():
-            if self.phases.get(host) != "up" or host in self.maintenance:
+            if self.phases.get(host) != "up" or host in self.maintenance or self.fence_pending(host):
                 continue
             candidate, _ = self._load(host)
             if host in reserved:
