@@ -246,3 +246,16 @@ def test_next_step_resends_to_the_same_host_moves_off_failed_or_fenced_ones_and_
     s.on_fence_result(result("c", "confirmed_off", incident="i2"))
     assert s.next_step(lost, [("b", "failed"), ("c", "sending")]) == ("place", "")
     assert s.exhausted("vm1")
+
+
+def test_a_start_that_failed_on_a_hosts_old_boot_does_not_keep_it_off_the_new_one() -> None:
+    """Simulation seed 180: a VM had failed on every host, each of which then rebooted;
+    it was never tried again and stayed down (L1)."""
+    state = SchedulerState()
+    state.on_inventory(inv("h1", "b1"))
+    state.on_inventory(inv("h2", "b1"))
+    state.failed_on["vm1"] = {"h1", "h2"}
+    state.on_inventory(inv("h1", "b2"))
+    assert state.failed_on["vm1"] == {"h2"}
+    state.on_inventory(inv("h2", "b1"))  # the same boot again: its failure still counts
+    assert state.failed_on["vm1"] == {"h2"}

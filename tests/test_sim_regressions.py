@@ -29,6 +29,10 @@ SEEDS = {
     # result names the old boot, so they were never restarted). Fixed: a host with an
     # unconfirmed fence is no placement target.
     293: "L1: vm5-1 (last on h5: off, boot 2); vm5-2 (last on h2: off, boot 2) run nowhere",
+    # L1: a VM whose start had failed on every host stayed pending after those hosts
+    # rebooted (a failure on an old boot kept the new boot out). Fixed: a new boot
+    # forgets the starts that failed on the old one.
+    180: "L1: vm5-2 (last on h1: off, boot 1) runs nowhere; pending, start failed on every candidate host",
 }
 
 # The planted-bug tests' unplanted runs (5 simulated minutes, these fault kinds only).

@@ -294,6 +294,10 @@ class SchedulerState:
                 self.lost.pop(vm.spec.name, None)
                 self.reserved.pop((vm.spec.name, host), None)
         if rebooted and previous is not None:
+            # A start that failed on the old boot says nothing about the new one (seed 180:
+            # a VM that had failed on every host, each since rebooted, was never tried again).
+            for hosts in self.failed_on.values():
+                hosts.discard(host)
             self._rebooted(host, previous)
         self._maybe_rejoin(host)
         return self.restarts.on_inventory(inv, self)
