@@ -480,7 +480,19 @@ def test_an_incident_of_the_old_boot_closed_by_the_new_boots_return_restarts_its
     assert h.starts() == []
     h.deliver(HostEvent(host="h1", kind="alive", at=h.wall, incident="h1-b1-1", boot_id="h1-b2"))
     assert sorted(vm for _, vm in h.starts()) == ["vm-a", "vm-b"]
-    # Not on h1's new boot: the incident's fence may still power it off (seed 293).
+
+
+def test_the_returning_boot_takes_none_of_them_while_the_old_incidents_fence_is_under_way(tmp_path: Path) -> None:
+    """Seed 293: the fence of the old boot's incident, requested before the host came
+    back, finishes and powers the new boot off: VMs placed there would die unreleased.
+    (Seed 262: with no fence requested, held by the storm guard, the new boot is room.)"""
+    h = failover_ready(tmp_path)
+    h.suspect("h1", "h1-b1-1", "h1-b1")
+    h.deliver(HostEvent(host="h1", kind="fence_requested", at=h.wall, incident="h1-b1-1",
+                        request_id="fence-h1-b1-1", term=1, boot_id="h1-b1"))
+    h.inventory("h1", [], boot="h1-b2", memory_mb=1 << 20)
+    h.deliver(HostEvent(host="h1", kind="alive", at=h.wall, incident="h1-b1-1", boot_id="h1-b2"))
+    h.tick()
     assert all(target != "h1" for target, _ in h.starts())
 
 

@@ -33,6 +33,10 @@ SEEDS = {
     # rebooted (a failure on an old boot kept the new boot out). Fixed: a new boot
     # forgets the starts that failed on the old one.
     180: "L1: vm5-2 (last on h1: off, boot 1) runs nowhere; pending, start failed on every candidate host",
+    # L1: a host whose incident the storm guard held (no fence ever requested) came back
+    # as a new boot; its old boot's VMs were kept off it as if a fence might still come,
+    # and no other host had room. Fixed: only a fence under way keeps them off.
+    262: "L1: vm4-2, vm5-2 (last on h4: powered, boot 2) run nowhere; no room but h4",
 }
 
 # The planted-bug tests' unplanted runs (5 simulated minutes, these fault kinds only).

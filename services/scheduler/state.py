@@ -332,9 +332,11 @@ class SchedulerState:
             spec = self.resolve(vm.spec)
             if spec.ha:
                 self.lost[name] = LostVm(spec, host, incident)
-                if fence_may_come:
-                    # Not on the host's new boot: the fence of the old boot's incident
-                    # (closed by the return) may be under way and power it off (seed 293).
+                if fence_may_come and self.fence_pending(host):
+                    # Not on the host's new boot while the fence of the old boot's incident
+                    # (closed by the return) is under way: it may power it off (seed 293).
+                    # A fence never requested (held by the storm guard) keeps nothing off
+                    # it (seed 262: the VMs waited for room that was there).
                     self.failed_on.setdefault(name, set()).add(host)
                 released = True
         if released:
