@@ -25,18 +25,22 @@ class Serving(BusBase):
         decoder: msgspec.json.Decoder[Any] | Any,
         handler: Callable[[Any, Msg], Awaitable[msgspec.Struct | None]],
         queue: str = "",
+        answer: bool = True,
     ) -> None:
         """Handle core-NATS messages until cancelled; reply when the handler returns a message.
 
         ``decoder`` states the types accepted; each message is decoded by its subject
         (S5). A message that breaks the seam, or whose handler raises anything, is
         answered with an error (if it asked) and dead-lettered in the background; the
-        loop goes on (L3)."""
+        loop goes on (L3). With ``answer=False`` (a subscription, not a service) nothing
+        is ever sent back: a message published to JetStream on a subject this also
+        hears carries the publisher's ack inbox as its reply, and an error sent there
+        would reach the publisher as a bogus stream ack."""
         accepts = accepted_types(decoder)
         sub = await self.nc.subscribe(subject, queue=queue)
         try:
             async for msg in sub.messages:
-                await self._handle_core(msg, accepts, handler)
+                await self._handle_core(msg, accepts, handler, answer)
         finally:
             try:
                 await sub.unsubscribe()
@@ -48,6 +52,7 @@ class Serving(BusBase):
         msg: Msg,
         accepts: tuple[type[Message], ...],
         handler: Callable[[Any, Msg], Awaitable[msgspec.Struct | None]],
+        answer: bool = True,
     ) -> None:
         event, error = self._decode(msg, accepts)
         reply: msgspec.Struct | None = None
@@ -63,7 +68,7 @@ class Serving(BusBase):
                 error = f"handler failed: {err!r}"
         if error:
             self.dead_letter_soon(msg.subject, msg.data, error, msg.headers)
-        if not msg.reply or (reply is None and not error):
+        if not answer or not msg.reply or (reply is None and not error):
             return
         try:
             await msg.respond(encode_error(error) if error else encode(reply))  # type: ignore[arg-type]

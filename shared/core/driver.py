@@ -380,7 +380,7 @@ class Driver:
             headers = dict(msg.headers or {})
             self.feed(Delivered(spec.name, msg.subject, message, headers=headers), extract_context(headers))
 
-        await self.bus.serve(spec.subject, spec.accepts, handler, queue=spec.queue)
+        await self.bus.serve(spec.subject, spec.accepts, handler, queue=spec.queue, answer=False)
 
     async def _serve(self, spec: Serve) -> None:
         async def handler(message: Any, msg: Msg) -> None:
