@@ -168,7 +168,8 @@ class LeaderLease:
         except _BUCKET_TROUBLE as err:
             log.warning("lease %s: %s", self.role, err or type(err).__name__)
 
-    async def run(self, ready: asyncio.Event | None = None) -> None:
+    async def run(self, ready: asyncio.Event | None = None,
+                  on_step: Callable[[], None] | None = None) -> None:
         """Keep acquiring or renewing until cancelled; release on the way out.
         With ``ready``, stand by (learning terms) until it is set: a service that
         learns its floor from a replay takes the lease only once it has read it."""
@@ -184,6 +185,8 @@ class LeaderLease:
                     pass
             while True:
                 await self.step()
+                if on_step is not None:
+                    on_step()  # the driver reports every renewal to its core
                 await asyncio.sleep(self.ttl / 4)
         finally:
             await asyncio.shield(self.release())

@@ -401,28 +401,7 @@ class Driver:
         factory: type[LeaderLease] = getattr(self.rt.args, "lease_factory", LeaderLease)
         self.lease = factory(kv, spec.role, self.rt.instance, spec.ttl)
         self.ports.setdefault("lease", self.lease)
-        tg.create_task(self._hold_lease(self.lease, self._caught_up.get(spec.after)))
-
-    async def _hold_lease(self, lease: LeaderLease, ready: asyncio.Event | None) -> None:
-        """The lease's own loop (``LeaderLease.run``), reporting every change of
-        holder, term or validity to the core."""
-        try:
-            while ready is not None and not ready.is_set():
-                try:
-                    await lease._learn_from_bucket()
-                except Exception:
-                    pass
-                try:
-                    await asyncio.wait_for(ready.wait(), timeout=lease.ttl / 4)
-                except TimeoutError:
-                    pass
-            while True:
-                stop_if_cancelled()
-                await lease.step()
-                self._report_lease()
-                await asyncio.sleep(lease.ttl / 4)
-        finally:
-            await asyncio.shield(lease.release())
+        tg.create_task(self.lease.run(self._caught_up.get(spec.after), on_step=self._report_lease))
 
     def _report_lease(self) -> None:
         lease = self.lease
