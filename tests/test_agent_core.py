@@ -3,6 +3,7 @@ host (no NATS, no clock, no hypervisor). Each test names the rule it guards."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,9 @@ class FakeHost:
                 return []
             case "storage", "renew":
                 return None
+            case "definitions", "resolve":
+                # The test's own files: the core asks, the port reads the filesystem.
+                return os.path.realpath(call.args[0]), os.path.realpath(call.args[1])
         raise AssertionError(f"unexpected call {call}")
 
 
@@ -138,6 +142,46 @@ def test_a_start_whose_definition_is_not_allowed_is_refused_without_a_hypervisor
     ok = VmSpec(name="vm-a", memory_mb=1, definition=str(defs / "vm-a.xml"))
     [reply] = replies(run.feed(Asked("cmd", CMD, VmStart(vm=ok), token=8)))
     assert reply.ok and len(ops(run.host, "start")) == 1
+
+
+def test_a_definition_path_is_judged_by_what_the_definitions_port_resolves_it_to(tmp_path: Path) -> None:
+    """The core reads no filesystem: a link under the directory pointing out of it
+    (as the port resolves it) is refused, the same path resolving inside is taken."""
+    defs = tmp_path / "defs"  # never created: only the port's answer counts
+
+    class LinkedHost(FakeHost):
+        target = "/etc/shadow-disk.xml"
+
+        def answer(self, call: Call) -> object:
+            if (call.port, call.op) == ("definitions", "resolve"):
+                return self.target, str(defs)
+            return super().answer(call)
+
+    host = LinkedHost()
+    run = started(tmp_path, host, extra=f'[storage]\ndefinitions_dir = "{defs}"\n')
+    spec = VmSpec(name="vm-a", memory_mb=1, definition=str(defs / "vm-a.xml"))
+    [reply] = replies(run.feed(Asked("cmd", CMD, VmStart(vm=spec), token=1)))
+    assert not reply.ok and "definitions_dir" in reply.error and ops(host, "start") == []
+    assert [c.args for c in host.calls if c.port == "definitions"] == [(str(defs / "vm-a.xml"), str(defs))]
+    host.target = str(defs / "real" / "vm-a.xml")
+    [reply] = replies(run.feed(Asked("cmd", CMD, VmStart(vm=spec), token=2)))
+    assert reply.ok and len(ops(host, "start")) == 1
+    # The directory itself is no definition.
+    host.target = str(defs)
+    [reply] = replies(run.feed(Asked("cmd", CMD, VmStart(vm=VmSpec(name="vm-b", memory_mb=1,
+                                                                   definition=str(defs))), token=3)))
+    assert not reply.ok
+
+
+def test_a_symlink_under_the_definitions_directory_pointing_out_of_it_is_refused(tmp_path: Path) -> None:
+    defs = tmp_path / "defs"
+    defs.mkdir()
+    (tmp_path / "elsewhere.xml").write_text("<domain/>")
+    (defs / "link.xml").symlink_to(tmp_path / "elsewhere.xml")
+    run = started(tmp_path, extra=f'[storage]\ndefinitions_dir = "{defs}"\n')
+    spec = VmSpec(name="vm-a", memory_mb=1, definition=str(defs / "link.xml"))
+    [reply] = replies(run.feed(Asked("cmd", CMD, VmStart(vm=spec), token=1)))
+    assert not reply.ok and "definitions_dir" in reply.error and ops(run.host, "start") == []
 
 
 def test_a_start_of_a_vm_already_running_answers_already_without_starting(tmp_path: Path) -> None:

@@ -18,14 +18,16 @@ the boot id comes from the ``host`` port. Ports it calls (docs/cores.md, "## age
 * ``watchdog`` (only with ``[storage] slot_dir``): ``changed() -> WatchdogStatus``
   (long poll), ``start_refusal() -> str``, ``recheck() -> WatchdogStatus``, ``view(view)``.
 
-The one read outside the event: ``definition_allowed`` resolves symlinks of a
-definition *path* (``os.path.realpath``), so a link under the definitions directory
-cannot point elsewhere; an empty definition (the simulation's) reads nothing.
+* ``definitions``: ``resolve(path, directory) -> (real path, real directory)``,
+  symlinks resolved, so that a link under the definitions directory cannot point
+  elsewhere. A port, not a call in the core: the directory is on shared storage,
+  and a hung NFS mount must stall one command, not the agent's heartbeats. An empty
+  definition (the simulation's) or the config's own one asks nothing.
 """
 
 from __future__ import annotations
 
-import os
+import posixpath
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
@@ -494,12 +496,18 @@ class AgentCore:
             if r.value:
                 metrics.AGENT_VM_STARTS.labels(self.host, "already").inc()
                 return self._finish(c, AgentReply(host=self.host, vm=c.name, ok=True, state="running", already=True))
-            refused = definition_allowed(start.vm, self.definitions.get(c.name, ""), self.definitions_dir)
-            if refused:
-                return self._failed(c, refused)
-            if self.watchdog:
-                return [Call("watchdog", "start_refusal", (), f"cmd:{c.token}:guard")]
-            return [Call("hypervisor", "start", (start.vm,), f"cmd:{c.token}:start")]
+            verdict = definition_verdict(start.vm, self.definitions.get(c.name, ""), self.definitions_dir)
+            if verdict == RESOLVE:
+                return [Call("definitions", "resolve", (start.vm.definition, self.definitions_dir),
+                             f"cmd:{c.token}:resolved")]
+            if verdict:
+                return self._failed(c, verdict)
+            return self._start(c, start)
+        if step == "resolved" and start is not None:
+            real, root = r.value
+            if not under(real, root):
+                return self._failed(c, refusal(start.vm, self.definitions_dir))
+            return self._start(c, start)
         if step == "guard" and start is not None:
             if r.value:
                 return self._failed(c, str(r.value))
@@ -513,6 +521,11 @@ class AgentCore:
             return self._finish(c, AgentReply(host=self.host, vm=c.name, ok=True, state="stopped")) + self._changed()
         return []
 
+    def _start(self, c: _Command, start: VmStart) -> list[Effect]:
+        if self.watchdog:
+            return [Call("watchdog", "start_refusal", (), f"cmd:{c.token}:guard")]
+        return [Call("hypervisor", "start", (start.vm,), f"cmd:{c.token}:start")]
+
     def _failed(self, c: _Command, error: str) -> list[Effect]:
         if isinstance(c.cmd, VmStart):
             metrics.AGENT_VM_STARTS.labels(self.host, "failed").inc()
@@ -525,17 +538,30 @@ class AgentCore:
         return [Reply(c.token, reply)]
 
 
-def definition_allowed(spec: VmSpec, configured: str, directory: str) -> str:
-    """'' if the command's definition may reach libvirt, else why not. Only a path on
-    the shared storage the operator configured (or the config's own definition for
-    the VM): XML in a message could attach any disk of this host to a VM."""
+# ``definition_verdict``: the path must be resolved (through the port) before it is judged.
+RESOLVE = "resolve"
+
+
+def definition_verdict(spec: VmSpec, configured: str, directory: str) -> str:
+    """'' if the command's definition may reach libvirt, ``RESOLVE`` if it is a path
+    to check under ``directory`` once its symlinks are resolved, else why not. Only a
+    path on the shared storage the operator configured (or the config's own
+    definition for the VM): XML in a message could attach any disk of this host to a VM."""
     if not spec.definition:
         return ""
     if configured and spec.definition == configured:
         return ""
     if directory and not spec.definition.lstrip().startswith("<"):
-        root = os.path.realpath(directory)
-        if os.path.realpath(spec.definition).startswith(root + os.sep):
-            return ""
+        return RESOLVE
+    return refusal(spec, directory)
+
+
+def under(real_path: str, real_directory: str) -> bool:
+    """Is a resolved path inside a resolved directory (not the directory itself)?"""
+    root = real_directory.rstrip(posixpath.sep) or posixpath.sep
+    return real_path.startswith(root.rstrip(posixpath.sep) + posixpath.sep) and real_path != root
+
+
+def refusal(spec: VmSpec, directory: str) -> str:
     return (f"definition for {spec.name} refused: only a path under [storage] definitions_dir "
             f"({directory or 'not set'}) or the config's own definition for the VM is used")

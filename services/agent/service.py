@@ -38,6 +38,7 @@ from collections.abc import Mapping
 
 from hafence import bindings
 from hafence.agent.core import AgentCore
+from hafence.agent.definitions import DefinitionsDir
 from hafence.agent.hypervisor import Hypervisor, SimHypervisor
 from hafence.agent.ports import HypervisorPort, LeaseFile, SwitchedHost, ThisHost, WatchdogPort
 from hafence.agent.watchdog import LinuxWatchdog, WatchdogDevice, WatchdogGuard
@@ -94,7 +95,8 @@ async def run(rt: Runtime) -> None:
         raise SystemExit(f"hafence agent: {err.args[0]}") from None
     sim_power = getattr(rt.args, "sim_power", "")
     machine = SwitchedHost(bindings.power_switch("sim", sim_power), host) if sim_power else ThisHost()
-    ports: dict[str, object] = {"host": machine, "hypervisor": HypervisorPort(await hypervisor_for(rt, host))}
+    ports: dict[str, object] = {"host": machine, "hypervisor": HypervisorPort(await hypervisor_for(rt, host)),
+                                "definitions": DefinitionsDir()}
     if rt.config.storage.lease_dir:
         ports["storage"] = LeaseFile(rt.config.storage.lease_dir)
     guard = watchdog_guard(rt, host, machine)
