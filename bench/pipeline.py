@@ -9,11 +9,12 @@ stopped on the survivors, the victim is powered on and boots with them again.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgspec
 
 from bench.report import Table, percentile
-from hafence.contracts import AgentReply, FenceResult, HostEvent, VmEvent, VmStop, encode
+from hafence.contracts import AgentReply, FenceResult, HostEvent, Inventory, VmEvent, VmStop, encode
 from hafence.lab.cluster import Lab, LabSpec
 from hafence.lab.power import SimPowerSwitch
 
@@ -107,5 +108,18 @@ async def reset(lab: Lab, victim: str, names: set[str]) -> None:
 
     if not await lab.observer.wait_for(back, 30):
         raise RuntimeError("victim did not come back:\n" + lab.diagnostics())
+    # A fenced host back as a new boot is quarantined, and the arbiter does not fence it
+    # again on a suspicion until someone clears it (S6): the operator's `hafence host clear`.
+    mark = len(lab.observer.records)
+    cleared = HostEvent(host=victim, kind="cleared", at=time.time(), reason="bench: its VMs were stopped elsewhere",
+                        by="bench")
+    await nc.jetstream().publish(f"hafence.host.{victim}.cleared", encode(cleared))
+
+    def unquarantined() -> bool:
+        return any(isinstance(m := r.decode(), Inventory) and m.host == victim and not m.quarantined
+                   for r in lab.observer.records[mark:])
+
+    if not await lab.observer.wait_for(unquarantined, 30):
+        raise RuntimeError("victim not cleared:\n" + lab.diagnostics())
     # Let the scheduler read the new inventories before the next incident.
     await asyncio.sleep(0.5)
