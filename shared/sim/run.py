@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from hafence.sim.checkers import SafetyViolation, Violation
 from hafence.sim.cluster import ClusterShape, SimCluster
 from hafence.sim.faults import KINDS, FaultInjector, FaultPlan, draw_for_cluster
+from hafence.sim.permissions import publish_grants
 
 DEFAULT_MINUTES = 10.0
 # Plan actions that undo a fault (not counted as faults).
@@ -58,6 +59,8 @@ def build(seed: int, minutes: float = DEFAULT_MINUTES, hosts: int = 5, keep_log:
           kinds: tuple[str, ...] = KINDS) -> tuple[SimCluster, FaultPlan]:
     """The cluster of ``seed`` with its fault plan installed, not yet started."""
     cluster = SimCluster(seed, ClusterShape(hosts=hosts), keep_log=keep_log)
+    # Before anything connects: every node publishes under its production identity's grants.
+    cluster.net.publish_grants = publish_grants(cluster.config, {svc.node for svc in cluster.services})
     plan = draw_for_cluster(cluster, minutes * 60.0, kinds=kinds)
     FaultInjector.for_cluster(cluster, plan).install()
     return cluster, plan
@@ -76,9 +79,17 @@ def run_seed(seed: int, minutes: float = DEFAULT_MINUTES, hosts: int = 5, keep_l
     after_step = checkers.after_step
 
     violations = checkers.violations
+    denied = cluster.net.denied
 
     def check() -> None:
         after_step()
+        if denied and any(node != plan.compromised for _, node, _ in denied):
+            # Production's nats.conf would refuse a service what the simulation saw it
+            # need: a permission table too tight for the services is a failover that
+            # breaks only in production.
+            at, node, subject = next(d for d in denied if d[1] != plan.compromised)
+            raise SafetyViolation(Violation("E1", s.steps, at, f"{node} may not publish on {subject} "
+                                                               "(hafence.natsconf permissions)"))
         if violations:
             # Raised inside a callback that caught it (a task's step, a port's outcome): the
             # checkers kept it all the same.
@@ -99,7 +110,7 @@ def run_seed(seed: int, minutes: float = DEFAULT_MINUTES, hosts: int = 5, keep_l
     except SafetyViolation as err:
         v = err.violation
         result.rule, result.what, result.at = v.rule, v.what, v.time
-        if v.rule in ("L3", "E0"):  # the run's own rules (the checkers log theirs)
+        if v.rule in ("L3", "E0", "E1"):  # the run's own rules (the checkers log theirs)
             cluster.log("sim", str(v))
     except Exception as err:  # a bug of the simulator or of code it runs outside a core: report, with the seed
         result.rule, result.what, result.at = "E0", "".join(traceback.format_exception(err)), s.now

@@ -20,7 +20,13 @@ only reordering NATS allows. So:
   request and message in flight; streams, consumers (their pending messages
   too) and KV buckets survive, the de-duplication memory keeps only ids of
   messages still stored; clients reconnect and re-subscribe;
-* ``delete_bucket`` loses a KV bucket; re-creating it restarts its revisions at 1.
+* ``delete_bucket`` loses a KV bucket; re-creating it restarts its revisions at 1;
+* a node given publish grants (``publish_grants``, production's NATS permissions:
+  ``hafence.sim.permissions``) may publish only on subjects they match, as
+  nats-server enforces them: anything else is dropped at the server (a core
+  message reaches nobody; a JetStream publish is not stored and gets no answer,
+  so the client's request times out) and recorded in ``denied``. Replies to
+  requests (``_INBOX.``) are allowed, as ``allow_responses`` does.
 
 Operations while disconnected are lost, not buffered (nats-py buffers core
 publishes during a reconnect; losing them is allowed for core NATS, and a
@@ -69,6 +75,10 @@ class NoResponders(Exception):
 
 class AlreadyAcked(Exception):
     """ack, nak or term on a delivery already acknowledged (nats-py: MsgAlreadyAckdError)."""
+
+
+class PermissionViolation(JetStreamError):
+    """The sender may not publish on the subject (never answered: nats-server drops it)."""
 
 
 class NotConnected(Exception):
@@ -258,6 +268,26 @@ class SimNats:
         self._wakeups: dict[tuple[str, str], Timer] = {}
         self._cut_nodes: set[str] = set()
         self._ids = 0
+        # node -> the subjects it may publish on; a node not in it may publish anywhere.
+        self.publish_grants: dict[str, tuple[str, ...]] = {}
+        self.denied: list[tuple[float, str, str]] = []  # (time, node, subject) refused
+        self._allowed: dict[tuple[str, str], bool] = {}
+
+    def may_publish(self, sender: Connection | None, subject: str) -> bool:
+        """nats-server's publish permission check, by the sender's node."""
+        if sender is None or subject.startswith("_INBOX."):
+            return True
+        grants = self.publish_grants.get(sender.node)
+        if grants is None:
+            return True
+        key = (sender.node, subject)
+        allowed = self._allowed.get(key)
+        if allowed is None:
+            allowed = self._allowed[key] = any(subject_matches(p, subject) for p in grants)
+        if not allowed:
+            self.denied.append((self.scheduler.now, sender.node, subject))
+            self.log(sender.name, f"permissions violation for publish to {subject}")
+        return allowed
 
     def now(self) -> float:
         """The server's time, which stamps stored messages and measures ages and ack waits."""
@@ -402,6 +432,8 @@ class SimNats:
         self, subject: str, data: bytes, headers: dict[str, str] | None, reply: str, sender: Connection,
         quiet: bool = False,
     ) -> None:
+        if not quiet and not self.may_publish(sender, subject):
+            return
         receivers: list[_ServerSub] = []
         groups: dict[str, list[_ServerSub]] = {}
         for sub in self._subs:
@@ -432,6 +464,8 @@ class SimNats:
         self, subject: str, data: bytes, headers: dict[str, str], expected_last_subject_seq: int | None,
         sender: Connection | None = None,
     ) -> PubAck:
+        if not self.may_publish(sender, subject):
+            raise PermissionViolation(f"permissions violation for publish to {subject}")
         for stream in self.streams.values():
             if stream.owns(subject):
                 ack = stream.store(subject, data, headers, self.now(), expected_last_subject_seq)
@@ -833,6 +867,8 @@ class Connection:
         def at_server() -> None:
             try:
                 result, error = operation(), None
+            except PermissionViolation:
+                return  # the server drops it and answers nothing: the request times out
             except JetStreamError as err:
                 result, error = None, err
             self.net.log(self.name, f"{what} -> {error!r}" if error else f"{what} -> {result!r}")

@@ -1,0 +1,84 @@
+"""The simulated server enforces production's NATS permissions (hafence.natsconf),
+so the compromised agent is held to its subjects by the same table nats.conf is
+written from, and a service needing more than its identity grants is found."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from hafence.config import parse_config
+from hafence.sim.clock import Scheduler
+from hafence.sim.permissions import identity_of, publish_grants
+from hafence.sim.run import build
+from hafence.sim.streams import StreamConfig
+from hafence.sim.transport import CoreMsg, EventLog, SimNats
+from tests.conftest import cluster_toml
+
+
+def make() -> tuple[Scheduler, SimNats]:
+    s = Scheduler()
+    net = SimNats(s, random.Random(1), log=EventLog(s))
+    net.add_stream(StreamConfig("EVENTS", ("ev.>",)))
+    net.publish_grants = {"h1": ("hb.h1", "ev.inventory.h1")}
+    return s, net
+
+
+def test_a_node_publishes_only_where_its_grants_allow_and_is_refused_silently_elsewhere() -> None:
+    s, net = make()
+    got: list[str] = []
+    net.connect("observer").subscribe(">", lambda m: got.append(m.subject))
+    agent = net.connect("h1")
+    s.run(until=0.1)
+    agent.publish("hb.h1", b"ok")
+    agent.publish("hb.h2", b"another host's heartbeat")
+    s.run(until=0.2)
+    assert got == ["hb.h1"]
+    # A JetStream publish it may not make is not stored and never answered: it times out.
+    stored = s.run_until_complete(agent.js_publish("ev.inventory.h1", b"{}"))
+    assert stored.seq == 1
+    with pytest.raises(TimeoutError):
+        s.run_until_complete(agent.js_publish("ev.fence.result.h2", b"forged", timeout=1.0))
+    assert net.streams["EVENTS"].last_seq == 1
+    assert [(node, subject) for _, node, subject in net.denied] == [("h1", "hb.h2"), ("h1", "ev.fence.result.h2")]
+
+
+def test_replies_to_requests_pass_and_nodes_without_grants_are_unrestricted() -> None:
+    s, net = make()
+    agent = net.connect("h1")
+
+    async def answer(m: CoreMsg) -> None:
+        await m.respond(b"done")
+
+    agent.subscribe("cmd.h1", answer)  # subscribing is not what the grants cover
+    scheduler = net.connect("ctl-scheduler-1")
+    s.run(until=0.1)
+    assert s.run_until_complete(scheduler.request("cmd.h1", b"start")).data == b"done"
+    assert net.denied == []
+
+
+def test_each_simulated_node_gets_its_production_identitys_publish_grants(tmp_path: Path) -> None:
+    config = parse_config(cluster_toml("nats://127.0.0.1:4222", tmp_path, 2), "test.toml")
+    hosts = {h.name for h in config.hosts}
+    host = sorted(hosts)[0]
+    assert identity_of(host, hosts) == f"agent-{host}"
+    assert identity_of("ctl-arbiter-2", hosts) == "arbiter"
+    assert identity_of("ctl-fencer-1", hosts) == "fencer"
+    assert identity_of("nats", hosts) == ""
+    grants = publish_grants(config, [host, "ctl-fencer-1", "ctl-arbiter-1", "nats"])
+    assert "nats" not in grants
+    assert all(not p.startswith("$") for g in grants.values() for p in g)
+    p = config.cluster.subject_prefix
+    assert f"{p}.hb.{host}" in grants[host] and f"{p}.inventory.{host}" in grants[host]
+    # Only the fencer may produce a fence result, only the arbiter a fence request (S5).
+    assert not any(".fence." in g or ".vm." in g or ".host." in g for g in grants[host])
+    assert f"{p}.fence.result.*" in grants["ctl-fencer-1"]
+    assert not any(g.startswith(f"{p}.fence.result") for g in grants["ctl-arbiter-1"])
+
+
+def test_the_simulated_cluster_runs_every_node_under_its_grants() -> None:
+    cluster, _ = build(3, minutes=1.0, keep_log=False)
+    nodes = {svc.node for svc in cluster.services}
+    assert set(cluster.net.publish_grants) == nodes
