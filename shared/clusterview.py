@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from hafence.config import ClusterConfig
 from hafence.contracts import VM_FAILURES, Alert, FenceResult, HostEvent, Inventory, VmEvent
-from hafence.host_phase import EventKind, Illegal, Phase, step
+from hafence.host_phase import SUSPECT_PHASES, EventKind, Illegal, Phase, step, suspect_event
 
 # How long a raised alert stays listed (alerts repeat while their cause lasts).
 ALERT_WINDOW_S = 3600.0
@@ -116,6 +116,8 @@ class ClusterView:
                 if event.outcome == "refused":
                     self._step(row, EventKind.REFUSED, event.finished_at)
                 # A failure reaches the phase as the arbiter's fence_failed event (it retries first).
+                if event.outcome == "confirmed_off" and _earlier_fence(row, event.boot_id):
+                    return
                 if event.outcome == "confirmed_off" and self._step(row, EventKind.CONFIRMED_OFF, event.finished_at):
                     row.alert = ""
                     if row.phase == Phase.FENCED:
@@ -160,18 +162,26 @@ class ClusterView:
             return False
         if nxt != was:
             row.phase, row.state, row.since = nxt, nxt.value, at
-        row.quarantined = nxt == Phase.QUARANTINED
-        if was in (Phase.QUARANTINED, Phase.FENCED_CLEARED) and nxt == Phase.UP:
+        row.quarantined = nxt in (Phase.QUARANTINED, Phase.QUARANTINED_SUSPECT)
+        if was in (Phase.QUARANTINED, Phase.FENCED_CLEARED, Phase.QUARANTINED_SUSPECT) \
+                and nxt in (Phase.UP, Phase.SUSPECT):
             row.fenced_boot = ""  # cleared: its next fence names its own boot
         return True
 
     def _host_event(self, row: HostRow, event: HostEvent) -> None:
         kind = _HOST_EVENTS.get(event.kind)
+        if event.kind == "fenced" and _earlier_fence(row, event.boot_id):
+            return
+        if kind == EventKind.SUSPECT:
+            # A fence covers one boot: a later boot's silence is a new incident (host_phase).
+            covered = (row.suspect_boot if row.phase in (Phase.FENCING, Phase.FENCE_FAILED)
+                       else row.fenced_boot if row.phase not in (Phase.UNKNOWN, Phase.UP, Phase.SUSPECT) else "")
+            kind = suspect_event(event.boot_id, covered)
         if kind is not None and not self._step(row, kind, event.at):
             return
         match event.kind:
             case "suspect":
-                if row.phase == Phase.SUSPECT:
+                if row.phase in SUSPECT_PHASES:
                     row.suspect_boot = event.boot_id or row.boot_id
             case "alive":
                 if row.alert.startswith("not fenced"):
@@ -212,6 +222,12 @@ class ClusterView:
             where = " ".join(x for x in (host, f"vm {vm}" if vm else "") if x)
             out.append(f"{kind}{' ' + where if where else ''}: {alert.reason}")
         return out
+
+
+def _earlier_fence(row: HostRow, boot_id: str) -> bool:
+    """A confirmation of the boot fenced before, read while a later boot's incident is
+    open (quarantined_suspect): old news, not that later boot's fence."""
+    return row.phase == Phase.QUARANTINED_SUSPECT and bool(boot_id) and boot_id == row.fenced_boot
 
 
 def _stop_note(reason: str, host: str) -> str:

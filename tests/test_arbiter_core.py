@@ -432,3 +432,77 @@ def test_an_illegal_event_is_logged_with_its_count_not_dropped(tmp_path: Path) -
     [log] = [e for e in out if isinstance(e, Log) and "illegal" in e.message]
     assert log.fields["event"] == "fence_failed" and log.fields["phase"] == "fenced" and log.fields["count"] == 1
     assert core.core.policy.views["h1"].phase == "fenced"
+
+
+# --- a fence covers one boot (simulation seed 247) -------------------------------------------
+
+
+def boot_suspect(host: str, wall: float, incident: str, boot: str) -> HostEvent:
+    return HostEvent(host=host, kind="suspect", at=wall, incident=incident, boot_id=boot, late_hosts=[])
+
+
+def test_a_later_boot_that_goes_silent_after_an_old_incidents_fence_is_fenced(tmp_path: Path) -> None:
+    """Seed 247, replayed: h1's boot b1 is suspect; h1 resets to b2 (it reports, is heard,
+    cleared); a stale leader's request of b1's incident (no fence_requested stored) then
+    powers h1 off: confirmed_off names b1. b2 goes silent: that is a new incident, fenced
+    with b2 named, so what the scheduler started on b2 is released. Before the fix h1
+    stayed "fenced" and b2 was never fenced (its VMs waited for ever)."""
+    core = Harness(make_core(tmp_path))
+    core.start(replay=[
+        boot_suspect("h1", WALL0 - 60, "h1-b1-359", "b1"),
+        inventory("h1", "b2", WALL0 - 3),
+        HostEvent(host="h1", kind="alive", at=WALL0 - 3),
+        HostEvent(host="h1", kind="cleared", at=WALL0 - 3),
+        FenceResult(request_id="fence-h1-b1-359", incident="h1-b1-359", host="h1", term=9, outcome="confirmed_off",
+                    started_at=WALL0 - 3, finished_at=WALL0 - 2, boot_id="b1"),
+    ])
+    assert core.core.policy.views["h1"].phase == "fenced"
+    # A second name of b1's outage (another monitor replica) fences nothing: b1 is off.
+    out = core.settle(core.feed(delivered(boot_suspect("h1", WALL0 + 1, "h1-b1-other", "b1")), at(1)), at(1))
+    assert requests(out) == [] and core.core.policy.views["h1"].phase == "fenced"
+    out = core.settle(core.feed(delivered(boot_suspect("h1", WALL0 + 3, "h1-b2-0", "b2")), at(3)), at(3))
+    [request] = requests(out)
+    assert (request.incident, request.boot_id) == ("h1-b2-0", "b2")
+    assert host_events(out, "fence_requested")[0].boot_id == "b2"
+
+
+def test_a_later_boots_suspicion_during_a_fence_is_fenced_once_that_fence_is_confirmed(tmp_path: Path) -> None:
+    """The other order: b1's fence is in flight when b2 reports and goes silent. The fence
+    is finished first (it powers the host off, b2 too); then b2's incident is fenced."""
+    core = Harness(make_core(tmp_path))
+    core.start(replay=[
+        boot_suspect("h1", WALL0 - 60, "h1-b1", "b1"),
+        HostEvent(host="h1", kind="fence_requested", at=WALL0 - 50, incident="h1-b1", request_id="fence-h1-b1",
+                  term=3, boot_id="b1"),
+        inventory("h1", "b2", WALL0 - 10),
+    ])
+    # b2's suspicion while b1's fence runs: nothing new is sent yet (the re-issue of b1's is).
+    out = core.settle(core.feed(delivered(boot_suspect("h1", WALL0 + 1, "h1-b2", "b2")), at(1)), at(1))
+    assert all(r.incident == "h1-b1" for r in requests(out))
+    assert core.core.policy.views["h1"].phase == "fencing"
+    result = FenceResult(request_id="fence-h1-b1", incident="h1-b1", host="h1", term=5, outcome="confirmed_off",
+                         started_at=WALL0, finished_at=WALL0 + 2, boot_id="b1")
+    out = core.settle(core.feed(delivered(result), at(2)), at(2))
+    assert core.core.policy.views["h1"].phase == "quarantined_suspect"
+    # The earlier fence's confirmation read again (a redelivery) does not end b2's incident.
+    out += core.settle(core.feed(delivered(result), at(2.5)), at(2.5))
+    assert core.core.policy.views["h1"].phase == "quarantined_suspect"
+    out += core.settle(core.feed(TimerFired(TICK), at(3)), at(3))
+    [request] = requests(out)
+    assert (request.incident, request.boot_id) == ("h1-b2", "b2")
+
+
+def test_a_later_boots_suspicion_is_dropped_when_the_host_is_heard_again(tmp_path: Path) -> None:
+    core = Harness(make_core(tmp_path))
+    core.start(replay=[
+        boot_suspect("h1", WALL0 - 60, "h1-b1", "b1"),
+        HostEvent(host="h1", kind="fence_requested", at=WALL0 - 50, incident="h1-b1", request_id="fence-h1-b1",
+                  term=3, boot_id="b1"),
+        inventory("h1", "b2", WALL0 - 10),
+        boot_suspect("h1", WALL0 - 5, "h1-b2", "b2"),
+        HostEvent(host="h1", kind="alive", at=WALL0 - 4),
+    ])
+    result = FenceResult(request_id="fence-h1-b1", incident="h1-b1", host="h1", term=5, outcome="confirmed_off",
+                         started_at=WALL0, finished_at=WALL0 + 2, boot_id="b1")
+    core.settle(core.feed(delivered(result), at(2)), at(2))
+    assert core.core.policy.views["h1"].phase == "fenced"

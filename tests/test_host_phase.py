@@ -11,7 +11,7 @@ import pytest
 from hafence.cli import view as cli_view
 from hafence.clusterview import ClusterView
 from hafence.contracts import FenceResult, HostEvent, Inventory
-from hafence.host_phase import ILLEGAL, TRANSITIONS, EventKind, Illegal, Phase, step
+from hafence.host_phase import ILLEGAL, TRANSITIONS, EventKind, Illegal, Phase, step, suspect_event
 from tests.conftest import cluster_toml
 
 
@@ -106,3 +106,48 @@ def test_status_json_shows_the_illegal_event_counts(tmp_path: Path, monkeypatch:
     out = json.loads(capsys.readouterr().out)
     assert out["illegal_events"]["counts"] == {"fence_failed in fenced": 1}
     assert out["hosts"][0]["phase"] == "fenced"
+
+
+# --- a fence covers one boot (simulation seed 247) -------------------------------------------
+
+
+def test_a_later_boot_that_goes_silent_after_a_fence_is_a_new_incident_still_quarantined() -> None:
+    assert step(Phase.FENCED, EventKind.NEW_BOOT_SUSPECT) == Phase.QUARANTINED_SUSPECT
+    assert step(Phase.QUARANTINED, EventKind.NEW_BOOT_SUSPECT) == Phase.QUARANTINED_SUSPECT
+    assert step(Phase.FENCED_CLEARED, EventKind.NEW_BOOT_SUSPECT) == Phase.SUSPECT  # cleared in advance
+    # Fenced like a suspect; heard again it is still quarantined; only cleared lifts that.
+    assert step(Phase.QUARANTINED_SUSPECT, EventKind.FENCE_REQUESTED) == Phase.FENCING
+    assert step(Phase.QUARANTINED_SUSPECT, EventKind.HEARD) == Phase.QUARANTINED
+    assert step(Phase.QUARANTINED_SUSPECT, EventKind.CLEARED) == Phase.SUSPECT
+    # A fence under way is finished first (the caller keeps the suspicion for after it).
+    assert step(Phase.FENCING, EventKind.NEW_BOOT_SUSPECT) == Phase.FENCING
+    assert step(Phase.FENCE_FAILED, EventKind.NEW_BOOT_SUSPECT) == Phase.FENCE_FAILED
+
+
+def test_only_a_suspicion_naming_another_known_boot_is_a_later_boots() -> None:
+    assert suspect_event("b2", "b1") == EventKind.NEW_BOOT_SUSPECT
+    assert suspect_event("b1", "b1") == EventKind.SUSPECT  # the fenced boot's, named again
+    assert suspect_event("", "b1") == EventKind.SUSPECT  # a monitor that never heard it: not known
+    assert suspect_event("b2", "") == EventKind.SUSPECT
+
+
+def test_the_view_shows_a_later_boot_suspected_after_the_fence_as_quarantined_and_suspect() -> None:
+    view = ClusterView()
+    view.apply(inv("a", "b1"))
+    view.apply(HostEvent(host="a", kind="suspect", at=1.0, boot_id="b1"))
+    view.apply(inv("a", "b2"))
+    view.apply(HostEvent(host="a", kind="alive", at=1.5))
+    view.apply(FenceResult(request_id="r", incident="i", host="a", term=1, outcome="confirmed_off",
+                           started_at=1.5, finished_at=2.0, boot_id="b1"))
+    row = view.hosts["a"]
+    assert (row.phase, row.fenced_boot) == (Phase.FENCED, "b1")
+    view.apply(HostEvent(host="a", kind="suspect", at=3.0, boot_id="b1", incident="i-again"))
+    assert row.phase == Phase.FENCED
+    view.apply(HostEvent(host="a", kind="suspect", at=4.0, boot_id="b2", incident="i2"))
+    assert (row.phase, row.quarantined) == (Phase.QUARANTINED_SUSPECT, True)
+    view.apply(HostEvent(host="a", kind="fenced", at=4.5, boot_id="b1"))  # the earlier fence's news
+    assert row.phase == Phase.QUARANTINED_SUSPECT
+    view.apply(HostEvent(host="a", kind="fence_requested", at=5.0, incident="i2", boot_id="b2"))
+    view.apply(HostEvent(host="a", kind="fenced", at=6.0, incident="i2", boot_id="b2"))
+    assert (row.phase, row.fenced_boot) == (Phase.FENCED, "b2")
+    assert view.illegal == {}

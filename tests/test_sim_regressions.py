@@ -1,7 +1,8 @@
-"""Seeds the simulation found scheduler violations in, kept as regressions: each ran
-red on the scheduler before its fix (on the tree of the fix: any change of a service
-or of the simulator redraws what a seed does, so a seed that passes here proves the
-fix only on the tree it was found on; the scheduler's unit tests pin each rule)."""
+"""Seeds the simulation found scheduler violations in (and 247, fixed in the
+arbiter), kept as regressions: each ran red before its fix (on the tree of the
+fix: any change of a service or of the simulator redraws what a seed does, so a
+seed that passes here proves the fix only on the tree it was found on; the
+scheduler's and arbiter's unit tests pin each rule)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,12 @@ SEEDS = {
     # as a new boot; its old boot's VMs were kept off it as if a fence might still come,
     # and no other host had room. Fixed: only a fence under way keeps them off.
     262: "L1: vm4-2, vm5-2 (last on h4: powered, boot 2) run nowhere; no room but h4",
+    # L1 (fixed in the arbiter, hafence.host_phase): h1 reset to a new boot, which the
+    # scheduler gave its old boot's VMs; a stale arbiter's fence of the old boot's incident
+    # then powered it off (the result names the old boot) and the new boot's silence was
+    # never fenced (h1 stayed "fenced"), so the unanswered starts were never released.
+    # Fixed: a fence covers one boot; a later boot's suspicion is a new incident, fenced.
+    247: "L1: vm1-1, vm1-2, vm3-2 (last on h1: off, boot 2) run nowhere",
 }
 
 # The planted-bug tests' unplanted runs (5 simulated minutes, these fault kinds only).

@@ -82,7 +82,7 @@ from hafence.core import (
     Started,
     TimerFired,
 )
-from hafence.host_phase import Phase
+from hafence.host_phase import SUSPECT_PHASES, Phase
 from hafence.lease import MAX_TERM
 from hafence.subjects import Subjects
 
@@ -98,6 +98,9 @@ Fact = HostEvent | FenceResult | Inventory
 # must not stop the arbiter for good: past this, the round is given up on.
 ROUND_LIMIT_S = 60.0
 REISSUE_REASON = "re-issued by a new arbiter leader"
+# Incidents whose boot is remembered per host: the one being fenced, a later boot's
+# kept for after it, and a few more named twice by the monitor replicas.
+INCIDENT_BOOTS_KEPT = 4
 
 
 def event_time(event: Fact, stored_at: float | None = None) -> float | None:
@@ -124,7 +127,8 @@ def fold(policy: Policy, event: Fact, at: float) -> None:
     """Fold one fact into the policy, at ``at`` (the fact's own time on the policy's
     clock, ``on_policy_clock``): pure, so a replay gives the same state whenever it runs."""
     if isinstance(event, FenceResult):
-        policy.fence_result(event.host, event.request_id, event.outcome, event.reason, at, boot_id=event.boot_id)
+        policy.fence_result(event.host, event.request_id, event.outcome, event.reason, at, boot_id=event.boot_id,
+                            incident=event.incident)
         return
     if isinstance(event, Inventory):
         policy.inventory(event.host, event.boot_id)
@@ -189,8 +193,10 @@ class ArbiterCore:
     refused_below: int = 0
     # The highest term reported to the lease port (so a replay does not report each one).
     learned: int = 0
-    # host -> (incident, boot id): the boot the host's latest incident is about (S6).
-    incident_boot: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # host -> {incident: boot id}: the boot each of the host's latest incidents is about
+    # (S6). More than one: a later boot's incident may open while an earlier one's fence
+    # is still in flight (a fence covers one boot), and each request names its own.
+    incident_boot: dict[str, dict[str, str]] = field(default_factory=dict)
     # incident -> the suspect's message headers (its trace context), for the driver's spans.
     incident_headers: dict[str, dict[str, str]] = field(default_factory=dict)
     # The in-flight requests were re-sent under this leadership.
@@ -258,8 +264,7 @@ class ArbiterCore:
         return self.lease_held and self.term > 0 and now.mono < self.valid_until
 
     def boot_of(self, host: str, incident: str) -> str:
-        known = self.incident_boot.get(host)
-        return known[1] if known is not None and known[0] == incident else ""
+        return self.incident_boot.get(host, {}).get(incident, "")
 
     def trace_headers(self, incident: str) -> dict[str, str]:
         """The trace context of an incident's suspect (empty when unknown)."""
@@ -297,7 +302,11 @@ class ArbiterCore:
             return []
         out: list[Effect] = []
         if fact.kind in ("suspect", "fence_requested") and fact.boot_id:
-            self.incident_boot[fact.host] = (fact.incident, fact.boot_id)
+            boots = self.incident_boot.setdefault(fact.host, {})
+            boots.pop(fact.incident, None)  # the newest last
+            boots[fact.incident] = fact.boot_id
+            while len(boots) > INCIDENT_BOOTS_KEPT:
+                del boots[next(iter(boots))]
         if fact.kind == "suspect" and delivery.headers:
             self.incident_headers[fact.incident] = dict(delivery.headers)
         elif fact.kind == "fence_requested":
@@ -367,7 +376,7 @@ class ArbiterCore:
             return out + self._round(now)
         self.round_wanted = False
         self.round_started = now.mono
-        suspects = sorted(h for h, v in self.policy.views.items() if v.phase == "suspect")
+        suspects = sorted(h for h, v in self.policy.views.items() if v.phase in SUSPECT_PHASES)
         if self.config.storage.lease_dir and suspects:
             tag = self._tag("storage")
             self.waiting[tag] = self._decide_with_storage

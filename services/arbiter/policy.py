@@ -41,12 +41,17 @@ guard clocks, maintenance) stays beside the phase in ``HostView``.
 
 How the phases decide: ``suspect`` is decided by the rules below; ``fencing`` is
 in flight; ``fence_failed`` is retried, then escalated; ``fenced``,
-``fenced_cleared`` and ``quarantined`` are never fenced again on a suspicion:
-a host heard again after its fence stays fenced (the heartbeat may be the fenced
-boot's, still in flight), a new boot of it is quarantined (it runs no VMs), and
-only ``cleared`` (S6) makes it ``up``, and fenceable, again. A host that comes
-back while its fence is in flight is still fenced: the fence has begun, and
-finishing it is the only state everyone can agree on.
+``fenced_cleared`` and ``quarantined`` are never fenced again on a suspicion of
+the boot that was fenced: a host heard again after its fence stays fenced (the
+heartbeat may be the fenced boot's, still in flight), a new boot of it is
+quarantined (it runs no VMs), and only ``cleared`` (S6) makes it ``up``, and
+fenceable, again. But a fence covers one boot: a suspicion naming a *later* boot
+(``host_phase.suspect_event``) is a new incident, ``quarantined_suspect``,
+decided like ``suspect`` (simulation seed 247); one read while a fence of an
+earlier boot is in flight or failed is kept (``HostView.later``) and opened
+once that fence is confirmed off, unless the host is heard again meanwhile. A
+host that comes back while its fence is in flight is still fenced: the fence has
+begun, and finishing it is the only state everyone can agree on.
 
 A failed fence is tried again (a new request id per attempt) after a growing
 back-off, ``fence_attempts`` times in all; then the host is escalated: its VMs
@@ -61,7 +66,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hafence import host_phase
-from hafence.host_phase import EventKind, Illegal, Phase
+from hafence.host_phase import SUSPECT_PHASES, EventKind, Illegal, Phase, suspect_event
 
 Rule = Literal["maintenance", "storm", "isolated", "concurrency", "escalated"]
 
@@ -98,8 +103,22 @@ def request_id(incident: str, attempt: int, refusals: int = 0) -> str:
     return f"{base}-r{refusals}" if refusals else base
 
 
-# Confirmed off and not cleared back to up: never fenced again on a suspicion.
+# Confirmed off and not cleared back to up: never fenced again on a suspicion of the
+# boot that was fenced (a later boot's suspicion is a new incident: quarantined_suspect).
 OFF_PHASES = (Phase.FENCED, Phase.FENCED_CLEARED, Phase.QUARANTINED)
+# Phases left by a cleared (or cleared-in-advance) host: its next fence names its own boot.
+_QUARANTINE_PHASES = (Phase.QUARANTINED, Phase.FENCED_CLEARED, Phase.QUARANTINED_SUSPECT)
+
+
+@dataclass(frozen=True, slots=True)
+class LaterSuspect:
+    """A suspicion of a boot other than the one being fenced, read while that fence was
+    in flight (or failed): opened as its own incident once the fence is confirmed off."""
+
+    incident: str
+    at: float
+    late: tuple[str, ...] | None
+    boot_id: str
 
 
 @dataclass(slots=True)
@@ -129,6 +148,9 @@ class HostView:
     boot_id: str = ""
     suspect_boot: str = ""
     fenced_boot: str = ""
+    # A later boot's suspicion kept while a fence of an earlier boot runs (host_phase:
+    # a fence covers one boot); dropped when the host is heard again.
+    later: LaterSuspect | None = None
 
 
 @dataclass
@@ -168,7 +190,7 @@ class Policy:
             self.illegal[key] = self.illegal.get(key, 0) + 1
             self.illegal_pending.append((host, nxt))
             return False
-        if view.phase in (Phase.QUARANTINED, Phase.FENCED_CLEARED) and nxt == Phase.UP:
+        if view.phase in _QUARANTINE_PHASES and nxt in (Phase.UP, Phase.SUSPECT):
             view.fenced_boot = ""  # cleared: its next fence names its own boot
         view.phase = nxt
         return True
@@ -178,9 +200,23 @@ class Policy:
         out, self.illegal_pending = self.illegal_pending, []
         return out
 
-    def _fenced(self, view: HostView, boot_id: str) -> None:
+    def _fenced(self, host: str, view: HostView, boot_id: str) -> None:
         if view.phase == Phase.FENCED:
             view.fenced_boot = boot_id or view.suspect_boot or view.boot_id
+        later, view.later = view.later, None
+        if later is not None and later.boot_id != view.fenced_boot:
+            # A later boot went silent while this fence ran: its own incident, now.
+            self.suspect(host, later.incident, later.at, later.late, boot_id=later.boot_id)
+
+    @staticmethod
+    def covered_boot(view: HostView) -> str:
+        """The boot the host's fence is about ("" when none, or not known): the one
+        fenced, or, while a fence is in flight or failed, the one its incident named."""
+        if view.phase in (Phase.FENCING, Phase.FENCE_FAILED):
+            return view.suspect_boot
+        if view.phase in (*OFF_PHASES, Phase.QUARANTINED_SUSPECT):
+            return view.fenced_boot
+        return ""
 
     # --- events in ----------------------------------------------------------
 
@@ -192,11 +228,18 @@ class Policy:
         if view.incident == incident and view.phase != Phase.UP:
             return  # the same incident seen again (a replay, another replica)
         was = view.phase
-        if not self._step(host, view, EventKind.SUSPECT) or view.phase != Phase.SUSPECT:
-            # An unresolved fence is not superseded by a new suspicion, and a host
-            # fenced (or quarantined) is not fenced again until it is cleared.
+        kind = suspect_event(boot_id, self.covered_boot(view))
+        if not self._step(host, view, kind):
             return
-        if was == Phase.SUSPECT and view.incident == incident:
+        if kind == EventKind.NEW_BOOT_SUSPECT and view.phase in (Phase.FENCING, Phase.FENCE_FAILED):
+            # A fence covers one boot: this later one is fenced after the fence under way.
+            view.later = LaterSuspect(incident, now, None if late is None else tuple(late), boot_id)
+            return
+        if view.phase not in SUSPECT_PHASES:
+            # An unresolved fence is not superseded by a new suspicion, and a host fenced
+            # (or quarantined) is not fenced again on a suspicion of the fenced boot.
+            return
+        if was == view.phase and view.incident == incident:
             return
         view.incident, view.since, view.lost_at = incident, now, now
         view.held_by, view.request_id, view.attempt, view.refusals = "", "", 0, 0
@@ -209,6 +252,7 @@ class Policy:
     def alive(self, host: str) -> None:
         view = self.views[host]
         view.late_at = float("-inf")  # heard again: not late any more
+        view.later = None  # and a later boot's suspicion is over (it is suspected again if it goes silent)
         # A fence that has begun is finished, and a fenced host stays fenced (host_phase).
         if self._step(host, view, EventKind.HEARD) and view.phase == Phase.UP:
             view.held_by = ""
@@ -248,8 +292,9 @@ class Policy:
         view.attempt = max(view.attempt, attempt)
 
     def fence_result(self, host: str, request: str, outcome: str, reason: str, now: float,
-                     boot_id: str = "") -> None:
-        """``boot_id``: the boot the request was about (the one fenced), when known."""
+                     boot_id: str = "", incident: str = "") -> None:
+        """``boot_id``: the boot the request was about (the one fenced), when known;
+        ``incident``: the request's incident, when known."""
         view = self.views[host]
         if outcome == "refused":
             # A stale leader's request. If that was the only request for this fence,
@@ -262,9 +307,12 @@ class Policy:
         if view.request_id and view.request_id != request:
             return
         if outcome == "confirmed_off":
+            if view.phase == Phase.QUARANTINED_SUSPECT and (
+                    (incident and incident != view.incident) or (boot_id and boot_id == view.fenced_boot)):
+                return  # the earlier fence's confirmation read again: not this later boot's
             if self._step(host, view, EventKind.CONFIRMED_OFF):
                 view.request_id, view.outcome_reason = request, reason
-                self._fenced(view, boot_id)
+                self._fenced(host, view, boot_id)
             return
         if self._step(host, view, EventKind.FENCE_FAILED):
             view.request_id, view.outcome_reason = request, reason
@@ -275,7 +323,7 @@ class Policy:
         view = self.views[host]
         if self._step(host, view, EventKind.OPERATOR_CONFIRMED):
             view.held_by = ""
-            self._fenced(view, boot_id)
+            self._fenced(host, view, boot_id)
 
     def set_maintenance(self, host: str, on: bool) -> None:
         self.views[host].maintenance = on
@@ -295,7 +343,7 @@ class Policy:
         horizon = self.detection_window_s if self.late_horizon_s is None else self.late_horizon_s
         # Fenced (and then cleared in advance, or back quarantined) in the window still
         # counts: fencing the first host of a storm must not make room for the next.
-        lost = [v for v in watched if v.phase in (Phase.SUSPECT, Phase.FENCING)
+        lost = [v for v in watched if v.phase in (*SUSPECT_PHASES, Phase.FENCING)
                 or (v.phase in (Phase.FENCE_FAILED, *OFF_PHASES) and now - v.lost_at <= self.storm_window_s)
                 or (v.phase in (Phase.UP, Phase.UNKNOWN) and now - v.late_at <= horizon)]
         share = len(lost) / len(watched) if watched else 0.0
@@ -305,7 +353,7 @@ class Policy:
         out: list[Decision] = []
         ready = sorted(
             ((h, v) for h, v in self.views.items()
-             if (v.phase == Phase.SUSPECT and now - v.since >= (split if v.informed else settle))
+             if (v.phase in SUSPECT_PHASES and now - v.since >= (split if v.informed else settle))
              or v.phase == Phase.FENCE_FAILED),
             key=lambda hv: (hv[1].since, hv[0]),
         )
