@@ -4,6 +4,7 @@ every effect kind, settlement of work-queue deliveries, and a core that raises."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,3 +212,55 @@ class CasCore:
         if isinstance(event, Returned):
             self.outcomes.append(event)
         return []
+
+
+@dataclass
+class BurstCore:
+    """Handles a burst of queued events, each taking a little CPU and asking the
+    ``probe`` port for something (a request or a publish would do the same: a task)."""
+
+    name: str = "burst"
+    handled: int = 0
+
+    def inputs(self) -> Inputs:
+        return Inputs()
+
+    def handle(self, event: Event, now: Now) -> list[Effect]:
+        if not isinstance(event, TimerFired):
+            return []
+        self.handled += 1
+        deadline = time.perf_counter() + 0.0002
+        while time.perf_counter() < deadline:  # the work of one event
+            pass
+        return [Call("probe", "mark", (event.key,))]
+
+
+async def test_what_a_burst_of_events_sends_goes_out_while_the_burst_is_handled() -> None:
+    """50 placed acks, then 50 replies, reach the scheduler back to back. The worker
+    took the next event as long as one waited, so the requests and publishes their
+    effects made (each a task) wrote nothing until the whole burst was handled: the
+    first VmStart of a wave waited for the last one's decision."""
+    from types import SimpleNamespace
+    from typing import cast
+
+    from hafence.core.driver import Driver
+
+    core = BurstCore()
+    seen_at: dict[str, int] = {}
+
+    class Probe:
+        def mark(self, key: str) -> None:
+            seen_at[key] = core.handled
+
+    driver = Driver(core, cast(Runtime, SimpleNamespace(bus=None, args=SimpleNamespace())), {"probe": Probe()})
+    for i in range(200):
+        driver.feed(TimerFired(str(i)))
+    task = asyncio.create_task(driver.run())
+    try:
+        await eventually(lambda: len(seen_at) == 200, timeout=10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    # The first event's call ran long before the 200th event was handled.
+    assert seen_at["0"] < 50, f"the first event's call ran after {seen_at['0']} of 200 events"
