@@ -37,7 +37,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from nats.aio.msg import Msg
 
@@ -168,13 +168,19 @@ class WatchdogGuard:
 
     def __init__(self, config: ClusterConfig, host: str, device: WatchdogDevice | None,
                  is_up: Callable[[], bool], boot_id: Callable[[], str],
-                 on_pill: Callable[[], Awaitable[None]], clock: Callable[[], float] = time.monotonic) -> None:
+                 on_pill: Callable[[], Awaitable[None]], clock: Callable[[], float] = time.monotonic,
+                 *, slots: Slots | None = None, io: Callable[..., Awaitable[Any]] | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
+        # ``slots``, ``io`` (how a slot or device operation runs: in the slot thread here)
+        # and ``wall`` are the storage's and clock's binding; the deterministic simulation
+        # binds its world's slots and virtual time and drives this guard's checks itself.
         self.settings = config.storage
         self.host = host
         self.device = device
-        self.slots = Slots(self.settings.slot_dir)
-        self.is_up, self.boot_id, self.on_pill, self.clock = is_up, boot_id, on_pill, clock
+        self.slots = slots if slots is not None else Slots(self.settings.slot_dir)
+        self.is_up, self.boot_id, self.on_pill, self.clock, self.wall = is_up, boot_id, on_pill, clock, wall
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"slot-{host}")
+        self.run_io = io if io is not None else self._in_slot_thread
         self.check: Check | None = None
         self.checking = False
         self.view_at: float | None = None
@@ -188,6 +194,9 @@ class WatchdogGuard:
         self.seen_clear = False  # a clean slot check this boot
         self.task: asyncio.Task[None] | None = None
         self.changed: Callable[[], None] = lambda: None
+
+    def _in_slot_thread(self, fn: Callable[..., Any], *args: Any) -> Awaitable[Any]:
+        return asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
 
     # Starts are refused until this boot's first clean check: the slot may hold a pill.
     def start_refusal(self) -> str:
@@ -224,7 +233,7 @@ class WatchdogGuard:
                 self.slots.write_record(SlotRecord(
                     host=self.host, boot_id=boot, counter=self.counter, armed=self.armed, timeout_s=self.timeout_s,
                     interval_s=self.settings.slot_interval_s, view_max_age_s=self.settings.view_max_age_s,
-                    written_at=time.time()))
+                    written_at=self.wall()))
             return Check(started, "clear")
         except SlotUnreachable as err:
             return Check(started, "unreachable", str(err))
@@ -235,7 +244,7 @@ class WatchdogGuard:
         self.checking = True
         boot = self.boot
         try:
-            check = await asyncio.get_running_loop().run_in_executor(self.io, self._look, boot)
+            check = await self.run_io(self._look, boot)
         finally:
             self.checking = False
         if boot != self.boot:
@@ -269,8 +278,7 @@ class WatchdogGuard:
     async def _arm(self) -> None:
         assert self.device is not None
         try:
-            self.timeout_s = await asyncio.get_running_loop().run_in_executor(
-                self.io, self.device.arm, self.settings.watchdog_timeout_s)
+            self.timeout_s = await self.run_io(self.device.arm, self.settings.watchdog_timeout_s)
         except OSError as err:
             log.error("watchdog not armed: this host is not protected by a watchdog level",
                       extra=fields(host=self.host, error=str(err)))

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -136,14 +136,19 @@ class WatchdogDriver:
     driver = "watchdog"
 
     def __init__(self, name: str, config: WatchdogDevice, port: str, context: WatchdogContext | None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, slots: Slots | None = None,
+                 io: Callable[..., Awaitable[object]] | None = None) -> None:
+        # ``slots`` and ``io`` (how a slot operation is run: a thread here) are the
+        # storage's binding; the deterministic simulation binds its world's slots and
+        # virtual time, and runs this driver itself.
         if context is None or not context.storage.slot_dir:
             raise DeviceError(f"device {name!r} (watchdog) works only inside the fencer service, with [storage] "
                               "slot_dir: it must watch the monitor's view to see the host come back")
         self.name, self.config, self.host = name, config, port
         self.context = context
-        self.slots = Slots(context.storage.slot_dir)
+        self.slots = slots if slots is not None else Slots(context.storage.slot_dir)
         self.clock = clock
+        self.run_io = io if io is not None else asyncio.to_thread
         self.lock_key = f"watchdog:{context.storage.slot_dir}:{port}"
 
     @property
@@ -152,7 +157,7 @@ class WatchdogDriver:
 
     async def _io(self, fn: Callable[..., T], *args: object) -> T:
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await self.run_io(fn, *args)  # type: ignore[return-value]
         except SlotUnreachable as err:
             raise DeviceUnreachable(f"shared storage: {err}") from None
 
