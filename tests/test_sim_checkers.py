@@ -327,3 +327,43 @@ def test_l1_excuses_the_vms_of_a_host_whose_agent_is_compromised() -> None:
     w.lose_power("h1")
     c.compromised.add("h1")
     assert "compromised" in c.check_recovery()[0] and not c.violations
+
+
+def test_l1_does_not_excuse_a_fence_given_up_on_while_the_hosts_watchdog_level_worked() -> None:
+    from hafence.slots import SlotRecord
+
+    _s, w, c = setup(levels=[["bmc"], ["watchdog"]])
+    w.slot_records["h1"] = SlotRecord(host="h1", boot_id=w.hosts["h1"].boot_id, counter=3, armed=True,
+                                      timeout_s=10.0)
+    w.lose_power("h1")  # BMC dead with it: the pill would have fenced it
+    c.on_effect("arbiter", host_event("fence_failed", alert=True))
+    assert c.given_up_with_watchdog["h1"] and rule_of(c.check_recovery) == "L1"
+    # An unarmed watchdog (its agent never armed it this boot): no device works, excused.
+    _s, w, c = setup(levels=[["bmc"], ["watchdog"]])
+    w.slot_records["h1"] = SlotRecord(host="h1", boot_id=w.hosts["h1"].boot_id, counter=1, armed=False)
+    w.lose_power("h1")
+    c.on_effect("arbiter", host_event("fence_failed", alert=True))
+    assert "given up" in c.check_recovery()[0] and not c.violations
+
+
+def test_s2_judges_a_watchdog_level_by_the_boot_its_pill_was_for() -> None:
+    from hafence.sim.clock import NodeClock
+    from hafence.sim.world import PowerRun
+
+    s, w, c = setup(levels=[["bmc"], ["watchdog"]])
+    w.set_behaviour("h1-bmc", "bad_credentials")
+    from hafence.sim.watchdog import WorldSlots
+
+    WorldSlots(w, "", NodeClock(s, "ctl")).write_pill("h1", "fencer", "fence")
+    w.hang("h1")  # hung, not reset: the boot the pill was for still holds vm1
+    w.runs.append(PowerRun("r1", "i1", 1, "h1", "off", 0.0, 25.0, "confirmed_off", 2,
+                           {1: False, 2: w.pill_gone("h1")}))
+    assert rule_of(lambda: c.on_effect("fencer", result(level=2))) == "S2"
+    s2, w2, c2 = setup(levels=[["bmc"], ["watchdog"]])
+    WorldSlots(w2, "", NodeClock(s2, "ctl")).write_pill("h1", "fencer", "fence")
+    w2.crash("h1")
+    w2.reset("h1")  # the watchdog reset it: a new boot that runs nothing
+    w2.runs.append(PowerRun("r1", "i1", 1, "h1", "off", 0.0, 25.0, "confirmed_off", 2,
+                            {1: False, 2: w2.pill_gone("h1")}))
+    c2.on_effect("fencer", result(level=2))
+    assert not c2.violations

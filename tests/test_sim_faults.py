@@ -8,7 +8,16 @@ from dataclasses import dataclass
 
 from hafence.contracts import FenceRequest
 from hafence.sim.clock import NodeClock, Scheduler
-from hafence.sim.faults import HEALTHY, KINDS, Action, FaultInjector, FaultPlan, draw_plan
+from hafence.sim.faults import (
+    HEALTHY,
+    KINDS,
+    SLOWEST_CLOCK,
+    WATCHDOG_KINDS,
+    Action,
+    FaultInjector,
+    FaultPlan,
+    draw_plan,
+)
 from hafence.sim.run import run_seed
 from hafence.sim.transport import Faults, SimNats
 from hafence.sim.world import World
@@ -26,7 +35,35 @@ def test_a_plan_is_a_function_of_the_seed_and_seeds_differ_in_their_mix() -> Non
     mixes = {tuple(sorted(plan(seed).enabled)) for seed in range(30)}
     assert len(mixes) > 20  # swarm testing: almost every run a different mix
     every = set().union(*(plan(seed).enabled for seed in range(60)))
+    assert every == set(KINDS) - set(WATCHDOG_KINDS)  # no watchdog host, no watchdog fault
+    every = set().union(*(plan(seed, watchdog_hosts=["h2"]).enabled for seed in range(60)))
     assert every == set(KINDS)
+
+
+def test_watchdog_faults_hit_watchdog_hosts_and_leave_the_rest_of_the_plan_as_it_was() -> None:
+    for seed in range(30):
+        before = [str(a) for a in plan(seed, enable_p=0.6).actions]
+        after = plan(seed, enable_p=0.6, watchdog_hosts=["h2"])
+        assert set(before) <= {str(a) for a in after.actions}
+        for a in after.actions:
+            if a.kind == "slot_delay":
+                assert a.target == "h2" and 0.0 < a.arg[0] < a.arg[1] <= 15.0
+            elif a.kind == "clock_drift" and a.target == "h2" and str(a) not in before:
+                assert SLOWEST_CLOCK <= a.arg <= 0.0  # a slow clock, never below 3/4 speed
+
+
+def test_slot_delay_slows_a_hosts_slot_operations_until_undone_or_healed() -> None:
+    s = Scheduler()
+    net = SimNats(s, random.Random(1))
+    w = World(s, random.Random(2))
+    w.add_host("h1")
+    p = FaultPlan({"slot_delay": 1.0}, HEALTHY, [Action(1.0, "slot_delay", "h1", (0.5, 2.0)),
+                                                  Action(2.0, "heal_all")], 2.0, 2.0)
+    FaultInjector(p, w, net, {}, {}, "leases").install()
+    s.run(until=1.5)
+    assert w.slot_delay == {"h1": (0.5, 2.0)}
+    s.run(until=3.0)
+    assert w.slot_delay == {}
 
 
 def test_faults_stay_in_the_fault_phase_which_ends_with_one_heal() -> None:

@@ -20,6 +20,7 @@ import hafence.fencer.admission as admission
 import hafence.heartbeat.liveness as liveness
 import hafence.routes as routes
 import hafence.scheduler.state as scheduler_state
+import hafence.sim.cluster as sim_cluster
 from hafence.sim.faults import KINDS
 from hafence.sim.run import RunResult, run_seed
 
@@ -43,8 +44,11 @@ def find(rules: set[str], kinds: tuple[str, ...] = KINDS, seeds: int = MAX_SEEDS
     return last
 
 
-def passes_unplanted(monkeypatch: pytest.MonkeyPatch, seed: int, kinds: tuple[str, ...] = KINDS) -> None:
+def passes_unplanted(monkeypatch: pytest.MonkeyPatch, seed: int, kinds: tuple[str, ...] = KINDS,
+                     watchdogs: bool = True) -> None:
     monkeypatch.undo()
+    if not watchdogs:
+        no_watchdogs(monkeypatch)
     result = run_seed(seed, minutes=MINUTES, keep_log=False, kinds=kinds)
     assert result.ok, f"the code as it is fails seed {seed}: {result.rule}: {result.what[:500]}"
 
@@ -80,11 +84,23 @@ def _constant_incident(host: str, boot_id: str, seq: int, nonce: str) -> str:
     return f"{host}-incident"
 
 
+def no_watchdogs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clusters without watchdog hosts (their draw still taken, so the rest of each seed is
+    as it was). A watchdog host recovers from what some planted bugs break: hung or cut
+    off, it resets itself, and its new boot releases its old boot's VMs (the scheduler's
+    rebooted rule), whatever became of the incident that should have fenced it."""
+    monkeypatch.setattr(sim_cluster, "watchdog_hosts", lambda shape, rng: (rng.random(), set())[1])
+
+
 def test_a_monitor_that_reuses_incident_ids_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With watchdog hosts the dropped suspect goes unseen: the host resets itself within
+    # its watchdog timeout and the new boot's rebooted rule restarts its VMs (90 seeds of
+    # this mix with watchdogs drawn as run_seed draws them: no violation).
+    no_watchdogs(monkeypatch)
     monkeypatch.setattr(liveness, "new_incident_id", _constant_incident)
     kinds = ("host_cut_nats", "host_comes_back", "host_power_loss", "host_hang")
     found = find({"S0", "S1", "S2", "L1"}, kinds)
-    passes_unplanted(monkeypatch, found.seed, kinds)
+    passes_unplanted(monkeypatch, found.seed, kinds, watchdogs=False)
 
 
 def _admit_every_term(term: int, highest: int) -> admission.Admission:

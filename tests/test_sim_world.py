@@ -237,3 +237,83 @@ def test_the_host_port_says_power_and_boot_and_the_changed_poll_answers_a_vm_fai
     assert infos[0].state == "stopped" and infos[0].stop_reason == "crashed"
     w.lose_power("h1")
     assert not port.state().on
+
+
+# -- the hardware watchdog and the slots (hafence.sim.watchdog) ------------------------------
+
+
+def test_an_armed_watchdog_resets_its_host_unless_fed_and_the_host_boots_again_later() -> None:
+    s, w, lines = world()
+    h = w.add_host("h1", levels=[["bmc"], ["watchdog"]])
+    w.add_vm("vm1", "h1")
+    assert h.watchdog and [d.kind for d in h.devices] == ["bmc", "watchdog"]
+    assert w.arm_watchdog("h1", 10.4) == 10.0  # whole seconds, as the Linux API asks
+    for t in range(1, 30):
+        s.run(until=float(t))
+        w.feed_watchdog("h1")
+    assert h.boots == 1 and w.watchdog_resets == 0 and w.running_on("vm1") == ["h1"]
+    w.hang("h1")  # a hung host feeds nothing (and a hung host's feed does not count)
+    w.feed_watchdog("h1")
+    s.run(until=38.9)  # fed last at t=29
+    assert h.powered and h.hung
+    s.run(until=39.1)
+    assert w.watchdog_resets == 1 and not h.powered and w.running_on("vm1") == []
+    s.run(until=39.0 + w.reset_boot_s[1] + 1.0)
+    assert h.powered and h.boots == 2 and not h.hung and not h.wd_armed  # a boot starts unarmed
+    assert any("h1 watchdog fires" in line for line in lines)
+
+
+def test_a_host_without_a_watchdog_cannot_arm_one_and_a_disarmed_one_never_fires() -> None:
+    s, w, _ = world()
+    w.add_host("h1")
+    with pytest.raises(OSError):
+        w.arm_watchdog("h1", 10.0)
+    h2 = w.add_host("h2", levels=[["bmc"], ["watchdog"]])
+    w.arm_watchdog("h2", 10.0)
+    w.disarm_watchdog("h2")  # magic close: the agent stopped cleanly
+    s.run(until=100.0)
+    assert h2.boots == 1 and w.watchdog_resets == 0
+
+
+def test_the_pills_boot_is_gone_only_once_the_host_is_off_or_a_later_boot_runs_nothing() -> None:
+    from hafence.sim.clock import NodeClock
+    from hafence.sim.watchdog import WorldSlots
+
+    s, w, _ = world()
+    h = w.add_host("h1", levels=[["bmc"], ["watchdog"]])
+    w.add_vm("vm1", "h1")
+    fencer = WorldSlots(w, "", NodeClock(s, "ctl"))
+    assert not w.pill_gone("h1")  # no pill: nothing to judge
+    fencer.write_pill("h1", "fencer", "test")
+    assert w.pill_boot == {"h1": 1} and not w.pill_gone("h1")
+    w.hang("h1")
+    assert not w.pill_gone("h1")  # hung: its VMs resume with it
+    w.crash("h1")
+    w.reset("h1")  # a new boot, which saw the pill and runs nothing
+    assert h.boots == 2 and w.pill_gone("h1")
+    s.run_until_complete(w.hypervisor("h1").start(VmSpec(name="vm1", memory_mb=1024, ha=True)))
+    assert not w.pill_gone("h1")  # a later boot that runs a VM: the pill did not hold
+    w.lose_power("h1")
+    assert w.pill_gone("h1")
+
+
+def test_an_agent_reaches_its_slot_only_with_its_storage_and_the_fencer_always() -> None:
+    from hafence.sim.clock import NodeClock
+    from hafence.sim.watchdog import WorldSlots
+    from hafence.slots import SlotRecord, SlotUnreachable
+
+    s, w, _ = world()
+    w.add_host("h1")
+    agent, fencer = WorldSlots(w, "h1", NodeClock(s, "h1")), WorldSlots(w, "", NodeClock(s, "ctl"))
+    agent.write_record(SlotRecord(host="h1", boot_id="b", counter=1, armed=True, timeout_s=10.0))
+    w.cut_storage("h1")
+    with pytest.raises(SlotUnreachable):
+        agent.pill("h1")
+    with pytest.raises(SlotUnreachable):
+        agent.write_record(SlotRecord(host="h1", boot_id="b", counter=2, armed=True, timeout_s=10.0))
+    fencer.write_pill("h1", "fencer", "fence")
+    record = fencer.record("h1")
+    assert record is not None and record.counter == 1 and fencer.pill("h1") is not None
+    w.heal_storage("h1")
+    assert agent.pill("h1") is not None
+    assert fencer.clear_pill("h1") and agent.pill("h1") is None and "h1" not in w.pill_boot

@@ -108,6 +108,9 @@ class Checkers:
     incidents: dict[tuple[str, str], Incident] = field(default_factory=dict)
     # host -> whether the arbiter gave its fence up (fence_failed with alert, no fence since)
     given_up: dict[str, bool] = field(default_factory=dict)
+    # host -> its watchdog level worked when its fence was given up (an armed watchdog in
+    # its slot): a device that works, so L1 does not excuse that giving up
+    given_up_with_watchdog: dict[str, bool] = field(default_factory=dict)
     crashes: list[tuple[float, str]] = field(default_factory=list)
     # host -> when a "cleared" HostEvent was last published for it (S6: a fenced host
     # that came back takes VMs only once cleared)
@@ -258,6 +261,14 @@ class Checkers:
         elif event.kind == "fence_failed" and service.startswith("arbiter"):
             if event.alert:
                 self.given_up[host] = True
+                self.given_up_with_watchdog[host] = self.watchdog_works(host)
+
+    def watchdog_works(self, host: str) -> bool:
+        """The host's watchdog level can fence it: it has a watchdog, and its slot (what the
+        fencer's level reads) reports it armed. Its power devices may all be dead."""
+        h = self.world.hosts.get(host)
+        record = self.world.slot_records.get(host)
+        return h is not None and h.watchdog and record is not None and record.armed and record.timeout_s > 0
 
     def _open(self, host: str) -> list[Incident]:
         return [i for i in self.incidents.values() if i.host == host and i.open]
@@ -338,12 +349,13 @@ class Checkers:
             if host in self.compromised:
                 excuses.append(f"{vm}: its host {host} has a compromised agent (it may hide its own VMs)")
                 continue
-            if self.given_up.get(host):
+            if self.given_up.get(host) and not self.given_up_with_watchdog.get(host):
                 excuses.append(f"{vm}: the fence of {host} was given up on (an operator must confirm)")
                 continue
             state = w.hosts[host]
+            watchdog = ", its fence given up with a working watchdog level" if self.given_up.get(host) else ""
             lost.append(f"{vm} (last on {host}: {'powered' if state.powered else 'off'}"
-                        f"{', hung' if state.hung else ''}, boot {state.boots})")
+                        f"{', hung' if state.hung else ''}, boot {state.boots}{watchdog})")
         if lost:
             self.violation("L1", f"HA VM{'s' if len(lost) > 1 else ''} running nowhere at the end of the heal "
                                  f"phase: {'; '.join(lost)}", key="L1")

@@ -35,7 +35,7 @@ from hafence.agent.core import AgentCore
 from hafence.arbiter.core import ArbiterCore
 from hafence.config import ClusterConfig, parse_config
 from hafence.core.effects import Effect
-from hafence.core.events import Event
+from hafence.core.events import Event, Started
 from hafence.core.machine import Core
 from hafence.fencer.core import FencerCore
 from hafence.fencer.ports import MemoryJournal, SoloReplicas
@@ -47,6 +47,7 @@ from hafence.sim.clock import NodeClock, Scheduler
 from hafence.sim.driver import SimService
 from hafence.sim.provision import provision
 from hafence.sim.transport import EventLog, Faults, SimNats
+from hafence.sim.watchdog import AgentWatchdog, FencerWatchdog
 from hafence.sim.world import World
 
 ROLES = ("heartbeat", "arbiter", "scheduler", "fencer")
@@ -63,14 +64,33 @@ class ClusterShape:
     pdu_share: float = 0.3  # hosts with a PDU outlet as a second fence level
     clock_skew_s: float = 0.05  # wall clocks differ by up to this (NTP)
     drift: float = 50e-6  # clock rates differ by up to this
+    # Hosts with a hardware watchdog and a watchdog fence level (last); None: drawn per
+    # seed (a quarter of the seeds none and no slots at all, else each host with 0.6).
+    watchdog_share: float | None = None
 
 
-def cluster_toml(shape: ClusterShape, rng: random.Random) -> str:
-    """The cluster's configuration file, as an operator would write it."""
+WATCHDOG_STORAGE = (
+    '[storage]\nslot_dir = "/sim/slots"\nwatchdog_timeout_s = 10.0\nslot_interval_s = 1.0\nview_max_age_s = 3.0\n'
+)
+
+
+def watchdog_hosts(shape: ClusterShape, rng: random.Random) -> set[str]:
+    """The hosts with a hardware watchdog, from the seed's own stream."""
+    share = shape.watchdog_share
+    if share is None:
+        share = 0.0 if rng.random() < 0.25 else 0.6
+    return {f"h{i}" for i in range(1, shape.hosts + 1) if rng.random() < share}
+
+
+def cluster_toml(shape: ClusterShape, rng: random.Random, watchdogs: set[str] | frozenset[str] = frozenset()) -> str:
+    """The cluster's configuration file, as an operator would write it. ``watchdogs``:
+    the hosts with a watchdog device (``/dev/watchdog``) and a watchdog level, last."""
     lines = [
         "[timings]\nheartbeat_interval_s = 1.0\nmissed_heartbeats = 3\nlease_ttl_s = 6.0\n"
         "fence_ack_wait_s = 30.0\nagent_command_timeout_s = 10.0\ninventory_interval_s = 30.0\n",
     ]
+    if watchdogs:
+        lines.append(WATCHDOG_STORAGE)
     for i in range(1, shape.hosts + 1):
         host = f"h{i}"
         lines.append(f'[devices.{host}-bmc]\ndriver = "ipmi"\naddress = "10.0.0.{i}"\nusername = "admin"\n'
@@ -80,12 +100,23 @@ def cluster_toml(shape: ClusterShape, rng: random.Random) -> str:
             lines.append(f'[devices.{host}-pdu1]\ndriver = "apc_snmp"\naddress = "10.0.1.{i}"\n'
                          f'community_env = "HAFENCE_SIM_NO_SECRET"\n')
             levels.append(f'{{ devices = [{{ device = "{host}-pdu1", port = "1" }}] }}')
-        lines.append(f'[[hosts]]\nname = "{host}"\nmemory_mb = {shape.host_memory_mb}\nvcpus = 16\n'
+        watchdog = ""
+        if host in watchdogs:
+            # msgwait is 2 x 10 s: the level's power timeout must see it pass.
+            lines.append(f'[devices.{host}-wd]\ndriver = "watchdog"\npower_timeout_s = 30.0\nretries = 0\n')
+            levels.append(f'{{ devices = [{{ device = "{host}-wd" }}] }}')
+            watchdog = 'watchdog = "/dev/watchdog"\n'
+        lines.append(f'[[hosts]]\nname = "{host}"\nmemory_mb = {shape.host_memory_mb}\nvcpus = 16\n{watchdog}'
                      f'levels = [{", ".join(levels)}]\n')
     for i in range(1, shape.hosts + 1):
         for j in range(1, shape.vms_per_host + 1):
             lines.append(f'[[vms]]\nname = "vm{i}-{j}"\nhost = "h{i}"\nmemory_mb = {shape.vm_memory_mb}\nha = true\n')
     return "\n".join(lines)
+
+
+def _kind(device: str) -> str:
+    """The world's kind of a configured device, by the name ``cluster_toml`` gave it."""
+    return "bmc" if device.endswith("-bmc") else "watchdog" if device.endswith("-wd") else "pdu"
 
 
 class SimFeed:
@@ -108,9 +139,13 @@ class _Observe:
     def __init__(self, checkers: Checkers, counts: dict[str, int]) -> None:
         self.checkers = checkers
         self.counts = counts
+        # service name -> what must know of each new process of it (the watchdog bindings)
+        self.on_start: dict[str, Callable[[SimService], None]] = {}
 
     def on_event(self, service: SimService, event: Event) -> None:
         self.counts["events"] += 1
+        if isinstance(event, Started) and service.name in self.on_start:
+            self.on_start[service.name](service)
         self.checkers.on_event(service, event)
 
     def on_effect(self, service: SimService, effect: Effect) -> None:
@@ -129,15 +164,17 @@ class SimCluster:
         self.rng_ids = random.Random(master.getrandbits(64))
         self.rng_faults = random.Random(master.getrandbits(64))
         rng_shape = random.Random(master.getrandbits(64))
+        rng_watchdog = random.Random(master.getrandbits(64))  # drawn last: the streams above stay as they were
         self.scheduler = Scheduler()
         self.log = EventLog(self.scheduler, keep=keep_log)
         self.net = SimNats(self.scheduler, self.rng_net, faults or Faults(), log=self.log)
-        self.config: ClusterConfig = parse_config(cluster_toml(shape, rng_shape), f"sim-seed-{seed}.toml")
+        self.watchdog_hosts = watchdog_hosts(shape, rng_watchdog)
+        self.config: ClusterConfig = parse_config(cluster_toml(shape, rng_shape, self.watchdog_hosts),
+                                                  f"sim-seed-{seed}.toml")
         self.names = provision(self.net, self.config)
         self.world = World(self.scheduler, self.rng_world, log=self.log)
         for host in self.config.hosts:
-            kinds: list[list[str]] = [["bmc"] if "bmc" in level.devices[0].device else ["pdu"]
-                                      for level in host.levels]
+            kinds: list[list[str]] = [[_kind(level.devices[0].device)] for level in host.levels]
             self.world.add_host(host.name, host.memory_mb, host.vcpus, levels=kinds)  # type: ignore[arg-type]
         for vm in self.config.vms:
             self.world.add_vm(vm.name, vm.host, ha=vm.ha, memory_mb=vm.memory_mb)
@@ -200,11 +237,17 @@ class SimCluster:
             svc = self._service(f"scheduler-{i}", f"ctl-scheduler-{i}", lambda: SchedulerCore(config),
                                 {"store": history}, "scheduler")
             self.by_role["scheduler"].append(svc)
+        self.agent_watchdogs: dict[str, AgentWatchdog] = {}
+        self.fencer_watchdog: FencerWatchdog | None = None
         journal = MemoryJournal()
         self.journals.append(journal)
         fencer = self._service("fencer-1", "ctl-fencer-1", lambda: FencerCore(config),
                                {"journal": journal, "replicas": SoloReplicas(), "power": world.power}, "fencer")
         self.by_role["fencer"].append(fencer)
+        if config.storage.slot_dir:
+            self.fencer_watchdog = FencerWatchdog(world, config, fencer.clock)
+            world.power.watchdog = self.fencer_watchdog
+            self.observer.on_start[fencer.name] = self.fencer_watchdog.process_started
         for host in config.hosts:
             name = host.name
             ports: dict[str, object] = {
@@ -212,8 +255,16 @@ class SimCluster:
                 "hypervisor": world.hypervisor(name),
                 "storage": world.storage,
             }
+            guard = None
+            if config.storage.slot_dir:
+                # Every agent checks its slot (and refuses starts until its first clean
+                # check); only a host with a watchdog device arms one.
+                guard = ports["watchdog"] = AgentWatchdog(world, config, name, self.clock(name))
+                self.agent_watchdogs[name] = guard
             self.agents[name] = self._service(f"agent-{name}", name, lambda name=name: AgentCore(config, name),  # type: ignore[misc]
                                               ports, f"agent-{name}")
+            if guard is not None:
+                self.observer.on_start[f"agent-{name}"] = guard.process_started
 
     # -- running ------------------------------------------------------------------------------
     def start(self) -> None:

@@ -86,9 +86,16 @@ KINDS: tuple[str, ...] = (
     "service_crash", "service_pause", "nats_restart", "bucket_loss", "network",
     "host_cut_nats", "host_cut_storage", "host_cut_both", "host_hang", "host_crash", "host_power_loss",
     "device_fault", "clock_jump", "clock_drift", "host_comes_back", "compromised_agent", "clock_stall",
-    "stale_leader",
+    "stale_leader", "slot_delay", "clock_slow",
 )
+# Faults of watchdog self-fencing that docs/watchdog.md's assumptions allow (host hangs,
+# agent crashes and pauses, lost storage are the kinds above): drawn after every other
+# fault, and only in a cluster with watchdog hosts, so that a cluster without one gets
+# the very plan it had before they existed.
+WATCHDOG_KINDS: tuple[str, ...] = ("slot_delay", "clock_slow")
 HEALTHY = Faults()
+# A watchdog host's clock may run slow down to 3/4 of real speed (assumption 4).
+SLOWEST_CLOCK = -0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,12 +146,15 @@ def draw_plan(
     lease_ttl: float = 6.0,
     enable_p: float = 0.4,
     kinds: tuple[str, ...] = KINDS,
+    watchdog_hosts: list[str] | None = None,
 ) -> FaultPlan:
     """A plan for one run. ``services``: the names of the services that may crash or
     pause; ``nodes``: every node whose clock may be faulted; ``start_after``: the
-    cluster's settling time (leases taken, first inventories)."""
+    cluster's settling time (leases taken, first inventories); ``watchdog_hosts``: the
+    hosts with a hardware watchdog (the ``WATCHDOG_KINDS`` in ``kinds`` hit them)."""
     fault_until = duration * fault_share
-    enabled = {k: round(rng.uniform(0.2, 2.0), 3) for k in kinds if rng.random() < enable_p}
+    enabled = {k: round(rng.uniform(0.2, 2.0), 3) for k in kinds
+               if k not in WATCHDOG_KINDS and rng.random() < enable_p}
     network = HEALTHY
     if "network" in enabled:
         enabled["network"] = 1.0
@@ -227,6 +237,23 @@ def draw_plan(
                     actions.append(Action(t, "stale_leader", host, when))
             elif kind == "host_comes_back" and hosts:
                 actions.append(Action(t, "power_on", rng.choice(hosts)))
+    if watchdog_hosts:
+        wd_kinds = [k for k in WATCHDOG_KINDS if k in kinds]
+        wd_enabled = {k: round(rng.uniform(0.2, 2.0), 3) for k in wd_kinds if rng.random() < enable_p}
+        enabled.update(wd_enabled)
+        for kind in sorted(wd_enabled):
+            for t in times(wd_enabled[kind]):
+                host, length = rng.choice(watchdog_hosts), rng.uniform(5.0, 90.0)
+                if not host_free(t, host, t + length):
+                    continue
+                if kind == "slot_delay":
+                    # A slow or hung NFS: each slot operation of the host takes this long
+                    # (past half the watchdog timeout its checks are stale: views feed it).
+                    most = rng.uniform(0.2, 15.0)
+                    actions += [Action(t, "slot_delay", host, (most / 4, most)), Action(t + length, "slot_fast", host)]
+                elif kind == "clock_slow":
+                    actions += [Action(t, "clock_drift", host, rng.uniform(SLOWEST_CLOCK, -0.02)),
+                                Action(t + length, "clock_drift", host, 0.0)]
     # An undo that would fall after the fault phase is left to the heal.
     actions = [a for a in actions if a.at < fault_until] + [Action(fault_until, "heal_all")]
     actions.sort(key=lambda a: a.at)  # stable: equal times keep their drawing order
@@ -329,6 +356,12 @@ class FaultInjector:
             clock = self.clocks.get(target)
             if clock is not None:
                 clock.set_drift(action.arg)
+        elif k == "slot_delay":
+            w.slot_delay[target] = action.arg
+            w.log(f"{target}'s slot operations take {action.arg[0]:.2f}-{action.arg[1]:.2f}s")
+        elif k == "slot_fast":
+            if w.slot_delay.pop(target, None) is not None:
+                w.log(f"{target}'s slot operations are fast again")
         elif k == "power_on":
             host = w.hosts[target]
             if not host.powered and host.mains:
@@ -360,7 +393,9 @@ class FaultInjector:
         # The drawn host, or the next one that still runs (a fence or another fault took it).
         names = sorted(w.hosts)
         at = names.index(host)
-        host = next((h for h in names[at:] + names[:at] if w.hosts[h].answers), "")
+        # A host with a watchdog level is fenced through its pill once its BMC refuses:
+        # B's fence would not fail, and there would be no stale retry to refuse.
+        host = next((h for h in names[at:] + names[:at] if w.hosts[h].answers and not w.hosts[h].watchdog), "")
         if first is None or not host:
             return
         frozen = [svc for svc in self.services.values() if svc.node == first.node and svc.alive]
@@ -496,6 +531,8 @@ class FaultInjector:
                 w.unhang(name)
             if not host.mains:
                 w.restore_power(name)
+        for name in sorted(w.slot_delay):
+            self.apply(Action(self.net.scheduler.now, "slot_fast", name))
         for device in w.devices.values():
             if device.behaviour != "ok":
                 w.set_behaviour(device.name, "ok")
@@ -577,10 +614,12 @@ def draw_for_cluster(cluster: Any, duration: float, fault_share: float = 0.7, **
         cluster.rng_faults,
         hosts=sorted(cluster.world.hosts),
         services=[svc.who for svc in cluster.services],
-        devices=sorted(cluster.world.devices),
+        # A watchdog level's faults are its storage's and its host's, not a device's.
+        devices=sorted(name for name, d in cluster.world.devices.items() if d.kind != "watchdog"),
         nodes=sorted(cluster.clocks),
         duration=duration,
         fault_share=fault_share,
         lease_ttl=cluster.config.timings.lease_ttl_s,
+        watchdog_hosts=sorted(h for h, state in cluster.world.hosts.items() if state.watchdog),
         **kw,
     )

@@ -54,12 +54,14 @@ from typing import Any, Literal
 
 from hafence.agent.core import HostState
 from hafence.contracts import DeviceEvidence, FenceRequest, PowerState, VmInfo, VmSpec
+from hafence.fencer.drivers.base import DeviceAuthError
+from hafence.fencer.executor import describe
 from hafence.fencer.ports import FenceReport
 from hafence.fencer.protection import Protection, protection
 from hafence.fencer.topology import StatusPollSchedule, level_confirmed, verdict
 from hafence.sim.clock import Scheduler, SimFuture
 
-DeviceKind = Literal["bmc", "pdu"]
+DeviceKind = Literal["bmc", "pdu", "watchdog"]
 Behaviour = Literal["ok", "slow", "stuck_on", "unreachable", "bad_credentials"]
 BEHAVIOURS: tuple[Behaviour, ...] = ("ok", "slow", "stuck_on", "unreachable", "bad_credentials")
 
@@ -88,7 +90,7 @@ class PowerDevice:
 
     @property
     def driver(self) -> str:
-        return "ipmi" if self.kind == "bmc" else "apc_snmp"
+        return {"bmc": "ipmi", "pdu": "apc_snmp"}.get(self.kind, self.kind)
 
 
 @dataclass
@@ -109,6 +111,15 @@ class Host:
     autostart: set[str] = field(default_factory=set)
     stop_reasons: dict[str, str] = field(default_factory=dict)
     devices: list[PowerDevice] = field(default_factory=list)
+    # The hardware watchdog: present (its agent may arm it), armed this boot, the
+    # timeout it runs with, when it was last fed (simulated time: the hardware counts
+    # real time, whatever the host's clock says).
+    watchdog: bool = False
+    # A watchdog reset goes through the firmware: the host is off until this time.
+    down_until: float = 0.0
+    wd_armed: bool = False
+    wd_timeout: float = 0.0
+    wd_fed: float = 0.0
 
     @property
     def answers(self) -> bool:
@@ -193,6 +204,17 @@ class World:
         self.last_host: dict[str, str] = {}
         self.last_boot: dict[str, str] = {}  # the boot id of that host when it was started there
         self.version = 0
+        # The slot directory on the shared storage (docs/watchdog.md): each host's record
+        # (its agent writes it) and pill (the fencer writes it), and for S2 the boot count
+        # of the host when its pill was written (the boot the pill is for).
+        self.slot_records: dict[str, Any] = {}
+        self.pills: dict[str, Any] = {}
+        self.pill_boot: dict[str, int] = {}
+        # host -> (min, max) seconds a slot operation of its agent takes (a fault: a slow
+        # or hung NFS); absent: a few milliseconds, done in the same step.
+        self.slot_delay: dict[str, tuple[float, float]] = {}
+        self.watchdog_resets = 0
+        self.reset_boot_s = (30.0, 120.0)  # how long a host takes to boot after a watchdog reset
         self.power = WorldPower(self)
         self.storage = WorldStorage(self)
         self._hypervisors: dict[str, WorldHypervisor] = {}
@@ -218,6 +240,9 @@ class World:
             for kind in kinds:
                 if kind == "bmc":
                     dev_name = f"{name}-bmc"
+                elif kind == "watchdog":
+                    dev_name = f"{name}-wd"
+                    host.watchdog = True
                 else:
                     pdus += 1
                     dev_name = f"{name}-pdu{pdus}"
@@ -281,7 +306,8 @@ class World:
     def _recompute(self, host: Host, why: str) -> None:
         chassis = all(d.on for d in host.devices if d.kind == "bmc")
         outlets = [d for d in host.devices if d.kind == "pdu"]
-        powered = host.mains and chassis and (not outlets or any(d.on for d in outlets))
+        powered = (host.mains and chassis and (not outlets or any(d.on for d in outlets))
+                   and self.scheduler.now >= host.down_until)
         if powered == host.powered:
             return
         host.powered = powered
@@ -291,11 +317,13 @@ class World:
             host.running.clear()
             host.stop_reasons.update((v, "other") for v in lost)
             host.hung = host.crashed = False
+            host.wd_armed = False  # the watchdog restarts with the machine, unarmed
             self.log(f"{host.name} powered off ({why}); VMs lost: {','.join(lost) or '-'}")
             self._tell("off", host.name)
             return
         host.boots += 1
         host.booted_at = self.scheduler.now
+        host.wd_armed = False  # a reset does not pass through "off" here: every boot starts unarmed
         host.boot_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
         host.running = set(host.autostart & set(host.defined))
         for vm in host.running:
@@ -383,10 +411,64 @@ class World:
         if h.boots != boot or not h.powered:
             return  # fenced or rebooted meanwhile
         h.powered = False
-        h.hung = h.crashed = False
+        h.hung = h.crashed = h.wd_armed = False
+        lost = sorted(h.running)
+        h.running.clear()  # the VMs die with the reset, whenever the host boots again
+        h.stop_reasons.update((v, "other") for v in lost)
+        self.version += 1
         self.log(f"{host} resets itself")
         self._tell("off", host)
         self._recompute(h, "reset")
+
+    # -- the hardware watchdog ----------------------------------------------------------
+    def arm_watchdog(self, host: str, timeout_s: float) -> float:
+        """The agent opens the device (``WatchdogDevice.arm``): it runs from now, with
+        the timeout asked in whole seconds (the Linux API's); opening it again feeds it."""
+        h = self.hosts[host]
+        if not h.watchdog:
+            raise OSError(f"{host} has no watchdog device")
+        timeout = float(max(1, int(timeout_s)))
+        if not h.wd_armed:
+            h.wd_armed, h.wd_timeout = True, timeout
+            self.log(f"{host} watchdog armed ({timeout:g}s)")
+            self.scheduler.call_later(timeout, self._watchdog_due, host, h.boots)
+        h.wd_timeout, h.wd_fed = timeout, self.scheduler.now
+        return timeout
+
+    def feed_watchdog(self, host: str) -> None:
+        h = self.hosts[host]
+        if h.wd_armed and h.answers:
+            h.wd_fed = self.scheduler.now
+
+    def disarm_watchdog(self, host: str) -> None:
+        self.hosts[host].wd_armed = False
+
+    def _watchdog_due(self, host: str, boot: int) -> None:
+        """One timer per timeout, not one per feed: it looks at when it was last fed."""
+        h = self.hosts[host]
+        if h.boots != boot or not h.powered or not h.wd_armed:
+            return
+        due = h.wd_fed + h.wd_timeout
+        if self.scheduler.now < due:
+            self.scheduler.call_at(due, self._watchdog_due, host, boot)
+            return
+        self.watchdog_resets += 1
+        # A hardware reset: firmware, POST, boot loader, kernel, the agent (half a minute
+        # to minutes). A host back within msgwait would be heard again before its fence
+        # could confirm (a view names no boot): docs/simulation.md.
+        h.down_until = self.scheduler.now + self.rng.uniform(*self.reset_boot_s)
+        self.log(f"{host} watchdog fires (not fed for {self.scheduler.now - h.wd_fed:.3f}s); "
+                 f"boots again at t={h.down_until:.3f}")
+        self._reset(host, boot)
+        self.scheduler.call_at(h.down_until, self._recompute, h, "boots after its watchdog reset")
+
+    def pill_gone(self, host: str) -> bool:
+        """S2 for a watchdog level: the boot the host's pill was written for is gone (the
+        host is off or has reset since), and whatever boot runs now runs no VM."""
+        h, boot = self.hosts[host], self.pill_boot.get(host)
+        if boot is None:
+            return False
+        return not h.powered or (h.boots != boot and not h.running)
 
     def cut_storage(self, host: str) -> None:
         self.hosts[host].storage_ok = False
@@ -417,6 +499,9 @@ class WorldPower:
 
     def __init__(self, world: World) -> None:
         self.world = world
+        # The fencer process's watchdog drivers (``hafence.sim.watchdog.FencerWatchdog``):
+        # production's ``WatchdogDriver`` on the world's slots; None: no watchdog level.
+        self.watchdog: Any = None
 
     def fence(self, request: FenceRequest) -> SimFuture[FenceReport]:
         w = self.world
@@ -429,23 +514,92 @@ class WorldPower:
     async def _fence(self, request: FenceRequest, run: PowerRun) -> FenceReport:
         w = self.world
         host = w.hosts.get(request.host)
-        # No watchdog levels in the simulated world: a watchdog-only request has nothing to run.
-        levels = host.levels() if host is not None and request.method == "topology" else []
+        levels = host.levels() if host is not None else []
+        if request.method == "watchdog":  # production's ``levels_for``: its watchdog levels only
+            levels = [devices for devices in levels if all(d.kind == "watchdog" for d in devices)]
         tried: list[list[DeviceEvidence]] = []
         powered_on: list[DeviceEvidence] = []
         for number, devices in enumerate(levels, start=1):
-            evidence = await _all(w.scheduler, [self._operate(request, d, "off") for d in devices])
+            evidence = await _all(w.scheduler, [self._operate_any(request, d, "off") for d in devices])
             tried.append(evidence)
             assert host is not None
-            run.truly_off[number] = all(w.device_really_off(d) for d in devices) and not host.powered
+            if all(d.kind == "watchdog" for d in devices):
+                # Nothing reads the power of a watchdog level: its truth is that the boot the
+                # pill was for is gone and nothing runs on the host (S2).
+                run.truly_off[number] = w.pill_gone(host.name)
+            else:
+                run.truly_off[number] = all(w.device_really_off(d) for d in devices) and not host.powered
             if level_confirmed(evidence):
                 if request.action == "reboot":
-                    powered_on = await _all(w.scheduler, [self._operate(request, d, "on") for d in devices])
+                    powered_on = await _all(w.scheduler, [self._operate_any(request, d, "on") for d in devices])
                 break
         result = verdict(tried, len(levels))
         run.finished, run.outcome, run.level = w.scheduler.now, result.outcome, result.level
         w.log(f"fence run {request.request_id} ends {result.outcome} level={result.level}")
         return FenceReport(result, [e for level in tried for e in level] + powered_on)
+
+    def _operate_any(self, request: FenceRequest, device: PowerDevice,
+                     action: str) -> Coroutine[Any, Any, DeviceEvidence]:
+        if device.kind == "watchdog":
+            return self._operate_watchdog(request, device, action)
+        return self._operate(request, device, action)
+
+    async def _operate_watchdog(self, request: FenceRequest, device: PowerDevice, action: str) -> DeviceEvidence:
+        """``Executor._operate`` with production's watchdog driver (``WatchdogDriver``: the
+        pill, the counter, the views, msgwait) on the world's slots and virtual time."""
+        w, s = self.world, self.world.scheduler
+        started = s.now
+        reads, last, error = 0, "unknown", ""
+        binding = self.watchdog
+        driver, settings = (None, None) if binding is None else binding.driver(device)
+        if driver is None or settings is None:
+            error = f"{device.name}: no watchdog binding in this fencer"
+        attempts = 0 if driver is None or settings is None else 1 + settings.retries
+        for _attempt in range(attempts):
+            assert driver is not None and settings is not None
+            attempt_started = s.now
+            w.ops.append(PowerOp(request.request_id, request.incident, request.term, request.host,
+                                 device.level, device.name, action, s.now))
+            command = driver.power_off if action == "off" else driver.power_on
+            try:
+                await s.wait_for(s.spawn(command(), f"{device.name} {action}"), settings.power_timeout_s)
+            except Exception as err:
+                error = describe(err)
+                if isinstance(err, DeviceAuthError):
+                    break
+                continue
+            if settings.power_wait_s:
+                await s.sleep(settings.power_wait_s)
+            deadline = attempt_started + settings.power_timeout_s
+            schedule = StatusPollSchedule()
+            while (remaining := deadline - s.now) > 0:
+                try:
+                    last = await s.wait_for(s.spawn(driver.status(), f"{device.name} status"), remaining)
+                    reads += 1
+                except Exception as err:
+                    last, error = "unknown", describe(err)
+                if last == action:
+                    return DeviceEvidence(device=device.name, driver=device.driver, level=device.level,
+                                          action_sent=action, power_read=last, confirmed=True,  # type: ignore[arg-type]
+                                          status_reads=reads, elapsed_s=round(s.now - started, 4))
+                await s.sleep(min(next(schedule), max(0.0, deadline - s.now)))
+            if last != "unknown":
+                error = f"power still {last} after {settings.power_timeout_s:g}s"
+        return DeviceEvidence(device=device.name, driver=device.driver, level=device.level, action_sent=action,
+                              power_read=last, confirmed=False, status_reads=reads,  # type: ignore[arg-type]
+                              elapsed_s=round(s.now - started, 4), error=error or "no answer")
+
+    async def _check_watchdog(self, device: PowerDevice) -> tuple[str, str]:
+        """``Executor.check`` with the watchdog driver (a failed check drops the driver)."""
+        s, binding = self.world.scheduler, self.watchdog
+        driver, settings = (None, None) if binding is None else binding.driver(device)
+        if driver is None or settings is None:
+            return "unknown", f"{device.name}: no watchdog binding in this fencer"
+        try:
+            return await s.wait_for(s.spawn(driver.status(), f"{device.name} check"), settings.power_timeout_s), ""
+        except Exception as err:
+            binding.drop(device)
+            return "unknown", describe(err)
 
     async def _operate(self, request: FenceRequest, device: PowerDevice, action: str) -> DeviceEvidence:
         """``Executor._operate`` on a simulated device."""
@@ -508,7 +662,9 @@ class WorldPower:
         for devices in levels:
             for device in devices:
                 started = s.now
-                if not w.reachable(device):
+                if device.kind == "watchdog":
+                    state, error = await self._check_watchdog(device)
+                elif not w.reachable(device):
                     await s.sleep(device.timeout_s)
                     state, error = "unknown", f"unreachable: {device.name} did not answer"
                 elif device.behaviour == "bad_credentials":
