@@ -17,6 +17,7 @@ import msgspec
 import pytest
 
 import hafence.fencer.admission as admission
+import hafence.fencer.drivers.watchdog as watchdog_driver
 import hafence.heartbeat.liveness as liveness
 import hafence.routes as routes
 import hafence.scheduler.state as scheduler_state
@@ -119,4 +120,16 @@ def test_a_fencer_without_its_term_check_is_caught(monkeypatch: pytest.MonkeyPat
     # it is could not pass it.
     kinds = ("stale_leader", "service_crash", "service_pause", "clock_stall", "device_fault", "network")
     found = find({"S3"}, kinds)
+    passes_unplanted(monkeypatch, found.seed, kinds)
+
+
+def test_a_fencer_that_confirms_its_watchdog_level_before_msgwait_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    # msgwait forgotten: the watchdog level reads "off" half a second after the pill and
+    # the monitor's last view, before the host's watchdog could have fired. Found where a
+    # watchdog host fails while its BMC refuses the fencer at once (a BMC that times out
+    # or stays on takes longer than the watchdog): seed 35 of this mix, h3 crashed, pill
+    # written, "confirmed" 0.6 s later with the host still powered in the pill's boot.
+    monkeypatch.setattr(watchdog_driver, "msgwait_s", lambda device, storage, record: 0.5)
+    kinds = ("device_fault", "host_cut_nats", "host_hang", "host_crash")
+    found = find({"S2"}, kinds, seeds=40)
     passes_unplanted(monkeypatch, found.seed, kinds)

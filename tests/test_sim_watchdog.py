@@ -9,6 +9,7 @@ import time
 import pytest
 
 import hafence.fencer.drivers.watchdog as watchdog_driver
+from hafence.contracts import FenceRequest
 from hafence.sim.checkers import SafetyViolation
 from hafence.sim.cluster import ClusterShape, SimCluster
 from hafence.sim.permissions import publish_grants
@@ -168,3 +169,16 @@ def test_a_watchdog_cluster_replays_byte_for_byte_and_reads_no_real_time(monkeyp
     for name in ("time", "monotonic", "perf_counter", "time_ns", "monotonic_ns", "sleep"):
         monkeypatch.setattr(time, name, forbidden)
     assert story() == first
+
+
+def test_a_host_the_monitor_still_lists_is_never_confirmed_through_its_pill() -> None:
+    """Cut from its storage, it cannot see the pill; heard, it is listed in the views the
+    fencer follows: the watchdog level must not confirm it, msgwait or not."""
+    c = cluster()
+    w = c.world
+    w.cut_storage("h1")
+    request = FenceRequest(request_id="ops-1", incident="ops", host="h1", term=1 << 30, requested_at=0.0,
+                           method="watchdog")
+    report = c.scheduler.run_until_complete(w.power.fence(request), limit=c.scheduler.now + 120.0)
+    assert report.verdict.outcome != "confirmed_off" and w.hosts["h1"].boots == 1
+    assert "h1" in w.pills and w.watchdog_resets == 0 and not c.checkers.violations

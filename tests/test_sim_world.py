@@ -317,3 +317,18 @@ def test_an_agent_reaches_its_slot_only_with_its_storage_and_the_fencer_always()
     w.heal_storage("h1")
     assert agent.pill("h1") is not None
     assert fencer.clear_pill("h1") and agent.pill("h1") is None and "h1" not in w.pill_boot
+
+
+def test_a_watchdog_armed_again_after_a_reset_fires_for_the_new_boot() -> None:
+    """Simulation seed 33: a reset that kept the old boot's "armed" left the new boot's
+    watchdog without a timer, so a host hung in its second boot was never reset."""
+    s, w, _ = world()
+    h = w.add_host("h1", levels=[["bmc"], ["watchdog"]])
+    w.arm_watchdog("h1", 10.0)
+    w.crash("h1")
+    w.reset("h1")
+    assert h.boots == 2 and not h.wd_armed
+    w.arm_watchdog("h1", 10.0)
+    w.hang("h1")
+    s.run(until=11.0)
+    assert w.watchdog_resets == 1 and not h.powered
