@@ -61,6 +61,13 @@ keeps the suspicion and steps it again once the fence is confirmed off (a
 suspicion of the fenced boot itself, or of an unknown boot, is plain
 ``suspect``: nothing new is fenced on it).
 
+Who steps it: the arbiter's policy, the scheduler's state (not ``fence_requested``
+/``fence_failed``/``refused``: it keeps pending fences per incident beside the
+phase, docs/cores.md) and the CLI's cluster view. The heartbeat monitor's
+``liveness.py`` is not a phase tracker: it is where ``heard`` and ``suspect``
+come from (a host heard or not, per boot, with incident ids); it never sees a
+fence, so it keeps its own ``alive/suspect/unknown`` rather than this table.
+
 Maintenance is not a phase: a host in maintenance still has a liveness phase (it
 can be suspect, which the arbiter must see to hold its fence, rule 3), so it is a
 flag beside the phase, set by ``maintenance_on``/``maintenance_off``.

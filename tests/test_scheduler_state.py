@@ -1,6 +1,9 @@
 import msgspec
+import pytest
 
+import hafence.host_phase as host_phase
 from hafence.contracts import FenceResult, HostEvent, Inventory, VmInfo, VmSpec
+from hafence.host_phase import EventKind, Phase
 from hafence.scheduler.state import ClearHost, Duplicate, SchedulerState, StopCopy
 
 
@@ -259,3 +262,90 @@ def test_a_start_that_failed_on_a_hosts_old_boot_does_not_keep_it_off_the_new_on
     assert state.failed_on["vm1"] == {"h2"}
     state.on_inventory(inv("h2", "b1"))  # the same boot again: its failure still counts
     assert state.failed_on["vm1"] == {"h2"}
+
+
+# --- the phase through hafence.host_phase (one state machine) ---------------------------
+
+
+def test_the_phase_moves_by_the_shared_table_and_a_host_heard_after_its_fence_stays_fenced() -> None:
+    s = SchedulerState()
+    s.on_inventory(inv("a", "b1", ("vm1", True)))
+    assert s.phases["a"] is Phase.UP
+    s.on_host_event(HostEvent(host="a", kind="suspect", at=0.0, incident="i1", boot_id="b1"))
+    assert s.phases["a"] is Phase.SUSPECT
+    assert s.on_fence_result(result("a", "confirmed_off"))
+    s.on_host_event(HostEvent(host="a", kind="alive", at=1.0))  # a heartbeat still in flight
+    assert s.phases["a"] is Phase.FENCED
+    s.on_inventory(inv("a", "b2"))
+    assert s.phases["a"] is Phase.QUARANTINED
+    s.on_host_event(HostEvent(host="a", kind="cleared", at=2.0, by="op"))
+    assert s.phases["a"] is Phase.UP and s.illegal == {}
+
+
+def test_a_quarantined_host_fenced_again_is_fenced_not_a_confirmation_read_twice() -> None:
+    # The table keeps quarantined on a bare confirmed_off (its fence's result read again);
+    # the scheduler reads a result for a boot it has not released as a fence of its own.
+    s = SchedulerState()
+    s.on_inventory(inv("a", "b1"))
+    s.on_fence_result(result("a", "confirmed_off"))
+    s.on_inventory(inv("a", "b2", ("vm1", True)))
+    assert s.phases["a"] == "quarantined"
+    fence = FenceResult(request_id="fence-i2", incident="i2", host="a", term=5, outcome="confirmed_off",
+                        started_at=0.0, finished_at=1.0, boot_id="b2")
+    assert s.on_fence_result(fence)
+    assert s.phases["a"] == "fenced" and "vm1" in s.lost
+
+
+def test_a_later_boots_suspicion_on_a_quarantined_host_waits_for_its_fence() -> None:
+    s = SchedulerState()
+    s.on_inventory(inv("a", "b1"))
+    s.on_fence_result(FenceResult(request_id="f1", incident="i1", host="a", term=5, outcome="confirmed_off",
+                                  started_at=0.0, finished_at=1.0, boot_id="b1"))
+    s.on_inventory(inv("a", "b2"))
+    s.on_host_event(HostEvent(host="a", kind="suspect", at=2.0, incident="i1-again", boot_id="b1"))
+    assert s.phases["a"] == "quarantined"  # the fenced boot's, named again
+    s.on_host_event(HostEvent(host="a", kind="suspect", at=3.0, incident="i2", boot_id="b2"))
+    assert s.phases["a"] == "quarantined_suspect" and s.voided("a")
+    s.on_host_event(HostEvent(host="a", kind="alive", at=4.0))
+    assert s.phases["a"] == "quarantined"  # heard again: still not cleared
+
+
+def test_an_event_illegal_in_the_phase_is_counted_and_kept_not_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No event the scheduler steps is illegal in a phase it reaches with today's table:
+    # make "heard in fenced" illegal to see that it is looked up through the module.
+    monkeypatch.delitem(host_phase.TRANSITIONS, (Phase.FENCED, EventKind.HEARD))
+    monkeypatch.setitem(host_phase.ILLEGAL, (Phase.FENCED, EventKind.HEARD), "planted")
+    s = SchedulerState()
+    s.on_inventory(inv("a", "b1"))
+    s.on_fence_result(result("a", "confirmed_off"))
+    s.on_host_event(HostEvent(host="a", kind="alive", at=1.0))
+    assert s.phases["a"] == "fenced" and s.illegal == {"heard in fenced": 1}
+    [(host, illegal)] = s.take_illegal()
+    assert host == "a" and illegal.why == "planted" and s.take_illegal() == []
+
+
+def test_starts_sent_to_a_new_boot_an_old_incidents_fence_powered_off_are_released_by_its_own_fence() -> None:
+    """Seed 247 as the scheduler sees it: a's boot b1 is suspect; a is back as b2 and
+    heard; b1's VM is released (a new boot proves b1 gone) and a start is sent to b2. A
+    fence of b1's incident then powers a off: its result names b1 (released already) and
+    releases nothing. b2 goes silent: the start there waits for b2's fate, and b2's own
+    fence (the arbiter's new incident) voids it, so the VM moves on."""
+    s = SchedulerState()
+    s.on_inventory(inv("a", "b1", ("vm1", True)))
+    s.on_inventory(inv("b", "bb"))
+    s.on_host_event(HostEvent(host="a", kind="suspect", at=0.0, incident="i1", boot_id="b1"))
+    s.on_inventory(inv("a", "b2"))
+    s.on_host_event(HostEvent(host="a", kind="alive", at=1.0))
+    lost = s.lost["vm1"]
+    assert lost.incident == "a-b1-rebooted"
+    s.reserved[("vm1", "a")] = lost.spec  # the start sent to b2, unanswered
+    old = FenceResult(request_id="f1", incident="i1", host="a", term=5, outcome="confirmed_off",
+                      started_at=1.0, finished_at=2.0, boot_id="b1")
+    assert not s.on_fence_result(old)
+    s.on_host_event(HostEvent(host="a", kind="suspect", at=3.0, incident="i2", boot_id="b2"))
+    assert s.next_step(lost, [("a", "sending")]) == ("wait", "a")
+    new = FenceResult(request_id="f2", incident="i2", host="a", term=6, outcome="confirmed_off",
+                      started_at=3.0, finished_at=4.0, boot_id="b2")
+    assert s.on_fence_result(new)
+    assert ("vm1", "a") not in s.reserved and s.voided("a")
+    assert s.next_step(lost, [("a", "sending")]) == ("place", "")

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from hafence.contracts import VM_FAILURES, Inventory, VmEvent, VmSpec
+from hafence.host_phase import SUSPECT_PHASES, Phase
 from hafence.scheduler.placement import place
 
 if TYPE_CHECKING:
@@ -310,7 +311,7 @@ class VmRestarts:
 
     def _next(self, f: VmFailure, now: float, state: SchedulerState) -> RestartEffect | None:
         phase = state.phases.get(f.host)
-        if phase == "suspect":
+        if phase in SUSPECT_PHASES:
             return None  # the host may be failing: its fence (or return) decides first
         fenced = f.boot_id in state.fenced_boots.get(f.host, ())
         failed = {t for t, o in f.tried if o == "failed"}
@@ -337,7 +338,7 @@ class VmRestarts:
             return RestartLimit(f.id, f.vm, f.host, f"{f.vm} failed ({f.reason}) on {f.host}; its start failed on "
                                                     f"{', '.join(sorted(failed))}: not restarted")
         same_used = sum(1 for _, target in made if target == f.host)
-        if (phase == "up" and not fenced and f.host not in state.maintenance and f.host not in failed
+        if (phase == Phase.UP and not fenced and f.host not in state.maintenance and f.host not in failed
                 and same_used < self.policy.same_host):
             return self._restart(f, f.host, now, state, confirm=False)
         candidates = [c for c in state.candidates() if c.name != f.host and c.name not in failed]

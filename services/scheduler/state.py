@@ -21,6 +21,12 @@ another host) *and* is cleared (an operator's ``cleared`` event, or the
 scheduler's own under ``[scheduler] auto_clear``). A VM reported running on two
 hosts is a duplicate: announced, and the copy on a quarantined host is stopped.
 
+A host's phase is ``hafence.host_phase``'s, moved only by its table (``_step``),
+as in the arbiter and the CLI; an event illegal in the phase is counted
+(``illegal``) and kept for the log (``take_illegal``). Pending fences are not
+phases here: they are kept per incident (``fencing``), since an old incident's
+fence must hold a host whose phase already follows its new boot (docs/cores.md).
+
 A VM's definition and placement attributes are never taken from an agent's
 word when the cluster config knows the VM; a definition is never an agent's at
 all (``resolve``).
@@ -39,7 +45,9 @@ from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
+from hafence import host_phase
 from hafence.contracts import FenceResult, HostEvent, Inventory, VmEvent, VmSpec
+from hafence.host_phase import EventKind, Illegal, Phase
 from hafence.scheduler.placement import Candidate
 from hafence.scheduler.restarts import RestartEffect, RestartPolicy, VmRestarts
 from hafence.subjects import check_name
@@ -47,7 +55,18 @@ from hafence.subjects import check_name
 if TYPE_CHECKING:
     from hafence.config import ClusterConfig
 
-HostPhase = Literal["up", "suspect", "fenced", "quarantined"]
+# A host's phase is a ``hafence.host_phase.Phase``, moved only by ``host_phase.step``
+# (the one state machine, shared with the arbiter and the CLI). The scheduler's rules
+# read it in these groups:
+# off and not back: what it ran runs nowhere (its report leaves ``copies()``);
+FENCED_PHASES = (Phase.FENCED, Phase.FENCED_CLEARED)
+# back on a new boot after a fence, not yet cleared and clean (S6): takes no VM, and a
+# copy there of a VM that runs elsewhere is stopped;
+QUARANTINED_PHASES = (Phase.QUARANTINED, Phase.QUARANTINED_SUSPECT)
+# its fate undecided: a VM asked to start there may be running, wait for it.
+UNDECIDED_PHASES = (Phase.SUSPECT, Phase.QUARANTINED_SUSPECT, Phase.FENCING, Phase.FENCE_FAILED)
+# Illegal events kept for the log until taken (the counts are kept whole).
+ILLEGAL_KEPT = 100
 
 # Boots remembered per host (their last inventory each): enough for a fence result
 # that arrives after the host's next boot has reported, bounded against an agent
@@ -135,7 +154,12 @@ class SchedulerState:
     start_attempts: int = 3
     inventories: dict[str, Inventory] = field(default_factory=dict)
     boots: dict[str, OrderedDict[str, Inventory]] = field(default_factory=dict)
-    phases: dict[str, HostPhase] = field(default_factory=dict)
+    # Hosts that have reported or been named by an event (absent: never heard of).
+    phases: dict[str, Phase] = field(default_factory=dict)
+    # Events illegal in their host's phase, by "<event> in <phase>" (the phase stayed),
+    # and those not yet taken for the log (``take_illegal``).
+    illegal: dict[str, int] = field(default_factory=dict)
+    illegal_pending: list[tuple[str, Illegal]] = field(default_factory=list)
     # The boot an open incident is about (from the suspect event, else the last report before it).
     suspect_boot: dict[str, str] = field(default_factory=dict)
     suspect_incident: dict[str, str] = field(default_factory=dict)
@@ -232,7 +256,7 @@ class SchedulerState:
         none while it is fenced."""
         inv = self.inventories.get(host)
         now = (frozenset(vm.spec.name for vm in inv.vms if vm.state == "running")
-               if inv is not None and self.phases.get(host) != "fenced" else frozenset())
+               if inv is not None and self.phases.get(host) not in FENCED_PHASES else frozenset())
         before = self._indexed.get(host, frozenset())
         if now == before:
             return
@@ -256,11 +280,27 @@ class SchedulerState:
             self._hosts = sorted(self.inventories)
         return self._hosts
 
-    def _set_phase(self, host: str, phase: HostPhase) -> None:
-        if self.phases.get(host) != phase:
-            self.phases[host] = phase
+    def _step(self, host: str, kind: EventKind) -> bool:
+        """Move ``host``'s phase by the table (through the module: one state machine).
+        False when ``kind`` is illegal in its phase: the phase stays, the event is
+        counted and kept for the log."""
+        was = self.phases.get(host, Phase.UNKNOWN)
+        nxt = host_phase.step(was, kind)
+        if isinstance(nxt, Illegal):
+            key = f"{nxt.event} in {nxt.phase}"
+            self.illegal[key] = self.illegal.get(key, 0) + 1
+            self.illegal_pending = [*self.illegal_pending, (host, nxt)][-ILLEGAL_KEPT:]
+            return False
+        if host not in self.phases or nxt != was:
+            self.phases[host] = nxt
             self.capacity_version += 1
             self._reindex(host)
+        return True
+
+    def take_illegal(self) -> list[tuple[str, Illegal]]:
+        """The illegal events since the last call (for the shell to log)."""
+        out, self.illegal_pending = self.illegal_pending, []
+        return out
 
     def on_inventory(self, inv: Inventory) -> list[str]:
         """Fold a report; returns the ids of the VM failures it reports first (restarts.py)."""
@@ -272,12 +312,12 @@ class SchedulerState:
         boots.move_to_end(inv.boot_id)
         while len(boots) > BOOTS_KEPT:
             boots.popitem(last=False)
-        if self.phases.get(host) == "fenced":
-            self._set_phase(host, "quarantined")  # it booted again: S6
-        if host not in self.phases:
-            self._set_phase(host, "up")
         previous = self.inventories.get(host)
         rebooted = previous is not None and previous.boot_id != inv.boot_id
+        # After a fence any boot but the fenced one (whose late reports stop above) is a
+        # new boot: it booted again, quarantined (S6).
+        new = rebooted or self.phases.get(host) in FENCED_PHASES
+        self._step(host, EventKind.NEW_BOOT if new else EventKind.REPORTED)
         # The same report sent again (only its send time differs) changes nothing
         # placement, the reservation or the duplicates check read.
         if previous is None or msgspec.structs.replace(inv, sent_at=previous.sent_at) != previous:
@@ -377,21 +417,29 @@ class SchedulerState:
     def on_host_event(self, event: HostEvent) -> bool:
         """Fold a host event; True when it releases the host's VMs for restart (S1)."""
         host = event.host
-        if event.kind == "suspect" and self.phases.get(host) not in ("fenced", "quarantined"):
-            self._set_phase(host, "suspect")
-            inv = self.inventories.get(host)
-            self.suspect_boot[host] = event.boot_id or (inv.boot_id if inv else "")
-            self.suspect_incident[host] = event.incident
-            self.suspect_reported[host] = inv.boot_id if inv else ""
-        elif event.kind == "alive" and self.phases.get(host) == "suspect":
-            self._set_phase(host, "up")
-            boot = self.suspect_boot.get(host, "")
-            self._close_incident(host)
-            latest = self.inventories.get(host)
-            old = self.boots.get(host, {}).get(boot) if boot else None
-            if latest is not None and old is not None and latest.boot_id != boot:
-                # Alive as a new boot: the incident's boot is gone without a fence.
-                self._rebooted(host, old, fence_may_come=True)
+        phase = self.phases.get(host, Phase.UNKNOWN)
+        if event.kind == "suspect":
+            # A fence covers one boot: a later boot of a fenced or quarantined host that
+            # goes silent is a new incident (the arbiter fences it; host_phase).
+            q = self.quarantine.get(host)
+            covered = q.fenced_boot if q is not None and phase in (*FENCED_PHASES, *QUARANTINED_PHASES) else ""
+            # Fenced or quarantined (still so): its incident is not tracked here.
+            if self._step(host, host_phase.suspect_event(event.boot_id, covered)) \
+                    and self.phases[host] == Phase.SUSPECT:
+                inv = self.inventories.get(host)
+                self.suspect_boot[host] = event.boot_id or (inv.boot_id if inv else "")
+                self.suspect_incident[host] = event.incident
+                self.suspect_reported[host] = inv.boot_id if inv else ""
+        elif event.kind == "alive":
+            # Heard after its fence: still fenced or quarantined (host_phase); from suspect: up.
+            if self._step(host, EventKind.HEARD) and phase == Phase.SUSPECT and self.phases[host] == Phase.UP:
+                boot = self.suspect_boot.get(host, "")
+                self._close_incident(host)
+                latest = self.inventories.get(host)
+                old = self.boots.get(host, {}).get(boot) if boot else None
+                if latest is not None and old is not None and latest.boot_id != boot:
+                    # Alive as a new boot: the incident's boot is gone without a fence.
+                    self._rebooted(host, old, fence_may_come=True)
         elif event.kind == "maintenance_on":
             self.maintenance.add(host)
             self.capacity_version += 1
@@ -413,7 +461,7 @@ class SchedulerState:
                 self._maybe_rejoin(host)
         # Looked up at each call (not bound at import): the simulation replaces it.
         if host_released(event, *self.open_incident(host)):
-            return self._fenced(host, event.incident, event.boot_id)
+            return self._fenced(host, event.incident, event.boot_id, EventKind.OPERATOR_CONFIRMED)
         return False
 
     def _close_incident(self, host: str) -> None:
@@ -465,13 +513,15 @@ class SchedulerState:
             self._fence_open(result.host, result.incident)
         if not host_released(result, *self.open_incident(result.host)):
             return False
-        if self.phases.get(result.host) in ("fenced", "quarantined") and any(
+        if self.phases.get(result.host) in (*FENCED_PHASES, *QUARANTINED_PHASES) and any(
             lost.incident == result.incident for lost in self.lost.values()
         ):
             return False
-        return self._fenced(result.host, result.incident, result.boot_id)
+        return self._fenced(result.host, result.incident, result.boot_id, EventKind.CONFIRMED_OFF)
 
-    def _fenced(self, host: str, incident: str, boot_id: str = "") -> bool:
+    def _fenced(self, host: str, incident: str, boot_id: str = "",
+                kind: EventKind = EventKind.CONFIRMED_OFF) -> bool:
+        """``kind``: the fencer's ``confirmed_off`` or an operator's confirmation."""
         boot = boot_id or self.suspect_boot.get(host, "")
         if not boot and host in self.inventories:
             boot = self.inventories[host].boot_id
@@ -499,7 +549,14 @@ class SchedulerState:
         self.quarantine[host] = Quarantine(fenced_boot=boot)
         # The host may have reported a newer boot already (action "reboot"): it is back, quarantined.
         back = latest is not None and bool(boot) and latest.boot_id != boot
-        self._set_phase(host, "quarantined" if back else "fenced")
+        if kind == EventKind.CONFIRMED_OFF and self.phases.get(host) not in (Phase.FENCING, Phase.FENCE_FAILED):
+            # A result for a boot not released yet proves its request went out (the
+            # arbiter's core folds a result that overtook its fence_requested the same
+            # way); the table then reads it as this fence's, not an old one's read again.
+            self._step(host, EventKind.FENCE_REQUESTED)
+        self._step(host, kind)
+        if back:
+            self._step(host, EventKind.NEW_BOOT)
         if inv is None:
             return True
         copies = self.copies()
@@ -525,14 +582,17 @@ class SchedulerState:
         )
 
     def _maybe_rejoin(self, host: str) -> None:
+        # The table's ``cleared`` lifts a quarantine at once; the scheduler's S6 also
+        # wants the host to report clean, so it steps ``cleared`` only then.
         q = self.quarantine.get(host)
-        if self.phases.get(host) == "quarantined" and q is not None and q.cleared_by and self.clean(host):
-            self._set_phase(host, "up")
+        if self.phases.get(host) in QUARANTINED_PHASES and q is not None and q.cleared_by and self.clean(host):
+            self._step(host, EventKind.CLEARED)
             del self.quarantine[host]
         # A stop on another host may have made this one clean: let every cleared one try.
         for other, oq in list(self.quarantine.items()):
-            if other != host and oq.cleared_by and self.phases.get(other) == "quarantined" and self.clean(other):
-                self._set_phase(other, "up")
+            if other != host and oq.cleared_by and self.phases.get(other) in QUARANTINED_PHASES \
+                    and self.clean(other):
+                self._step(other, EventKind.CLEARED)
                 del self.quarantine[other]
 
     # -- effects (what the shell must do; only the leader asks) -----------------------
@@ -544,7 +604,7 @@ class SchedulerState:
             hosts = copies[vm]
             # Only a quarantined host's copy is known to be the wrong one, and only
             # while a copy runs on a host in good standing.
-            quarantined = tuple(h for h in hosts if self.phases.get(h) == "quarantined")
+            quarantined = tuple(h for h in hosts if self.phases.get(h) in QUARANTINED_PHASES)
             stop_on = quarantined if len(quarantined) < len(hosts) else ()
             if self.announced.get(vm) != frozenset(hosts):
                 self.announced[vm] = frozenset(hosts)
@@ -562,9 +622,10 @@ class SchedulerState:
             inv = self.inventories[host]
             phase = self.phases.get(host)
             q = self.quarantine.get(host)
-            if phase == "quarantined" and q is not None and not q.cleared_by and self.auto_clear and self.clean(host):
+            if (phase in QUARANTINED_PHASES and q is not None and not q.cleared_by and self.auto_clear
+                    and self.clean(host)):
                 rule, reason = "auto_clear", f"reported clean after the fence of boot {q.fenced_boot or '?'}"
-            elif phase in ("up", "suspect") and inv.quarantined:
+            elif phase in (Phase.UP, Phase.SUSPECT) and inv.quarantined:
                 # The agent starts every boot quarantined; it is told when it need not be.
                 rule, reason = "not_quarantined", "this host is not quarantined by the scheduler"
             else:
@@ -580,7 +641,7 @@ class SchedulerState:
 
     def voided(self, host: str) -> bool:
         """Fenced since a start was sent there: whatever it started is gone."""
-        return self.phases.get(host) in ("fenced", "quarantined")
+        return self.phases.get(host) in (*FENCED_PHASES, *QUARANTINED_PHASES)
 
     def next_step(self, lost: LostVm, history: list[tuple[str, str]]) -> tuple[Step, str]:
         """From the recorded starts of this VM for this incident (target, state),
@@ -592,7 +653,7 @@ class SchedulerState:
         asked = [t for t, s in history if s in ("sending", "started") and t not in failed]
         if not asked:
             return "place", ""
-        if self.phases.get(asked[-1]) == "suspect":
+        if self.phases.get(asked[-1]) in UNDECIDED_PHASES:
             return "wait", asked[-1]  # it may be running there: wait for that host's fate
         # Chosen before (perhaps by a scheduler that died, or unanswered): ask the same host again.
         return "resend", asked[-1]
@@ -634,7 +695,7 @@ class SchedulerState:
             reserved.setdefault(target, []).append(spec)
         out = []
         for host in self.hosts():
-            if self.phases.get(host) != "up" or host in self.maintenance or self.fence_pending(host):
+            if self.phases.get(host) != Phase.UP or host in self.maintenance or self.fence_pending(host):
                 continue
             candidate, _ = self._load(host)
             if host in reserved:
@@ -649,7 +710,7 @@ class SchedulerState:
         return {
             host: self._load(host)[1]
             for host in self.hosts()
-            if self.phases.get(host) == "up" and host not in self.maintenance
+            if self.phases.get(host) == Phase.UP and host not in self.maintenance
         }
 
 
