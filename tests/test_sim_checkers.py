@@ -367,3 +367,27 @@ def test_s2_judges_a_watchdog_level_by_the_boot_its_pill_was_for() -> None:
                             {1: False, 2: w2.pill_gone("h1")}))
     c2.on_effect("fencer", result(level=2))
     assert not c2.violations
+
+
+def test_s1_a_confirmed_off_naming_no_boot_releases_the_boot_the_truth_shows_gone() -> None:
+    # Sim seed 571: a restarted monitor's "never seen" incident was fenced (its result
+    # names no boot) and h2 really went off; a replica then suspected h2's last boot
+    # under its own name. The VM's restart is safe: that boot was off at read-back.
+    s, w, c = setup()
+    boot = w.hosts["h1"].boot_id
+    c.on_effect("heartbeat", suspect(incident="h1-never-seen"))
+    s.run_until_complete(w.power.fence(fence_request(incident="h1-never-seen")))
+    assert w.runs[0].off_boot == boot
+    c.on_effect("fencer", result(incident="h1-never-seen"))  # boot_id: ""
+    c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+        host="h1", kind="suspect", at=0.0, incident="i2", boot_id=boot)))
+    c.on_effect("scheduler", start())
+    assert not c.violations
+    # A run that did not turn the host off proves no boot gone.
+    s, w, c = setup()
+    w.set_behaviour("h1-bmc", "stuck_on")
+    s.run_until_complete(w.power.fence(fence_request(incident="h1-never-seen")))
+    assert w.runs[0].off_boot == ""
+    c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+        host="h1", kind="suspect", at=0.0, incident="i2", boot_id=w.hosts["h1"].boot_id)))
+    assert rule_of(lambda: c.on_effect("scheduler", start())) == "S1"

@@ -126,6 +126,9 @@ class Checkers:
     _highest_admitted: int = 0
     # (host, boot) -> the request whose confirmed_off proved that boot off (S1)
     _off_boots: dict[tuple[str, str], str] = field(default_factory=dict)
+    # (host, boot) -> a confirmed_off whose run the truth shows turned that boot off, the
+    # result naming no boot: a later suspect of that boot is about a boot already gone
+    _gone_boots: dict[tuple[str, str], str] = field(default_factory=dict)
     _admitted_by: str = ""
     _tally: dict[str, _Tally] = field(default_factory=dict)
     _reported: set[tuple[str, str]] = field(default_factory=set)
@@ -235,7 +238,8 @@ class Checkers:
             key = (host, event.incident)
             if key not in self.incidents:  # a re-announce of the same incident is the same incident
                 incident = Incident(host, event.incident, self.world.scheduler.now, event.boot_id)
-                fenced = self._off_boots.get((host, event.boot_id)) if event.boot_id else None
+                fenced = (self._off_boots.get((host, event.boot_id)) or self._gone_boots.get((host, event.boot_id))
+                          if event.boot_id else None)
                 if fenced is not None:
                     # A boot the fencer already confirmed off, suspected again under a new
                     # name (a monitor replica, seed 10 of the control-plane mix): it stays off.
@@ -287,6 +291,12 @@ class Checkers:
                            key=f"result {result.request_id}")
         if good and result.boot_id:
             self._off_boots[(result.host, result.boot_id)] = result.request_id
+        # The boot the truth shows gone when the level read back off: a result naming no
+        # boot (a restarted monitor's "never seen" incident) still proved that one off,
+        # and a replica may suspect it again later under its own name (seed 571).
+        for run in good:
+            if run.off_boot:
+                self._gone_boots.setdefault((result.host, run.off_boot), result.request_id)
         for incident in self._open(result.host):
             # Its own incident's result, or any confirmed_off of the boot it is about: two
             # monitor replicas may name one outage twice (a restarted agent's sequence).

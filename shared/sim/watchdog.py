@@ -73,12 +73,14 @@ class WorldSlots(Slots):
         w.pills[host] = pill
         h = w.hosts[host]
         w.pill_boot[host] = h.boots
+        w.pill_boot_id[host] = h.boot_id
         w.log(f"pill written for {host} by {by} (boot #{h.boots}, {'powered' if h.powered else 'off'})")
         return pill
 
     def clear_pill(self, host: str) -> bool:
         self.check_dir()
         self.world.pill_boot.pop(host, None)
+        self.world.pill_boot_id.pop(host, None)
         return self.world.pills.pop(host, None) is not None
 
     def record(self, host: str) -> SlotRecord | None:

@@ -171,6 +171,9 @@ class PowerRun:
     outcome: str = ""
     level: int | None = None
     truly_off: dict[int, bool] = field(default_factory=dict)
+    # The boot id the truth shows gone when a level read back truly off (the host's last
+    # boot, or the one its pill was for): what a confirmed_off that names no boot proved.
+    off_boot: str = ""
 
 
 def _pending(scheduler: Scheduler, name: str) -> SimFuture[Any]:
@@ -210,6 +213,7 @@ class World:
         self.slot_records: dict[str, Any] = {}
         self.pills: dict[str, Any] = {}
         self.pill_boot: dict[str, int] = {}
+        self.pill_boot_id: dict[str, str] = {}
         # host -> (min, max) seconds a slot operation of its agent takes (a fault: a slow
         # or hung NFS); absent: a few milliseconds, done in the same step.
         self.slot_delay: dict[str, tuple[float, float]] = {}
@@ -527,8 +531,12 @@ class WorldPower:
                 # Nothing reads the power of a watchdog level: its truth is that the boot the
                 # pill was for is gone and nothing runs on the host (S2).
                 run.truly_off[number] = w.pill_gone(host.name)
+                if run.truly_off[number]:
+                    run.off_boot = w.pill_boot_id.get(host.name, "")
             else:
                 run.truly_off[number] = all(w.device_really_off(d) for d in devices) and not host.powered
+                if run.truly_off[number]:
+                    run.off_boot = host.boot_id
             if level_confirmed(evidence):
                 if request.action == "reboot":
                     powered_on = await _all(w.scheduler, [self._operate_any(request, d, "on") for d in devices])
