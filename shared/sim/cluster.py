@@ -14,7 +14,10 @@
   the service's own core (``hafence.<svc>.core``) with ports bound to the world.
   Store ports (the fencer's journal, the scheduler's start history) are the
   services' in-memory bindings, kept here so they survive a crash of the service;
-* the checkers (``hafence.sim.checkers``) watching every effect.
+* the checkers (``hafence.sim.checkers``) watching every effect;
+* with watchdog hosts (drawn per seed, ``watchdog_hosts``), the ``[storage]`` slots, a
+  last watchdog level for each, every agent's ``watchdog`` port and the fencer's
+  watchdog drivers (``hafence.sim.watchdog``), each made anew with its process.
 
 Services are named uniquely (``arbiter-2``, ``agent-h3``: the checkers tell roles
 apart by prefix); an agent runs on the node named after its host, and lives and

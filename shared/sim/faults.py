@@ -56,6 +56,14 @@ The kinds (``KINDS``), as ../shared/SIMULATION.md lists them:
   It never lies about its own VMs stopping (a compromised host is root on its own
   hypervisor: no cluster can defend the VMs it runs).
 
+Two kinds hit watchdog hosts only and are drawn only in a cluster with one, after every
+other draw (``WATCHDOG_KINDS``; a cluster without watchdog hosts gets the plan it had
+before they existed): ``slot_delay`` (each slot operation of the host takes up to
+0.2-15 s: a slow or hung NFS) and ``clock_slow`` (the host's clock at 75-98% of real
+speed: docs/watchdog.md's margin). What the watchdog's assumptions exclude (a watchdog
+that does not fire, a slot read through a cache, a slower clock) is not drawn: a
+violation it caused would be the assumption's, not the code's.
+
 ``FaultInjector`` applies a plan to the world, the ``SimNats`` and the services
 (``hafence.sim.driver.SimService``: ``crash``/``start``/``pause``), and tells the
 checkers of each crash. Nodes are named as the cluster names them: a host's agent
