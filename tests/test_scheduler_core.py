@@ -67,7 +67,6 @@ class Harness:
         self.msg_ids: set[str] = set()
         self.echo = True
         self.held: list[Call] = []
-        self.published: list[Publish] = []  # stored (or acked as a duplicate)
         self.feed(Started())
 
     def feed(self, event: Event) -> None:
@@ -101,7 +100,6 @@ class Harness:
                         self.queue.append(Returned(tag, error=f"conflict: wrong last sequence for {subject}"))
                         continue
                     self.trace.append(("publish", subject))
-                    self.published.append(effect)
                     if tag:
                         self.queue.append(Returned(tag))  # the ack, then the replay reads it
                     if subject.endswith(".placed") and msg_id not in self.msg_ids:
@@ -144,9 +142,6 @@ class Harness:
         self.mono += seconds
         self.wall += seconds
         self.feed(TimerFired(TICK))
-
-    def placed(self) -> list[VmEvent]:
-        return [p.message for p in self.published if isinstance(p.message, VmEvent) and p.message.kind == "placed"]
 
     def starts(self) -> list[tuple[str, str]]:
         """(target, vm) of every VmStart sent, in order."""
@@ -258,59 +253,17 @@ def test_every_start_of_a_wave_is_recorded_before_any_request_and_placed_before_
     assert {row[3] for row in h.store.rows.values()} == {"started"}
 
 
-def test_the_placed_events_go_out_with_the_record_and_no_command_before_it_is_on_disk(tmp_path: Path) -> None:
-    """The record's fsync (~4 ms on the bench machine) and the placed compare-and-sets'
-    round trip overlap; a VmStart still waits for both (S0, and the stale-scheduler
-    check). Before: the placed events left only once the record was on disk."""
-    h = failover_ready(tmp_path)
-    h.hold_store = True
-    h.fence("h1", "h1-b1-1", "h1-b1")
-    assert sorted(m.vm for m in h.placed()) == ["vm-a", "vm-b"]  # stored, acked
-    assert h.starts() == []
-    assert [t for t in h.trace if t[0] == "record"] == []  # still being written
-    h.release_store()
-    assert sorted(vm for _, vm in h.starts()) == ["vm-a", "vm-b"]
-    first_request = next(i for i, t in enumerate(h.trace) if t[0] == "request")
-    assert next(i for i, t in enumerate(h.trace) if t[0] == "record") < first_request
-
-
-def test_a_wave_recorded_after_the_lease_ran_out_sends_no_command_though_its_placed_are_stored(
-    tmp_path: Path,
-) -> None:
-    h = failover_ready(tmp_path)
-    h.hold_store = True
-    h.fence("h1", "h1-b1-1", "h1-b1")
-    assert len(h.placed()) == 2
-    h.mono += 2000  # the lease ran out while the record was written
-    h.release_store()
-    assert h.starts() == []
-    assert not h.core.state.reserved and h.core.wave is None
-
-
-def test_no_command_is_sent_when_the_starts_could_not_be_recorded(tmp_path: Path) -> None:
-    """The placed events go out with the record (their compare-and-sets and its fsync
-    overlap), so they may be stored while the record fails: no command follows, and
-    once the store works each VM is asked on the host its placed named."""
-
+def test_nothing_is_sent_when_the_starts_could_not_be_recorded(tmp_path: Path) -> None:
     class DiskFull(MemoryStartHistory):
-        full = True
-
         def record(self, rows, durable):  # type: ignore[no-untyped-def]
-            if self.full:
-                raise OSError("disk full")
-            super().record(rows, durable)
+            raise OSError("disk full")
 
-    store = DiskFull()
-    h = failover_ready(tmp_path, store)
+    h = failover_ready(tmp_path, DiskFull())
     h.fence("h1", "h1-b1-1", "h1-b1")
     h.tick()
     assert [t[0] for t in h.trace if t[0] == "record"] and h.starts() == []
-    assert not h.core.state.reserved  # free to be decided again once the store works
-    placed = {m.vm: m.target for m in h.placed()}
-    assert sorted(placed) == ["vm-a", "vm-b"]
-    store.full = False
-    h.tick()
-    assert sorted(h.starts()) == sorted((target, vm) for vm, target in placed.items())
+    assert not h.core.state.reserved  # free to be placed again once the store works
+    assert all(not t[1].endswith(".placed") for t in h.trace if t[0] == "publish")
 
 
 # -- a start's reply: asked again, or moved on ---------------------------------------

@@ -131,13 +131,8 @@ class _Wave:
     started: dict[str, str] = field(default_factory=dict)
     unsent: list[tuple[LostVm, str]] = field(default_factory=list)  # recorded, not asked yet (last first)
     # Start tags whose ``placed`` was stored and whose ``VmStart`` went out (the others
-    # of ``waiting`` wait for their ``placed`` compare-and-set, or for the record).
+    # of ``waiting`` wait for their ``placed`` compare-and-set).
     sent: set[str] = field(default_factory=set)
-    # The wave's starts are on disk (its durable record returned). Its ``placed`` events
-    # go out with the record, not after it: a ``VmStart`` waits for both.
-    recorded: bool = False
-    # Start tags whose ``placed`` is stored while the record is not yet on disk.
-    placed: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,15 +441,13 @@ class SchedulerCore:
         # scheduler restarted mid-failover asks the same host again, never another.
         rows = [(lost.spec.name, lost.incident, target, "sending", "", now.wall) for lost, target in jobs]
         out.append(Call("store", "record", (rows, True), tag=f"record:{self.wave.id}"))
-        # The placed compare-and-sets go out meanwhile: the record's fsync (~4 ms) and
-        # their stream round trip overlap. A placed stored without the record on disk is
-        # no command: a scheduler restarted then reads the placed back and asks that host.
-        self._send_wave(self.wave, now, out)
         return len(jobs)
 
     def _send_wave(self, wave: _Wave, now: Now, out: list[Effect]) -> None:
-        """The wave's placed events (up to ``COMMANDS_IN_FLIGHT``; the rest one per
-        outcome), sent with its record; each VM's command once both are stored."""
+        """The wave is on disk: its placed events, then its commands at once (up to
+        ``COMMANDS_IN_FLIGHT``; the rest one per reply). The driver writes them in
+        this order on one connection, so every subscriber sees a VM's ``placed``
+        before its command; nothing waits for the placed acks."""
         for lost, target in wave.jobs:
             self._note(lost, target, "sending")
         wave.unsent = list(reversed(wave.jobs))
@@ -489,11 +482,13 @@ class SchedulerCore:
         tag = "start:" + event.tag.split(":", 1)[1]
         lost, target = wave.waiting[tag]
         vm = lost.spec.name
-        if event.ok and not wave.recorded:
-            wave.placed.append(tag)  # its command waits for the record (S0)
-            return
         if event.ok and self.leader(now):
-            self._start(wave, tag, out)
+            wave.sent.add(tag)
+            out.append(Span(f"start vm {vm}", self.incident_trace.get(lost.incident, {}), {
+                "hafence.vm": vm, "hafence.target_host": target, "hafence.from_host": lost.from_host,
+                "hafence.incident": lost.incident, "hafence.vm.memory_mb": lost.spec.memory_mb}))
+            out.append(Request(self.subjects.agent_cmd(target), VmStart(vm=lost.spec, incident=lost.incident),
+                               self.timeout, tag))
             return
         del wave.waiting[tag]
         self.state.reserved.pop((vm, target), None)
@@ -514,17 +509,6 @@ class SchedulerCore:
         else:
             out.append(Log("warning", "lease lost: start not sent", {"vm": vm, "target": target}))
         self._wave_step(wave, now, out)
-
-    def _start(self, wave: _Wave, tag: str, out: list[Effect]) -> None:
-        """The VM's placed is stored and the wave's record on disk: its ``VmStart``."""
-        lost, target = wave.waiting[tag]
-        vm = lost.spec.name
-        wave.sent.add(tag)
-        out.append(Span(f"start vm {vm}", self.incident_trace.get(lost.incident, {}), {
-            "hafence.vm": vm, "hafence.target_host": target, "hafence.from_host": lost.from_host,
-            "hafence.incident": lost.incident, "hafence.vm.memory_mb": lost.spec.memory_mb}))
-        out.append(Request(self.subjects.agent_cmd(target), VmStart(vm=lost.spec, incident=lost.incident),
-                           self.timeout, tag))
 
     def _start_result(self, wave: _Wave, event: Returned, now: Now, out: list[Effect]) -> None:
         lost, target = wave.waiting.pop(event.tag)
@@ -616,29 +600,21 @@ class SchedulerCore:
             if wave is None or tag != f"record:{wave.id}":
                 return
             if event.error:
-                # No command was sent: the VMs are free to be placed again at the next
-                # round (those whose placed was stored are asked on that host again: the
-                # replay brings the placed back). Outcomes of its placed are not waited for.
+                # Nothing was sent: the VMs are free to be placed again at the next round.
                 for lost, target in wave.jobs:
                     self.state.reserved.pop((lost.spec.name, target), None)
                 self.wave, self.run = None, None
                 self.store_retry_at = now.mono + TICK_S
                 out.append(Log("error", "starts not recorded: nothing sent", {"error": event.error}))
                 return
-            wave.recorded = True
-            placed, wave.placed = wave.placed, []
             if not self.leader(now):
                 # The lease ran out while the records were written: a leader sends
                 # commands, not this process. The "sending" records make whoever
                 # leads next (this one again, from its store) ask the same hosts.
-                for tag in placed:
-                    lost, target = wave.waiting.pop(tag)
-                    self.state.reserved.pop((lost.spec.name, target), None)
                 self._abandon(wave)
                 out.append(Log("warning", "lease lost: the wave's starts were not sent", {"wave": wave.id}))
                 return
-            for tag in placed:
-                self._start(wave, tag, out)
+            self._send_wave(wave, now, out)
         elif tag.startswith("start:"):
             if self.wave is not None and tag in self.wave.sent:
                 self.wave.sent.discard(tag)
