@@ -506,3 +506,24 @@ def test_a_later_boots_suspicion_is_dropped_when_the_host_is_heard_again(tmp_pat
                          started_at=WALL0, finished_at=WALL0 + 2, boot_id="b1")
     core.settle(core.feed(delivered(result), at(2)), at(2))
     assert core.core.policy.views["h1"].phase == "fenced"
+
+
+def test_a_fence_of_a_suspicion_naming_no_boot_names_the_boot_the_host_last_reported(tmp_path: Path) -> None:
+    """Seeds 613, 680: h1's boot b1 was suspected (held by the storm guard), then a
+    restarted monitor that never heard h1 suspected it again under a new name, with no
+    boot. The fence of that name must say which boot it is about (b1), or its result
+    cannot be tied to b1's first incident by anyone reading the stream."""
+    core = Harness(make_core(tmp_path))
+    history = [inventory("h1", "b1", WALL0 - 60), boot_suspect("h1", WALL0 - 50, "h1-b1-88", "b1"),
+               HostEvent(host="h1", kind="suspect", at=WALL0 - 10, incident="h1-never-seen-x", boot_id="")]
+    effects: list[Effect] = []
+    core.feed(Started(), at(0))
+    for fact in history:
+        core.feed(delivered(fact), at(0))
+    core.feed(CaughtUp("events"), at(0))
+    effects += core.lease(5, 1e6, at(10))
+    effects += core.settle(core.feed(TimerFired(TICK), at(11)), at(11))
+    [request] = requests(effects)
+    assert (request.incident, request.boot_id) == ("h1-never-seen-x", "b1")
+    [requested] = host_events(effects, "fence_requested")
+    assert requested.boot_id == "b1"

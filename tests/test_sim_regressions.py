@@ -1,5 +1,5 @@
-"""Seeds the simulation found scheduler violations in (and 247, fixed in the
-arbiter), kept as regressions: each ran red before its fix (on the tree of the
+"""Seeds the simulation found scheduler violations in (and 247, 613, 680, fixed
+in the arbiter), kept as regressions: each ran red before its fix (on the tree of the
 fix: any change of a service or of the simulator redraws what a seed does, so a
 seed that passes here proves the fix only on the tree it was found on; the
 scheduler's and arbiter's unit tests pin each rule)."""
@@ -44,6 +44,13 @@ SEEDS = {
     # never fenced (h1 stayed "fenced"), so the unanswered starts were never released.
     # Fixed: a fence covers one boot; a later boot's suspicion is a new incident, fenced.
     247: "L1: vm1-1, vm1-2, vm3-2 (last on h1: off, boot 2) run nowhere",
+    # S1 (fixed in the arbiter; found by seeds 301-900): h5's boot b1 suspected and held by
+    # the storm guard; a restarted monitor that never heard h5 named the outage again with
+    # no boot; that name's fence request, and so its confirmed_off, named no boot, and did
+    # not release b1's first incident for anyone reading the stream (the checker). Fixed:
+    # a suspicion naming no boot is about the boot the host last reported; its request says so.
+    613: "S1 at t=151.9: vm5-1 started on h1 while h5 is in incident h5-...-88, fenced only as 'never seen'",
+    680: "S1 at t=162.0: vm1-1 started on h2 while h1 is in incident h1-...-128, fenced only as 'never seen'",
 }
 
 # The planted-bug tests' unplanted runs (5 simulated minutes, these fault kinds only).

@@ -264,7 +264,7 @@ class ArbiterCore:
         return self.lease_held and self.term > 0 and now.mono < self.valid_until
 
     def boot_of(self, host: str, incident: str) -> str:
-        return self.incident_boot.get(host, {}).get(incident, "")
+        return self.incident_boot.get(host, {}).get(incident, "") or self.policy.boot_of(host, incident)
 
     def trace_headers(self, incident: str) -> dict[str, str]:
         """The trace context of an incident's suspect (empty when unknown)."""

@@ -208,6 +208,18 @@ class Policy:
             # A later boot went silent while this fence ran: its own incident, now.
             self.suspect(host, later.incident, later.at, later.late, boot_id=later.boot_id)
 
+    def boot_of(self, host: str, incident: str) -> str:
+        """The boot ``incident`` of ``host`` is about, as the policy knows it ("" if not
+        its current incident nor a later boot's suspicion kept for after a fence)."""
+        view = self.views.get(host)
+        if view is None or not incident:
+            return ""
+        if view.incident == incident:
+            return view.suspect_boot
+        if view.later is not None and view.later.incident == incident:
+            return view.later.boot_id
+        return ""
+
     @staticmethod
     def covered_boot(view: HostView) -> str:
         """The boot the host's fence is about ("" when none, or not known): the one
@@ -243,7 +255,11 @@ class Policy:
             return
         view.incident, view.since, view.lost_at = incident, now, now
         view.held_by, view.request_id, view.attempt, view.refusals = "", "", 0, 0
-        view.suspect_boot = boot_id
+        # A suspicion naming no boot (a restarted monitor's "never seen") is about the boot
+        # the host last reported: its fence request names it, so its result says which
+        # boot was seen off (seeds 613, 680: a boot-less result of a second name for an
+        # outage could not be tied to the first name's boot by anyone reading the stream).
+        view.suspect_boot = boot_id or view.boot_id
         view.informed = late is not None
         for other in late or ():
             if other != host and other in self.views:
