@@ -27,11 +27,10 @@ Events are facts the callers derive from the stream: the monitor's ``alive``
 (``heard``) and ``suspect``; an inventory from the boot already known
 (``reported``) or from another boot (``new_boot``); the monitor's ``suspect``
 naming a boot other than the one fenced or being fenced (``new_boot_suspect``,
-see ``suspect_event``); the arbiter's
-``fence_requested``; a fence result ``confirmed_off``, ``fence_failed`` or
-``refused`` (a stale leader's request); the operator's ``confirmed_fenced``
-(``operator_confirmed``) and ``cleared`` (also sent by the scheduler at boot for a
-host it does not hold in quarantine).
+see ``suspect_event``); the arbiter's ``fence_requested``; a fence result
+``confirmed_off``, ``fence_failed`` or ``refused`` (a stale leader's request);
+the operator's ``confirmed_fenced`` (``operator_confirmed``) and ``cleared``
+(also sent by the scheduler at boot for a host it does not hold in quarantine).
 
 **A host heard again after its fence** (the case the four trackers disagreed on:
 the arbiter's policy made it ``up``, the scheduler and this view kept it fenced)
