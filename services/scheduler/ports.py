@@ -20,6 +20,7 @@ survives a crash of the service and is lost only with its node's disk).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -61,14 +62,25 @@ class StartHistory(Protocol):
 
 
 class SqliteStartHistory:
+    """The driver runs each ``Call`` as a task of its own, so two records (a wave's
+    durable "sending" rows and an earlier wave's results) can be under way at once on
+    the one connection. Unserialised, they share a transaction: the results'
+    ``synchronous=NORMAL`` would commit the durable rows without a full sync, and one
+    write's rollback would take the other's rows with it. One operation at a time."""
+
     def __init__(self, db: aiosqlite.Connection) -> None:
         self.db = db
+        self._lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: str | Path) -> SqliteStartHistory:
         return cls(await open_store(path, MIGRATIONS))
 
     async def load(self, incidents: Sequence[str]) -> History:
+        async with self._lock:  # never reads a write's rows before its commit
+            return await self._load(incidents)
+
+    async def _load(self, incidents: Sequence[str]) -> History:
         out: History = {}
         for incident in incidents:
             runs: dict[str, list[tuple[str, str]]] = {}
@@ -80,7 +92,8 @@ class SqliteStartHistory:
         return out
 
     async def record(self, rows: Sequence[StartRow], durable: bool) -> None:
-        await write_many(self.db, RECORD_START, rows, durable=durable)
+        async with self._lock:
+            await write_many(self.db, RECORD_START, rows, durable=durable)
 
     async def close(self) -> None:
         await self.db.close()
