@@ -71,7 +71,11 @@ class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
 VM_FAILURES: tuple[str, ...] = ("crashed", "killed", "panicked", "guest_shutdown")
 # Not failures: stopped by a hafence command, moved away by a migration, saved to disk,
 # or stopped for a reason the hypervisor did not give (never restarted on a guess).
-VM_STOPS: tuple[str, ...] = ("command", "migrated", "saved", "other")
+# "pill": stopped by the agent obeying a poison pill; its host is being fenced, and the
+# fence's confirmation releases these VMs as it does the running ones (docs/watchdog.md).
+VM_STOPS: tuple[str, ...] = ("command", "migrated", "saved", "other", "pill")
+# Stops after which the fence of the host releases the VM for a restart elsewhere.
+FENCE_STOPS: tuple[str, ...] = ("pill",)
 StopReason = Annotated[str, msgspec.Meta(max_length=32)]
 
 

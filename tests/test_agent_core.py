@@ -277,7 +277,8 @@ def test_a_poison_pill_stops_every_vm_and_is_reported(tmp_path: Path) -> None:
     assert len(ops(run.host, "stop_all")) == 1
     inv = inventories(effects)[-1]
     assert inv.pill and inv.quarantined
-    assert {(v.spec.name, v.stop_reason) for v in inv.vms} == {("vm-a", "command"), ("vm-b", "command")}
+    # "pill", not "command": nobody chose these stops; the fence's confirmation releases them.
+    assert {(v.spec.name, v.stop_reason) for v in inv.vms} == {("vm-a", "pill"), ("vm-b", "pill")}
 
 
 def test_a_command_runs_in_a_span_under_the_askers_trace_even_when_it_waited_for_a_slot(tmp_path: Path) -> None:

@@ -33,6 +33,32 @@ def test_s1_vms_are_released_only_by_a_confirmed_fence() -> None:
     assert [c.name for c in s.candidates()] == ["b"]
 
 
+def test_vms_a_poison_pill_stopped_are_released_by_the_fence_those_an_operator_stopped_are_not() -> None:
+    """The agent obeying a pill stops its VMs before its watchdog resets the host; the
+    inventory says so ("pill"). They ran until the fence: its confirmation releases them
+    (simulation, watchdog model: they stayed down), unlike a VM stopped by a command."""
+    s = SchedulerState()
+    stopped = [VmInfo(spec=VmSpec(name="vm-pill", memory_mb=1000, ha=True), state="stopped", stop_reason="pill"),
+               VmInfo(spec=VmSpec(name="vm-cmd", memory_mb=1000, ha=True), state="stopped", stop_reason="command")]
+    s.on_inventory(inv("a", "b1", ("vm-run", True)))
+    s.on_inventory(inv("b", "b2"))
+    s.on_host_event(HostEvent(host="a", kind="suspect", at=0.0, incident="i1", term=5, boot_id="b1"))
+    s.on_inventory(msgspec.structs.replace(inv("a", "b1", ("vm-run", True)),
+                                           vms=[*inv("a", "b1", ("vm-run", True)).vms, *stopped], pill=True))
+    assert s.lost == {}
+    assert s.on_fence_result(result("a", "confirmed_off"))
+    assert set(s.lost) == {"vm-run", "vm-pill"}
+
+
+def test_a_new_boot_releases_the_vms_its_old_boot_stopped_for_a_pill() -> None:
+    s = SchedulerState()
+    s.on_inventory(inv("b", "b2"))
+    s.on_inventory(msgspec.structs.replace(inv("a", "b1"), pill=True, vms=[
+        VmInfo(spec=VmSpec(name="vm-pill", memory_mb=1000, ha=True), state="stopped", stop_reason="pill")]))
+    s.on_inventory(inv("a", "b3"))  # the watchdog reset it: no incident was open
+    assert set(s.lost) == {"vm-pill"}
+
+
 def test_a_confirmation_for_one_host_releases_only_that_hosts_vms() -> None:
     s = SchedulerState()
     s.on_inventory(inv("a", "b1", ("vm1", True)))

@@ -184,8 +184,6 @@ def test_a_host_the_monitor_still_lists_is_never_confirmed_through_its_pill() ->
     assert "h1" in w.pills and w.watchdog_resets == 0 and not c.checkers.violations
 
 
-@pytest.mark.xfail(strict=True, reason="open finding (agent/scheduler): the pill's ordered stops are reported as "
-                   "commanded, so after the fence confirms the scheduler restarts nothing (docs/simulation.md)")
 def test_the_vms_a_pill_stopped_are_restarted_once_the_fence_confirms() -> None:
     """A GC pause of the agent (4 s) gets its host suspected; its BMC refuses, so the
     fencer writes the pill. The agent wakes still connected, sees the pill, stops its VMs

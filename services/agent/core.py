@@ -285,7 +285,7 @@ class AgentCore:
         if tag == "pill:list":
             self.pill_stops = [vm.spec.name for vm in (r.value or []) if vm.state == "running"] if r.ok else []
             for name in self.pill_stops:
-                self.watch.stopping(name)
+                self.watch.stopping(name, "pill")
             return [Call("hypervisor", "stop_all", (), "pill:stop")]
         if tag == "pill:stop":
             for name in self.pill_stops:

@@ -8,8 +8,10 @@ the scheduler decides whether to restart.
 
 The agent never reports a failure it did not see happen. A VM found stopped at
 the agent's start or after a boot has no reason. A stop the agent ordered is
-``command``, and a stop the hypervisor does not call a failure (migrated, saved,
-unknown) is never one, because a VM migrated away must not be started here again.
+``command``, or ``pill`` when it obeyed a poison pill (the scheduler releases those
+at the fence's confirmation as if they ran: docs/watchdog.md), and a stop the
+hypervisor does not call a failure (migrated, saved, unknown) is never one, because
+a VM migrated away must not be started here again.
 
 ``VmWatch`` is pure (VMs and ``now`` in, the report out); the agent core
 (``core.py``) logs and counts new failures and publishes the inventory that
@@ -37,7 +39,7 @@ class VmWatch:
     def __init__(self) -> None:
         self.running: set[str] = set()  # seen running in this boot
         self.stopped: dict[str, tuple[str, float]] = {}  # seen stop: (reason, when)
-        self.ordered: set[str] = set()  # stops this agent is carrying out
+        self.ordered: dict[str, str] = {}  # stops this agent is carrying out: their reason
 
     def reset(self) -> None:
         """A new boot: nothing has been seen running in it."""
@@ -50,14 +52,16 @@ class VmWatch:
         self.running.add(name)
         self.stopped.pop(name, None)
 
-    def stopping(self, name: str) -> None:
-        self.ordered.add(name)
+    def stopping(self, name: str, reason: str = "command") -> None:
+        """A stop this agent orders: ``command`` (a hafence command) or ``pill`` (it obeys
+        a poison pill: nobody chose to stop the VM, its host is being fenced)."""
+        self.ordered[name] = reason
 
     def stop_done(self, name: str, now: float) -> None:
-        self.ordered.discard(name)
+        reason = self.ordered.pop(name, "command")
         if name in self.running or name not in self.stopped:
             self.running.discard(name)
-            self.stopped[name] = ("command", now)
+            self.stopped[name] = (reason, now)
         # else: it had failed before (the scheduler confirms it stopped before moving
         # it): the failure stays what is reported.
 
@@ -77,8 +81,9 @@ class VmWatch:
                 continue
             seen = self.stopped.get(name)
             if seen is None and name in self.running:
-                said = vm.stop_reason if vm.stop_reason in VM_FAILURES + VM_STOPS else "other"
-                reason = "command" if name in self.ordered else said
+                # The hypervisor's word; "pill" is the agent's alone to say.
+                said = vm.stop_reason if vm.stop_reason in VM_FAILURES + VM_STOPS[:-1] else "other"
+                reason = self.ordered.get(name, said)
                 seen = self.stopped[name] = (reason, now)
                 if reason in VM_FAILURES:
                     failures.append(Failure(name, reason, now))

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Literal
 import msgspec
 
 from hafence import host_phase
-from hafence.contracts import FenceResult, HostEvent, Inventory, VmEvent, VmSpec
+from hafence.contracts import FENCE_STOPS, FenceResult, HostEvent, Inventory, VmEvent, VmInfo, VmSpec
 from hafence.host_phase import EventKind, Illegal, Phase
 from hafence.scheduler.placement import Candidate
 from hafence.scheduler.restarts import RestartEffect, RestartPolicy, VmRestarts
@@ -94,6 +94,13 @@ def host_released(fact: FenceResult | HostEvent, incident: str, boot: str) -> bo
     if fact.outcome != "confirmed_off":
         return False
     return bool(fact.boot_id) or not incident or fact.incident == incident
+
+
+def ran_until_fenced(vm: VmInfo) -> bool:
+    """Did the VM run on its host until the host's fence (or its boot's end)? Running,
+    or stopped by the agent obeying a poison pill: nobody chose that stop, the fence
+    did (simulation, watchdog model: such VMs were never restarted)."""
+    return vm.state == "running" or vm.stop_reason in FENCE_STOPS
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,7 +374,7 @@ class SchedulerState:
         released = False
         for vm in old.vms:
             name = vm.spec.name
-            if vm.state != "running" or copies.get(name) or name in self.lost:
+            if not ran_until_fenced(vm) or copies.get(name) or name in self.lost:
                 continue
             spec = self.resolve(vm.spec)
             if spec.ha:
@@ -563,7 +570,7 @@ class SchedulerState:
         for vm in inv.vms:
             # Running elsewhere already, or on this host's later boot (back, quarantined:
             # S6 deals with it there): not lost, whatever the fenced boot ran.
-            if vm.state != "running" or copies.get(vm.spec.name):
+            if not ran_until_fenced(vm) or copies.get(vm.spec.name):
                 continue
             spec = self.resolve(vm.spec)
             if spec.ha:
