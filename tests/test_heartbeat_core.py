@@ -119,6 +119,26 @@ def test_a_standby_publishes_nothing_and_a_new_leader_reannounces_open_suspects(
     assert not events(lead(core, 42.0, term=9), "suspect")
 
 
+def test_a_return_from_suspicion_heard_while_nobody_led_is_announced_when_the_lease_is_taken() -> None:
+    """Seed 966: "a" was suspect; it came back (a new boot) while this monitor had lost
+    the lease; when it took the lease again nobody had said "a" was alive, and every
+    service kept it suspect. The new leader says it (once), with the open suspicions."""
+    core = make(["a", "b"])
+    lead(core, 0.0)
+    beat(core, "a", 1, 0.5)
+    beat(core, "b", 1, 3.0)
+    assert events(tick(core, 3.6), "suspect")
+    handle(core, LeaseChanged(False, 7, valid_until=0.0), at(4.0))
+    assert not events(beat(core, "a", 1, 5.0, boot="boot2"), "alive")  # decided, not led: not sent
+    beat(core, "b", 2, 5.0)
+    [alive] = events(lead(core, 6.0, term=8), "alive")
+    assert alive.host == "a" and alive.term == 8
+    assert not events(lead(core, 8.0, term=8), "alive")  # a renewal says nothing again
+    # Taken again later, it is not repeated; a host suspect again is not said alive.
+    handle(core, LeaseChanged(False, 8, valid_until=0.0), at(9.0))
+    assert not events(lead(core, 10.0, term=9), "alive")
+
+
 def test_a_lease_past_its_validity_is_not_held() -> None:
     core = make(["a"])
     core.handle(LeaseChanged(True, 3, valid_until=2.0), at(0.0))

@@ -49,6 +49,10 @@ SEEDS = {
     # no boot; that name's fence request, and so its confirmed_off, named no boot, and did
     # not release b1's first incident for anyone reading the stream (the checker). Fixed:
     # a suspicion naming no boot is about the boot the host last reported; its request says so.
+    # Seed 247's case on the tree after the watchdog fault kinds redrew the plans (found
+    # by running seeds 1-300 with the rule switched off): a stale arbiter's fence of h3's
+    # old boot at the heal powered off the new boot that had just been given its VMs.
+    245: "L1 (rule off): vm3-1, vm3-2 (last on h3: off, boot 2) run nowhere",
     613: "S1 at t=151.9: vm5-1 started on h1 while h5 is in incident h5-...-88, fenced only as 'never seen'",
     680: "S1 at t=162.0: vm1-1 started on h2 while h1 is in incident h1-...-128, fenced only as 'never seen'",
 }

@@ -22,3 +22,16 @@ def test_one_senders_stepped_clock_is_not_the_monitors_lag(seed: int) -> None:
     age_overloads = [line for line in result.log.splitlines()
                      if "monitor overloaded" in line and "heartbeats" in line and "when processed" in line]
     assert age_overloads == []
+
+
+def test_a_return_from_suspicion_during_a_leadership_gap_is_announced() -> None:
+    """Seed 966 (S1 before the fix): h2's boot lost power and was suspected; its fence,
+    its BMC dead with it, was escalated. Power came back (a new boot) while neither
+    monitor held the lease, so nobody said h2 was alive; the scheduler kept h2's old
+    incident open until the new boot went silent and its suspicion replaced it, then
+    restarted a VM a compromised agent had claimed (vm2-1) while the checker still saw
+    the old boot's incident open. A monitor taking the lease now says alive for the
+    hosts it heard return since it last took it."""
+    result = run_seed(966)
+    assert not result.rule, f"seed 966: {result.rule}: {result.what}"
+    assert "host is alive host=h2" in result.log

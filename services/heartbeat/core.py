@@ -13,7 +13,11 @@ out. The rules, in the order they apply:
   incident, with the hosts late at that moment (``late_hosts``) and the boot last
   heard (S6); only the lease holder publishes;
 * a monitor that takes the lease re-announces every open suspicion as it was
-  declared (same message id: the stream drops what the old leader already sent);
+  declared (same message id: the stream drops what the old leader already sent),
+  and ``alive`` for every host it heard return from suspicion since it last took
+  the lease and still hears: that return may have been decided while nobody led,
+  or its event lost with the lease (simulation seed 966: a host back on a new
+  boot during a leadership gap stayed "suspect" in every service's view);
 * the lease holder publishes a view of the watchdog hosts it hears (``view.py``,
   timer ``views``).
 
@@ -221,6 +225,10 @@ class HeartbeatCore:
         self.batch_out: set[str] = set()  # hosts of the batch sent, not yet stored
         self.in_flight: set[str] = set()  # hosts with a host event sent, not yet stored
         self.held_back: dict[str, list[list[Effect]]] = {}  # host -> its next events, in order
+        # Hosts heard back from suspicion since the lease was last taken: their alive may
+        # have been decided while not leading, or dropped with the lease (flush,
+        # held_back); the next (re-)announce says it again while they are still heard.
+        self.returned: set[str] = set()
 
     def inputs(self) -> Inputs:
         return Inputs(
@@ -381,11 +389,17 @@ class HeartbeatCore:
         return self.reannounce(now)
 
     def reannounce(self, now: Now) -> list[Effect]:
-        """Announce what is already suspect: the old leader may have died before it could."""
+        """Announce what is already suspect: the old leader may have died before it
+        could; and the returns from suspicion that may not have been announced."""
         self.announced = True
-        if self.live is None:
+        live = self.live
+        if live is None:
             return []
-        return self.announce(list(self.live.suspects()), now.mono, now.wall)
+        back: list[Transition] = [Alive(h, was_suspect=True) for h in sorted(self.returned)
+                                  if live.state(h) == "alive"]
+        out = self.announce([*back, *live.suspects()], now.mono, now.wall)
+        self.returned.clear()  # said again under this lease: not owed any more
+        return out
 
     def publish_views(self, now: Now) -> list[Effect]:
         s = self.settings
@@ -400,6 +414,12 @@ class HeartbeatCore:
     def announce(self, transitions: list[Transition], mono: float, wall: float,
                  late_of: dict[str, list[str] | None] | None = None) -> list[Effect]:
         """Host events for ``transitions``, in order; nothing unless this monitor leads."""
+        for t in transitions:
+            # Kept whether or not this monitor leads (see ``returned``).
+            if isinstance(t, Suspect):
+                self.returned.discard(t.host)
+            elif t.was_suspect:
+                self.returned.add(t.host)
         if not self.held(mono):
             return []
         out: list[Effect] = []
