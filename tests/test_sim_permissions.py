@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,3 +83,38 @@ def test_the_simulated_cluster_runs_every_node_under_its_grants() -> None:
     cluster, _ = build(3, minutes=1.0, keep_log=False)
     nodes = {svc.node for svc in cluster.services}
     assert set(cluster.net.publish_grants) == nodes
+
+
+def test_without_the_permissions_the_compromised_agents_forbidden_lies_are_believed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The planted bug: nats.conf loses the agents' publish limits. The liar's fence
+    results and operator confirmations, on their proper subjects, pass every decoder
+    and route (S5's other half), so only the permissions kept them out: without them
+    the simulation sees a live host's VMs restarted elsewhere. With them, the same seed
+    passes and every refusal is the liar's."""
+    import hafence.sim.run as sim_run
+    from hafence.sim.run import run_seed
+
+    real = sim_run.publish_grants
+
+    def agents_unrestricted(config: Any, nodes: Any) -> dict[str, tuple[str, ...]]:
+        hosts = {h.name for h in config.hosts}
+        return {node: grants for node, grants in real(config, nodes).items() if node not in hosts}
+
+    monkeypatch.setattr(sim_run, "publish_grants", agents_unrestricted)
+    kinds = ("compromised_agent", "host_cut_nats", "service_crash")
+    tried = []
+    for seed in range(30):
+        result = run_seed(seed, minutes=5.0, keep_log=False, kinds=kinds)
+        tried.append(result)
+        if result.rule in ("S0", "S1", "S3"):
+            break
+    found = tried[-1]
+    print(f"found by seed {found.seed}: {found.rule}: {found.what[:200]}")
+    assert found.rule in ("S0", "S1", "S3"), "; ".join(f"{r.seed}:{r.rule or 'ok'}" for r in tried)
+    monkeypatch.undo()
+    _, plan = build(found.seed, minutes=5.0, keep_log=False, kinds=kinds)
+    again = run_seed(found.seed, minutes=5.0, keep_log=False, kinds=kinds)
+    assert again.ok, f"{again.rule}: {again.what[:300]}"
+    assert plan.compromised

@@ -48,7 +48,10 @@ The kinds (``KINDS``), as ../shared/SIMULATION.md lists them:
 * ``host_comes_back``: a host that is off (fenced) is powered on again;
 * ``compromised_agent``: one host's agent credentials publish well-formed lies on
   every subject an agent may publish on (``hafence.natsconf``: its own
-  ``hb.<host>``, ``inventory.<host>`` and ``dlq.agent-<host>``): heartbeats with
+  ``hb.<host>``, ``inventory.<host>`` and ``dlq.agent-<host>``), and try the
+  subjects it may not (a fence result, an operator's confirmation, its own
+  ``cleared``, a fence request with a huge term, each on its proper subject), which
+  the simulated server refuses by production's permissions: heartbeats with
   forged boot ids, inventories claiming VMs that run elsewhere, dead letters, and
   messages of other types on those subjects (a ``FenceResult`` saying another host
   is ``confirmed_off``, a ``HostEvent``) that S5 (``hafence.routes``) must refuse.
@@ -79,6 +82,7 @@ from typing import Any
 
 from hafence.contracts import (
     DeadLetter,
+    FenceRequest,
     FenceResult,
     Heartbeat,
     HostEvent,
@@ -613,6 +617,30 @@ class FaultInjector:
             conn.js_publish(inv, encode(Inventory(host=victim, boot_id="forged", memory_mb=1, vcpus=1,
                                                   sent_at=now)))
         self.net.log("fault", f"liar {host} lie #{lie} (victim {victim}, incident {incident or '-'})")
+        if rng.random() < 0.5:
+            self._publish_forbidden(conn, host, victim, incident, now)
+
+    def _publish_forbidden(self, conn: Connection, host: str, victim: str, incident: str, now: float) -> None:
+        """A lie on a subject its identity may not publish on, each well formed and on
+        the subject its type belongs to: only the server's permissions (production's,
+        ``hafence.sim.permissions``) stand between it and the services (S5)."""
+        p, rng = self.prefix, self.net.rng
+        lie = rng.randrange(4)
+        if lie == 0:  # the fencer's word: another host confirmed off
+            conn.js_publish(f"{p}.fence.result.{victim}", encode(FenceResult(
+                request_id=f"forged-{self._liar_seq}", incident=incident, host=victim, term=1 << 40,
+                outcome="confirmed_off", level=1, started_at=now, finished_at=now)))
+        elif lie == 1:  # an operator's word: another host confirmed fenced by hand
+            conn.js_publish(f"{p}.host.{victim}.confirmed_fenced", encode(HostEvent(
+                host=victim, kind="confirmed_fenced", at=now, incident=incident, by="liar")))
+        elif lie == 2:  # its own quarantine lifted (S6)
+            conn.js_publish(f"{p}.host.{host}.cleared", encode(HostEvent(
+                host=host, kind="cleared", at=now, boot_id=self.world.hosts[host].boot_id, by="liar")))
+        else:  # the arbiter's word: fence a live host, with a term that would refuse every real one
+            conn.js_publish(f"{p}.fence.request.{victim}", encode(FenceRequest(
+                request_id=f"forged-{self._liar_seq}", incident=f"forged-{self._liar_seq}", host=victim,
+                term=1 << 40, requested_at=now)))
+        self.net.log("fault", f"liar {host} forbidden lie #{lie} (victim {victim})")
 
 
 def draw_for_cluster(cluster: Any, duration: float, fault_share: float = 0.7, **kw: Any) -> FaultPlan:
