@@ -144,7 +144,10 @@ def test_a_host_comes_back_only_when_it_is_off() -> None:
 
 
 def test_the_compromised_agent_publishes_only_on_its_own_subjects() -> None:
+    """It tries the others too; the server's grants (production's, as the simulated
+    cluster installs them: test_sim_permissions.py) refuse those."""
     s, w, net, services, clocks = cluster()
+    net.publish_grants = {"h2": ("hafence.hb.h2", "hafence.inventory.h2", "hafence.dlq.agent-h2")}
     seen: list[str] = []
     watcher = net.connect("watcher")
     watcher.subscribe("hafence.>", lambda m: seen.append(m.subject))
@@ -157,7 +160,9 @@ def test_the_compromised_agent_publishes_only_on_its_own_subjects() -> None:
     assert len(lies) > 10
     assert seen and set(seen) <= {"hafence.hb.h2"}  # core publishes; stored ones have no stream here
     assert any("js pub hafence.inventory.h2" in line for line in net.log.lines)
-    assert not any("pub hafence.fence" in line or "pub hafence.host" in line for line in net.log.lines)
+    forbidden = [line for line in lies if "forbidden lie" in line]
+    assert forbidden and net.denied and {node for _, node, _ in net.denied} == {"h2"}
+    assert {subject.split(".")[1] for _, _, subject in net.denied} <= {"fence", "host"}
     assert all(float(line.split()[0]) < 60.0 for line in lies)
 
 
