@@ -375,3 +375,32 @@ def test_starts_sent_to_a_new_boot_an_old_incidents_fence_powered_off_are_releas
     assert s.on_fence_result(new)
     assert ("vm1", "a") not in s.reserved and s.voided("a")
     assert s.next_step(lost, [("a", "sending")]) == ("place", "")
+
+
+def test_a_host_kept_off_while_its_fence_was_under_way_is_a_target_again_once_it_is_over() -> None:
+    """Simulation seed 3 (fence action "reboot"): each time the host of vm1 was fenced by a
+    power cycle, its new boot was heard before the fence's result, and the hold that keeps
+    a released VM off a host about to be powered off (seed 293) stayed in ``failed_on``
+    after the fence had ended. Three such fences and the VM waited for capacity forever,
+    with every host up and cleared (L1)."""
+    s = SchedulerState()
+    s.on_inventory(inv("h1", "b1", ("vm1", True)))
+    s.on_inventory(inv("h2", "c1"))
+    s.on_host_event(HostEvent(host="h1", kind="suspect", at=0.0, incident="i1", boot_id="b1"))
+    s.on_host_event(HostEvent(host="h1", kind="fence_requested", at=0.0, incident="i1"))
+    s.on_inventory(inv("h1", "b2"))  # the reboot: the new boot reports before the result
+    s.on_host_event(HostEvent(host="h1", kind="alive", at=0.0))
+    assert set(s.lost) == {"vm1"} and s.failed_on["vm1"] == {"h1"}  # held off while the fence runs
+    s.on_fence_result(result("h1", "confirmed_off", incident="i1"))
+    assert "h1" not in s.failed_on["vm1"] and not s.exhausted("vm1")
+
+
+def test_a_start_that_really_failed_on_a_host_is_not_forgotten_when_its_fence_ends() -> None:
+    s = SchedulerState()
+    s.on_inventory(inv("h1", "b1", ("vm1", True)))
+    s.on_inventory(inv("h2", "c1"))
+    s.on_host_event(HostEvent(host="h2", kind="suspect", at=0.0, incident="i2", boot_id="c1"))
+    s.on_host_event(HostEvent(host="h2", kind="fence_requested", at=0.0, incident="i2"))
+    s.on_start_result("vm1", "h2", "failed")
+    s.on_fence_result(result("h2", "confirmed_off", incident="i2"))
+    assert s.failed_on["vm1"] == {"h2"}

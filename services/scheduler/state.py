@@ -180,6 +180,11 @@ class SchedulerState:
     reserved: dict[tuple[str, str], VmSpec] = field(default_factory=dict)
     # Hosts a VM's start failed on (or that were fenced since we asked them).
     failed_on: dict[str, set[str]] = field(default_factory=dict)
+    # Host -> VMs put in ``failed_on`` only because a fence of that host was under way
+    # when they were released (``_rebooted``): not a failure, a hold that ends with the
+    # fence (seed 3 with fence action "reboot": three such holds and the VM waited for
+    # capacity for ever).
+    fence_holds: dict[str, set[str]] = field(default_factory=dict)
     # Effects already emitted: duplicates announced, stops and clears sent (with when).
     announced: dict[str, frozenset[str]] = field(default_factory=dict)
     stops_sent: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -384,7 +389,10 @@ class SchedulerState:
                     # (closed by the return) is under way: it may power it off (seed 293).
                     # A fence never requested (held by the storm guard) keeps nothing off
                     # it (seed 262: the VMs waited for room that was there).
-                    self.failed_on.setdefault(name, set()).add(host)
+                    failed = self.failed_on.setdefault(name, set())
+                    if host not in failed:
+                        failed.add(host)
+                        self.fence_holds.setdefault(host, set()).add(name)
                 released = True
         if released:
             self.reboots.append((host, incident))
@@ -490,6 +498,7 @@ class SchedulerState:
             fencing.discard(incident)
             if not fencing:
                 del self.fencing[host]
+                self._release_holds(host)
             self.capacity_version += 1
 
     def _fence_done(self, host: str, incident: str) -> None:
@@ -505,7 +514,13 @@ class SchedulerState:
         else:
             fencing.clear()
         if not fencing and self.fencing.pop(host, None) is not None:
+            self._release_holds(host)
             self.capacity_version += 1
+
+    def _release_holds(self, host: str) -> None:
+        """No fence of ``host`` is under way any more: the VMs held off it may go there."""
+        for vm in self.fence_holds.pop(host, ()):
+            self.failed_on.get(vm, set()).discard(host)
 
     def fence_pending(self, host: str) -> bool:
         """A fence of this host (any incident, any boot) is in flight or failed, not
