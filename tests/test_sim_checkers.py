@@ -238,10 +238,30 @@ def test_l1_excuses_a_fence_given_up_on_and_a_cluster_without_room() -> None:
     w.lose_power("h1")
     c.on_effect("arbiter", host_event("fence_failed", alert=True))
     assert c.check_recovery() and not c.violations
+    assert c.excused == {"vm1": "given up"}
     _s, w, c = setup()
     w.hosts["h2"].memory_mb = 512
     w.lose_power("h1")
     assert "no room" in c.check_recovery()[0]
+    assert c.excused == {"vm1": "no room"}
+
+
+def test_l1_says_why_each_host_could_take_no_vm() -> None:
+    """How much L1 did not check, and why: a reader of the batch tells a cluster sized too
+    tight (full) from one that lost its hosts (off, fenced, quarantined)."""
+    s, w, c = setup()
+    w.add_host("h3")
+    w.add_host("h4")
+    w.hosts["h2"].memory_mb = 512
+    w.hang("h4")
+    s.run_until_complete(w.power.fence(fence_request()))
+    s.run(until=10)
+    w.lose_power("h3")
+    excuse = c.check_recovery()[0]
+    assert excuse.startswith("no room: 1 HA VM down (1024 MiB), 512 MiB free"), excuse
+    assert excuse.endswith("h1 off (fenced), h2 full (512 MiB free), h3 off (no mains), h4 hung"), excuse
+    w.power_on("h1")  # back after its fence, not cleared
+    assert "h1 fenced and quarantined" in c.check_recovery()[0]
 
 
 def test_l1_counts_no_room_on_a_fenced_host_that_came_back_until_it_is_cleared() -> None:
@@ -391,3 +411,17 @@ def test_s1_a_confirmed_off_naming_no_boot_releases_the_boot_the_truth_shows_gon
     c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
         host="h1", kind="suspect", at=0.0, incident="i2", boot_id=w.hosts["h1"].boot_id)))
     assert rule_of(lambda: c.on_effect("scheduler", start())) == "S1"
+
+
+def test_the_seed_line_and_the_batch_say_how_many_vms_l1_excused_and_why() -> None:
+    from hafence.sim.__main__ import excused_summary
+    from hafence.sim.run import RunResult
+
+    r = RunResult(7, 10.0, 5, excused={"no room": 3})
+    assert r.summary().endswith(": ok; L1 excused 3 VMs (no room)")
+    r.excused = {"no room": 2, "given up": 1}
+    assert r.summary().endswith("; L1 excused 3 VMs (1 given up, 2 no room)")
+    assert RunResult(8, 10.0, 5).summary().endswith(": ok")
+    assert excused_summary({}, {}, 0, 300) == "no VM in 300 seed(s)"
+    assert excused_summary({"no room": 12, "given up": 1}, {"no room": 4, "given up": 1}, 5, 300) == (
+        "13 VM(s) in 5 of 300 seed(s) (given up: 1 VM(s) in 1 seed(s); no room: 12 VM(s) in 4 seed(s))")

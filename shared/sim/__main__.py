@@ -62,6 +62,15 @@ def report_violation(result: RunResult, tail: int, log_dir: Path | None, out: Te
           file=out)
 
 
+def excused_summary(vms: dict[str, int], seeds: dict[str, int], any_seeds: int, ran: int) -> str:
+    """``no VM in 300 seed(s)`` or ``12 VM(s) in 5 of 300 seed(s) (no room: 10 VM(s) in 4 seed(s);
+    given up: 2 VM(s) in 1 seed(s))``."""
+    if not vms:
+        return f"no VM in {ran} seed(s)"
+    parts = "; ".join(f"{why}: {vms[why]} VM(s) in {seeds[why]} seed(s)" for why in sorted(vms))
+    return f"{sum(vms.values())} VM(s) in {any_seeds} of {ran} seed(s) ({parts})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hafence.sim", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[RunResult] = []
     steps = minutes = 0.0
     ran = 0
+    excused_vms: dict[str, int] = {}  # why -> VMs L1 excused, over the batch
+    excused_seeds: dict[str, int] = {}  # why -> seeds with such an excuse
+    excused_any = 0  # seeds with any excuse
     # Logs are kept only where they will be shown: a failing seed of a batch is run again
     # with its log (the same seed gives the same run).
     keep = args.seed is not None
@@ -92,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         ran += 1
         steps += result.steps
         minutes += result.minutes
+        excused_any += 1 if result.excused else 0
+        for why, vms in result.excused.items():
+            excused_vms[why] = excused_vms.get(why, 0) + vms
+            excused_seeds[why] = excused_seeds.get(why, 0) + 1
         if not result.ok:
             failed.append(result)
             if not args.keep_going:
@@ -104,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         print(run_seed(args.seed, args.minutes, args.hosts).log, end="")
     print(f"{ran} seed(s), {minutes:g} simulated minutes, {steps:.0f} steps: "
           f"{'all passed' if not failed else f'{len(failed)} violated'}", flush=True)
+    # How much L1 really checked: a seed excused by "no room" checked no recovery at all.
+    print(f"L1 excused: {excused_summary(excused_vms, excused_seeds, excused_any, ran)}", flush=True)
     took = time.perf_counter() - began
     print(f"{ran} seed(s) in {took:.1f} s: {took / max(ran, 1):.2f} s per seed with {args.jobs} job(s)",
           file=sys.stderr, flush=True)

@@ -133,6 +133,8 @@ class Checkers:
     _tally: dict[str, _Tally] = field(default_factory=dict)
     _reported: set[tuple[str, str]] = field(default_factory=set)
     _crash_counts: dict[str, int] = field(default_factory=dict)
+    # L1's excuses by VM (filled by check_recovery): VM -> why it was not checked
+    excused: dict[str, str] = field(default_factory=dict)
 
     # -- reporting ---------------------------------------------------------------------
     def violation(self, rule: str, what: str, key: str = "") -> None:
@@ -334,11 +336,28 @@ class Checkers:
         return fenced and self.cleared_at.get(host, -1.0) < h.booted_at
 
     # -- L1 -----------------------------------------------------------------------------------
+    def _unavailable(self, host: str, smallest: int) -> str:
+        """Why ``host`` takes no more VMs at the end (empty: it may): what a reader of an
+        excuse needs to tell a cluster sized too tight from a cluster that lost hosts."""
+        h = self.world.hosts[host]
+        fenced = any(r.host == host and r.outcome == "confirmed_off" for r in self.world.runs)
+        if not h.powered:
+            return f"{host} off{' (fenced)' if fenced else ''}{'' if h.mains else ' (no mains)'}"
+        if h.hung:
+            return f"{host} hung"
+        if self._quarantined(host):
+            return f"{host} fenced and quarantined"
+        free = h.memory_mb - h.used_memory()
+        return f"{host} full ({free} MiB free)" if free < smallest else ""
+
     def check_recovery(self) -> list[str]:
         """After the heal phase: every HA VM runs on a live host. Returns the excuses
-        taken (no room, a fence given up on), one line each; violations are raised/kept."""
+        taken (no room, a fence given up on), one line each; violations are raised/kept.
+        ``excused`` says which VMs were excused and why (``no room``, ``given up``,
+        ``compromised``): how much of the cluster L1 did not check."""
         w = self.world
         excuses: list[str] = []
+        self.excused = {}
         live = [h for h in w.hosts.values() if h.answers]
         missing = [vm for vm, d in sorted(w.vms.items())
                    if d.spec.ha and not any(vm in h.running for h in live)]
@@ -348,19 +367,26 @@ class Checkers:
         free = sum(h.memory_mb - h.used_memory() for h in usable)
         need = sum(w.vms[vm].spec.memory_mb for vm in missing)
         if need > free:
-            excuses.append(f"no room: {need} MiB of HA VMs down, {free} MiB free on live hosts that may take VMs")
+            smallest = min(w.vms[vm].spec.memory_mb for vm in missing)
+            why = [r for r in (self._unavailable(h, smallest) for h in sorted(w.hosts)) if r]
+            excuses.append(f"no room: {len(missing)} HA VM{'s' if len(missing) > 1 else ''} down ({need} MiB), "
+                           f"{free} MiB free on live hosts that may take VMs; {', '.join(why)}")
+            self.excused = dict.fromkeys(missing, "no room")
             return excuses
         lost: list[str] = []
         for vm in missing:
             host = w.last_host.get(vm, w.vms[vm].home)
             if vm in self.disputed:
                 excuses.append(f"{vm}: a compromised agent claimed to run it")
+                self.excused[vm] = "compromised"
                 continue
             if host in self.compromised:
                 excuses.append(f"{vm}: its host {host} has a compromised agent (it may hide its own VMs)")
+                self.excused[vm] = "compromised"
                 continue
             if self.given_up.get(host) and not self.given_up_with_watchdog.get(host):
                 excuses.append(f"{vm}: the fence of {host} was given up on (an operator must confirm)")
+                self.excused[vm] = "given up"
                 continue
             state = w.hosts[host]
             watchdog = ", its fence given up with a working watchdog level" if self.given_up.get(host) else ""

@@ -43,6 +43,9 @@ class RunResult:
     at: float = 0.0
     plan: str = ""
     excuses: list[str] = field(default_factory=list)
+    # L1's excuses counted: why -> how many VMs ("no room", "given up", "compromised"); a
+    # reader sees how much of the cluster L1 did not check
+    excused: dict[str, int] = field(default_factory=dict)
     log: str = ""  # the event log (kept only when asked for)
 
     @property
@@ -51,8 +54,19 @@ class RunResult:
 
     def summary(self) -> str:
         verdict = "ok" if self.ok else f"VIOLATED {self.rule} at t={self.at:.3f}"
+        excused = f"; L1 excused {excused_text(self.excused)}" if self.excused else ""
         return (f"seed {self.seed}: {self.minutes:g} simulated min, {self.hosts} hosts, {self.steps} steps, "
-                f"{self.faults} faults, {self.fences} fences, {self.vm_starts} VM starts: {verdict}")
+                f"{self.faults} faults, {self.fences} fences, {self.vm_starts} VM starts: {verdict}{excused}")
+
+
+def excused_text(excused: dict[str, int]) -> str:
+    """``3 VMs (no room)``, ``3 VMs (2 no room, 1 given up)``."""
+    total = sum(excused.values())
+    if len(excused) == 1:
+        why = next(iter(excused))
+    else:
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(excused.items()))
+    return f"{total} VM{'s' if total != 1 else ''} ({why})"
 
 
 def build(seed: int, minutes: float = DEFAULT_MINUTES, hosts: int = 5, keep_log: bool = True,
@@ -107,6 +121,8 @@ def run_seed(seed: int, minutes: float = DEFAULT_MINUTES, hosts: int = 5, keep_l
     try:
         s.run(until=end, after_step=check)
         result.excuses = checkers.check_recovery()
+        for why in checkers.excused.values():
+            result.excused[why] = result.excused.get(why, 0) + 1
     except SafetyViolation as err:
         v = err.violation
         result.rule, result.what, result.at = v.rule, v.what, v.time
