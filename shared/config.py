@@ -166,6 +166,11 @@ class SchedulerSection(_Section):
 class AgentSection(_Section):
     # VM starts an agent runs at once (a host receiving 50 starts boots them in parallel).
     max_parallel_starts: Annotated[int, msgspec.Meta(ge=1, le=256)] = 8
+    # While a burst of VM commands runs, a finished start's inventory waits for the burst
+    # to drain, at most this long (0: one inventory per start, as before). The reply to
+    # each command is never held. At most 1 s: the scheduler's view of the host lags by
+    # up to this much (docs/cores.md, "## agent").
+    inventory_coalesce_s: Annotated[float, msgspec.Meta(ge=0, le=1.0)] = 0.05
 
 
 class _Device(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="driver"):

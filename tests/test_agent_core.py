@@ -11,7 +11,20 @@ import pytest
 from hafence.agent.core import AgentCore, HostState, WatchdogStatus
 from hafence.config import ClusterConfig, parse_config
 from hafence.contracts import AgentReply, Heartbeat, HostEvent, Inventory, VmInfo, VmSpec, VmStart, VmStop
-from hafence.core import Asked, Call, Delivered, Effect, Event, Now, Publish, Reply, Returned, Started, TimerFired
+from hafence.core import (
+    Asked,
+    Call,
+    Delivered,
+    Effect,
+    Event,
+    Now,
+    Publish,
+    Reply,
+    Returned,
+    SetTimer,
+    Started,
+    TimerFired,
+)
 from tests.conftest import cluster_toml
 
 CMD = "hafence.agent.h1.cmd"
@@ -305,3 +318,111 @@ def test_an_agent_started_on_a_host_that_is_off_renews_and_reports_nothing(tmp_p
     assert [c for c in host.calls if c.port == "storage"] == []
     assert inventories(run.effects) == [] and heartbeats(run.effects) == []
     assert len(ops(host, "stop_all")) == 1
+
+
+# --- coalesced inventories ([agent] inventory_coalesce_s) ---------------------------------
+
+def start(run: Run, token: int, name: str) -> list[Effect]:
+    return run.feed(Asked("cmd", CMD, VmStart(vm=VmSpec(name=name, memory_mb=1)), token=token))
+
+
+def answer_one(run: Run, name: str) -> list[Effect]:
+    """Answer the held start of one VM (the others stay held)."""
+    [call] = [c for c in run.host.held if c.op == "start" and c.args[0].name == name]
+    run.host.held.remove(call)
+    return run.feed(Returned(call.tag, value=run.host.answer(call)))
+
+
+def running_in(inv: Inventory) -> set[str]:
+    return {v.spec.name for v in inv.vms if v.state == "running"}
+
+
+def flush_timers(effects: list[Effect]) -> list[SetTimer]:
+    return [e for e in effects if isinstance(e, SetTimer) and e.key == "inv:flush"]
+
+
+NAMES = [f"vm-{i:02d}" for i in range(20)]
+
+
+def test_a_burst_of_starts_publishes_one_inventory_with_every_vm_and_every_reply_at_once(tmp_path: Path) -> None:
+    """A 50-VM failover sent one inventory per start (each stored, decoded by the
+    scheduler and the arbiter): the burst's starts are reported together when it drains."""
+    run = started(tmp_path, extra="[agent]\nmax_parallel_starts = 4\n")
+    run.host.hold.add("start")
+    for token, name in enumerate(NAMES, start=1):
+        start(run, token, name)
+    before = len(inventories(run.effects))
+    effects = run.release("start")  # each start done dispatches the next waiting one
+    invs = inventories(effects)
+    assert len(invs) == 1 and len(inventories(run.effects)) == before + 1
+    assert running_in(invs[-1]) == set(NAMES)
+    # Every reply went out, the inventory only after the last of them: nothing waited for it.
+    assert sorted(r.vm for r in replies(effects)) == NAMES and all(r.ok for r in replies(effects))
+    last_reply = max(i for i, e in enumerate(effects) if isinstance(e, Reply))
+    assert effects.index(next(e for e in effects if isinstance(e, Publish) and isinstance(e.message, Inventory))) \
+        > last_reply
+    assert not run.core.held
+
+
+def test_a_burst_that_does_not_drain_is_reported_at_the_bound_set_once(tmp_path: Path) -> None:
+    run = started(tmp_path, extra="[agent]\nmax_parallel_starts = 4\ninventory_coalesce_s = 0.08\n")
+    run.host.hold.add("start")
+    for token, name in enumerate(NAMES[:4], start=1):
+        start(run, token, name)
+    effects: list[Effect] = []
+    for name in NAMES[:3]:  # the fourth start hangs: the burst does not drain
+        one = answer_one(run, name)
+        assert [r.vm for r in replies(one)] == [name]  # each reply at once
+        effects += one
+    assert inventories(effects) == []
+    # The bound runs from the first held change and is not pushed back by later ones.
+    assert flush_timers(effects) == [SetTimer("inv:flush", 0.08)]
+    [inv] = inventories(run.feed(TimerFired("inv:flush")))
+    assert running_in(inv) == set(NAMES[:3])
+    # The last start, alone now: reported at once.
+    [last] = inventories(answer_one(run, NAMES[3]))
+    assert running_in(last) == set(NAMES[:4])
+
+
+def test_a_single_start_is_reported_at_once(tmp_path: Path) -> None:
+    run = started(tmp_path)
+    effects = start(run, 1, "vm-a")
+    [inv] = inventories(effects)
+    assert running_in(inv) == {"vm-a"} and flush_timers(effects) == []
+
+
+def test_zero_keeps_one_inventory_per_start(tmp_path: Path) -> None:
+    run = started(tmp_path, extra="[agent]\nmax_parallel_starts = 4\ninventory_coalesce_s = 0\n")
+    run.host.hold.add("start")
+    for token, name in enumerate(NAMES, start=1):
+        start(run, token, name)
+    effects = run.release("start")
+    assert len(inventories(effects)) == len(NAMES) and flush_timers(effects) == []
+    assert running_in(inventories(effects)[-1]) == set(NAMES)
+
+
+def test_a_stop_is_reported_at_once_during_a_burst_with_the_starts_held_so_far(tmp_path: Path) -> None:
+    """A stop's report is never held: the scheduler reads "stopped" to clear a duplicate
+    and to find a quarantined host clean, and a stale "running" there is a wrong call."""
+    run = started(tmp_path, FakeHost(running=("vm-x",)), extra="[agent]\nmax_parallel_starts = 4\n")
+    run.host.hold.add("start")
+    for token, name in enumerate(NAMES[:3], start=1):
+        start(run, token, name)
+    assert inventories(answer_one(run, NAMES[0])) == []  # held: two starts still run
+    [inv] = inventories(run.feed(Asked("cmd", CMD, VmStop(vm="vm-x"), token=9)))
+    assert running_in(inv) == {NAMES[0]}
+    assert ("vm-x", "stopped") in {(v.spec.name, v.state) for v in inv.vms}
+    # That report covered the held start: the bound has nothing left to send.
+    assert inventories(run.feed(TimerFired("inv:flush"))) == []
+
+
+def test_a_poll_during_a_burst_reports_the_held_starts(tmp_path: Path) -> None:
+    run = started(tmp_path, extra="[agent]\nmax_parallel_starts = 4\n")
+    run.host.hold.add("start")
+    for token, name in enumerate(NAMES[:3], start=1):
+        start(run, token, name)
+    answer_one(run, NAMES[0])
+    run.mono += 0.2
+    [inv] = inventories(run.feed(TimerFired("inv")))
+    assert running_in(inv) == {NAMES[0]} and not run.core.held
+    assert inventories(run.feed(TimerFired("inv:flush"))) == []

@@ -196,3 +196,23 @@ def test_config_check_warns_when_a_topology_is_slower_than_the_fence_deadline(
     assert main(["config", "check", str(path)]) == 0
     # Two levels, each 20s with one retry: 80s against a 30s deadline.
     assert "fence_deadline_s = 30s is shorter than the slowest fence of: h1 (80s)" in capsys.readouterr().out
+
+
+def test_inventory_coalescing_defaults_small_and_zero_turns_it_off() -> None:
+    assert parse_config(GOOD).agent.inventory_coalesce_s == 0.05
+    assert parse_config(GOOD + "\n[agent]\ninventory_coalesce_s = 0\n").agent.inventory_coalesce_s == 0.0
+
+
+@pytest.mark.parametrize(("value", "problem"), [("-0.1", "Expected `float` >= 0.0"),
+                                                ("2.0", "Expected `float` <= 1.0")])
+def test_config_check_refuses_a_coalescing_bound_out_of_range(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str, problem: str
+) -> None:
+    """Negative means nothing; above a second the scheduler's view of a host would lag
+    long enough to matter (docs/cores.md, "## agent")."""
+    from hafence.cli import main
+
+    path = tmp_path / "cluster.toml"
+    path.write_text(GOOD + f"\n[agent]\ninventory_coalesce_s = {value}\n")
+    assert main(["config", "check", str(path)]) == 2
+    assert f"agent.inventory_coalesce_s: {problem}" in capsys.readouterr().err

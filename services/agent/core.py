@@ -50,6 +50,7 @@ from hafence.contracts import (
 from hafence.core import (
     Asked,
     Call,
+    CancelTimer,
     Delivered,
     Effect,
     Event,
@@ -125,6 +126,7 @@ class AgentCore:
         self.storage_lease = bool(config.storage.lease_dir) if storage_lease is None else storage_lease
         self.watchdog = bool(config.storage.slot_dir) if watchdog is None else watchdog
         self.max_parallel = config.agent.max_parallel_starts
+        self.coalesce_s = config.agent.inventory_coalesce_s
         self.managed = {vm.name for vm in config.vms}
         self.definitions = {vm.name: vm.definition for vm in config.vms}
         self.definitions_dir = config.storage.definitions_dir
@@ -147,6 +149,14 @@ class AgentCore:
         self.published: list[tuple[str, str]] | None = None
         self.publishing: dict[str, list[tuple[str, str]]] = {}
         self.publishes = 0
+        # Coalescing (``[agent] inventory_coalesce_s``): changes held back while a burst of
+        # commands runs. ``held_gen`` counts them, ``listing_gen`` is the count a listing under
+        # way covers, ``reported_gen`` the count the last published inventory covers;
+        # ``held`` is set while some held change is not yet in a published inventory.
+        self.held = False
+        self.held_gen = 0
+        self.listing_gen = 0
+        self.reported_gen = 0
         # Commands: waiting in arrival order, and running (one per VM at a time).
         self.waiting: deque[_Command] = deque()
         self.running: dict[int, _Command] = {}
@@ -194,6 +204,8 @@ class AgentCore:
             case _:
                 pass
         out += self._dispatch()
+        if self.held and not self.running and not self.waiting:
+            out += self._flush()  # the burst drained: report what it did now
         return out
 
     def _timer(self, key: str, now: Now) -> list[Effect]:
@@ -205,6 +217,8 @@ class AgentCore:
             return out
         if key == "inv":
             return [SetTimer("inv", self.poll_s), *self._list()]
+        if key == "inv:flush":
+            return self._flush() if self.held else []
         if key == "lease":
             return [SetTimer("lease", self.renew_s), *self._renew()]
         if key == "autostart":
@@ -276,7 +290,8 @@ class AgentCore:
         if tag == "hv:changed":
             if not r.ok:
                 return [SetTimer("hv:changed", RETRY_S)]
-            return [*self._changed(), Call("hypervisor", "changed", (), "hv:changed")]
+            # Libvirt wakes the agent for its own starts too: during a burst, coalesced.
+            return [*self._changed(coalesce=True), Call("hypervisor", "changed", (), "hv:changed")]
         if tag == "wd:changed":
             if not r.ok:
                 return [Log("warning", "watchdog port failed", {"host": self.host, "error": r.error}),
@@ -353,10 +368,38 @@ class AgentCore:
 
     # --- inventories ------------------------------------------------------------
 
-    def _changed(self) -> list[Effect]:
-        """Something changed (made here or seen): report it now, not at the next poll."""
+    def _changed(self, coalesce: bool = False) -> list[Effect]:
+        """Something changed (made here or seen): report it now, not at the next poll.
+
+        ``coalesce`` (a start done, a hypervisor wake-up): while other commands of a
+        burst still run or wait, the report is held until the burst drains or
+        ``inventory_coalesce_s`` after the first held change, whichever comes first
+        (a 50-VM failover sent one inventory per start: 50 reports, each stored and
+        decoded by the scheduler and the arbiter). The reply to each command is never
+        held, and neither is any other change (a stop, a power loss, a boot, the
+        quarantine, the watchdog): docs/cores.md, "## agent", says why a report late by
+        at most the bound changes no decision."""
         self.dirty = True
-        return self._list()
+        if coalesce and self.coalesce_s > 0 and (self.running or self.waiting):
+            self.held_gen += 1
+            if self.held:
+                return []  # the bound runs from the first held change: never pushed back
+            self.held = True
+            return [SetTimer("inv:flush", self.coalesce_s)]
+        out = self._list()
+        if self.held:
+            # The listing asked now (or the one asked again after the listing under way)
+            # is taken after every held change: it reports them.
+            self.held = False
+            out.append(CancelTimer("inv:flush"))
+        return out
+
+    def _flush(self) -> list[Effect]:
+        """The held changes go out: a listing, unless a published one covers them already."""
+        if self.reported_gen < self.held_gen:
+            return self._changed()
+        self.held = False
+        return [CancelTimer("inv:flush")]
 
     def _list(self) -> list[Effect]:
         if self.phase != "up":
@@ -365,6 +408,7 @@ class AgentCore:
             self.relist = True  # the listing under way may predate the change
             return []
         self.listing = True
+        self.listing_gen = self.held_gen
         return [Call("hypervisor", "list_vms", (), "inv")]
 
     def _listed(self, r: Returned, now: Now) -> list[Effect]:
@@ -379,6 +423,12 @@ class AgentCore:
                    or now.mono - self.last_inventory >= self.inventory_s)
             if due or summary != self.published:
                 self.dirty = False
+                self.reported_gen = max(self.reported_gen, self.listing_gen)
+                if self.held and self.reported_gen >= self.held_gen:
+                    # Published with every held change in it (a poll, a stop's report):
+                    # nothing left to flush.
+                    self.held = False
+                    out.append(CancelTimer("inv:flush"))
                 if self.relist:
                     self.relist = False
                     out += self._list()
@@ -515,7 +565,10 @@ class AgentCore:
         if step == "start":
             self.watch.started(c.name)
             metrics.AGENT_VM_STARTS.labels(self.host, "started").inc()
-            return self._finish(c, AgentReply(host=self.host, vm=c.name, ok=True, state="running")) + self._changed()
+            # The reply goes at once (the scheduler's wave waits on it); the report may wait
+            # for the burst (``_changed``). ``_finish`` first: this command no longer runs.
+            out = self._finish(c, AgentReply(host=self.host, vm=c.name, ok=True, state="running"))
+            return out + self._changed(coalesce=True)
         if step == "stop":
             self.watch.stop_done(c.name, now.wall)
             return self._finish(c, AgentReply(host=self.host, vm=c.name, ok=True, state="stopped")) + self._changed()

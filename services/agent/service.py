@@ -4,7 +4,8 @@
 
 Publishes a heartbeat every interval (core NATS) and its inventory (JetStream)
 at boot, after every change it makes or sees (it polls its hypervisor every
-heartbeat interval), and every ``inventory_interval_s``; serves VmStart/VmStop
+heartbeat interval; the starts of a burst of commands are reported together, within
+``[agent] inventory_coalesce_s``), and every ``inventory_interval_s``; serves VmStart/VmStop
 on ``<prefix>.agent.<host>.cmd``, up to ``[agent] max_parallel_starts`` at once
 (commands for one VM run one after the other, so a start asked again while the
 first still boots answers "already running").
