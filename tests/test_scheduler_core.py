@@ -305,6 +305,30 @@ def test_a_start_nobody_heard_or_the_agent_refused_moves_to_another_host(tmp_pat
     assert sorted((row[0], row[2]) for row in failed) == [("vm-a", "h2"), ("vm-b", "h2")]
 
 
+def test_nobody_listening_when_a_start_in_doubt_is_asked_again_does_not_move_the_vm(tmp_path: Path) -> None:
+    """Simulation seed 44 (S1): vm-a's start on h2 went unanswered (h2 got it, started
+    it, and was cut off before its reply); asked again, nobody listened on h2 any more,
+    and the VM was started on h3 while it ran on h2. Nobody hearing the second ask says
+    nothing of the first: it waits for h2's fate like any start in doubt."""
+    h = Harness(tmp_path)
+    h.inventory("h1", ["vm-a"])
+    h.inventory("h2", [], memory_mb=32768)
+    h.inventory("h3", [], memory_mb=8192)
+    h.lead()
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    assert h.starts() == [("h2", "vm-a")]
+    h.answer("vm-a", error="timeout: nats: timeout")
+    assert h.starts() == [("h2", "vm-a"), ("h2", "vm-a")]
+    h.answer("vm-a", error="no_responders: nats: no responders available for request")
+    assert all(target == "h2" for target, _ in h.starts())
+    assert not [row for row in h.store.rows.values() if row[3] == "failed"]
+    # h2 is fenced: whatever it started is off, and vm-a moves on.
+    h.suspect("h2", "h2-b1-1", "h2-b1")
+    h.fence("h2", "h2-b1-1", "h2-b1")
+    h.answer("vm-a", error="no_responders: nats: no responders available for request")
+    assert h.starts()[-1] == ("h3", "vm-a")
+
+
 # -- restarts and takeovers use the history -------------------------------------------
 
 

@@ -133,6 +133,8 @@ class _Wave:
     # Start tags whose ``placed`` was stored and whose ``VmStart`` went out (the others
     # of ``waiting`` wait for their ``placed`` compare-and-set).
     sent: set[str] = field(default_factory=set)
+    # Start tags that ask a host again: an earlier start of that VM there is in doubt.
+    again: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +144,7 @@ class _Reply:
     error: str = ""
     unanswered: bool = False
     already: bool = False
+    nobody: bool = False  # no responders: nobody got this command
 
 
 def read_reply(returned: Returned, target: str, command: str = "start") -> _Reply:
@@ -150,7 +153,7 @@ def read_reply(returned: Returned, target: str, command: str = "start") -> _Repl
     means the agent may have got it and be doing it."""
     if returned.error:
         if returned.error.startswith("no_responders"):
-            return _Reply(f"no agent listens on {target}")
+            return _Reply(f"no agent listens on {target}", nobody=True)
         return _Reply(f"no answer from agent {target} ({returned.error.split(':', 1)[0]}); will ask it again",
                       unanswered=True)
     raw: bytes = returned.value
@@ -437,6 +440,7 @@ class SchedulerCore:
             state.reserved[(lost.spec.name, target)] = lost.spec
         self.waves += 1
         self.wave = _Wave(self.waves, priority, jobs)
+        self.wave.again = {f"start:{self.waves}:{lost.spec.name}" for lost, _ in resend}
         # S0: every start is on disk before any command of the wave leaves, so a
         # scheduler restarted mid-failover asks the same host again, never another.
         rows = [(lost.spec.name, lost.incident, target, "sending", "", now.wall) for lost, target in jobs]
@@ -514,6 +518,12 @@ class SchedulerCore:
         lost, target = wave.waiting.pop(event.tag)
         vm, state = lost.spec.name, self.state
         reply = read_reply(event, target)
+        if reply.nobody and event.tag in wave.again:
+            # Nobody got this ask, but an earlier one there is in doubt (unanswered, or
+            # recorded by a scheduler that died): the agent may have started it and lost
+            # its connection since (seed 44: started elsewhere while it ran there, S1).
+            # It waits for that host's fate like any start in doubt.
+            reply = _Reply(f"{reply.error}; an earlier start there is in doubt: will ask it again", unanswered=True)
         outcome: StartOutcome = "unanswered" if reply.unanswered else ("failed" if reply.error else "started")
         state.on_start_result(vm, target, outcome)
         if outcome == "unanswered":
