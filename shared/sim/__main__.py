@@ -25,14 +25,17 @@ from typing import TextIO
 from hafence.sim.run import DEFAULT_MINUTES, RunResult, run_seed
 
 
-def _run(args: tuple[int, float, int, bool]) -> RunResult:
-    seed, minutes, hosts, keep_log = args
-    return run_seed(seed, minutes, hosts, keep_log=keep_log)
+def _run(args: tuple[int, float, int, bool, float | None]) -> RunResult:
+    seed, minutes, hosts, keep_log, reboot_share = args
+    if reboot_share is None:  # the call as it always was (tests replace run_seed with it)
+        return run_seed(seed, minutes, hosts, keep_log=keep_log)
+    return run_seed(seed, minutes, hosts, keep_log=keep_log, reboot_share=reboot_share)
 
 
-def results(seeds: list[int], minutes: float, hosts: int, jobs: int, keep_log: bool) -> Iterator[RunResult]:
+def results(seeds: list[int], minutes: float, hosts: int, jobs: int, keep_log: bool,
+            reboot_share: float | None = None) -> Iterator[RunResult]:
     """Each seed's result, in seed order."""
-    work = [(seed, minutes, hosts, keep_log) for seed in seeds]
+    work = [(seed, minutes, hosts, keep_log, reboot_share) for seed in seeds]
     if jobs <= 1:
         yield from map(_run, work)
         return
@@ -58,8 +61,9 @@ def report_violation(result: RunResult, tail: int, log_dir: Path | None, out: Te
     if len(shown) < len(lines):
         print(f"... the last {len(shown)} of {len(lines)} lines of the event log:", file=out)
     print("\n".join(shown), file=out)
-    print(f"replay: python -m hafence.sim --seed {result.seed} --minutes {result.minutes:g} --hosts {result.hosts}",
-          file=out)
+    share = "" if result.reboot_share is None else f" --reboot-share {result.reboot_share:g}"
+    print(f"replay: python -m hafence.sim --seed {result.seed} --minutes {result.minutes:g} --hosts {result.hosts}"
+          f"{share}", file=out)
 
 
 def excused_summary(vms: dict[str, int], seeds: dict[str, int], any_seeds: int, ran: int) -> str:
@@ -81,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="simulated minutes per seed")
     parser.add_argument("--hosts", type=int, default=5, help="hosts per simulated cluster")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at once (processes)")
+    parser.add_argument("--reboot-share", type=float, default=None, metavar="P",
+                        help="share of seeds whose fences reboot the host, cleared automatically once clean "
+                             "(default: the shape's, 0; 0.75 gives L1 room in most seeds)")
     parser.add_argument("--tail", type=int, default=300,
                         help="lines of a failing seed's log to print with --seeds (0: all)")
     parser.add_argument("--log-dir", type=Path, default=None, help="write a failing seed's whole log there")
@@ -99,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     # with its log (the same seed gives the same run).
     keep = args.seed is not None
     began = time.perf_counter()  # the command's own duration, on stderr; no simulated run reads a clock
-    for result in results(seeds, args.minutes, args.hosts, args.jobs, keep):
+    for result in results(seeds, args.minutes, args.hosts, args.jobs, keep, args.reboot_share):
         print(result.summary(), flush=True)
         ran += 1
         steps += result.steps
@@ -114,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                 break
     for result in failed:
         if not result.log:
-            result = run_seed(result.seed, result.minutes, result.hosts, keep_log=True)
+            result = _run((result.seed, result.minutes, result.hosts, True, args.reboot_share))
         report_violation(result, 0 if args.seed is not None else args.tail, args.log_dir)
     if args.seed is not None and args.print_log and not failed:
-        print(run_seed(args.seed, args.minutes, args.hosts).log, end="")
+        print(_run((args.seed, args.minutes, args.hosts, True, args.reboot_share)).log, end="")
     print(f"{ran} seed(s), {minutes:g} simulated minutes, {steps:.0f} steps: "
           f"{'all passed' if not failed else f'{len(failed)} violated'}", flush=True)
     # How much L1 really checked: a seed excused by "no room" checked no recovery at all.

@@ -46,6 +46,7 @@ class RunResult:
     # L1's excuses counted: why -> how many VMs ("no room", "given up", "compromised"); a
     # reader sees how much of the cluster L1 did not check
     excused: dict[str, int] = field(default_factory=dict)
+    reboot_share: float | None = None  # as asked (None: the shape's default), for the replay line
     log: str = ""  # the event log (kept only when asked for)
 
     @property
@@ -70,9 +71,13 @@ def excused_text(excused: dict[str, int]) -> str:
 
 
 def build(seed: int, minutes: float = DEFAULT_MINUTES, hosts: int = 5, keep_log: bool = True,
-          kinds: tuple[str, ...] = KINDS) -> tuple[SimCluster, FaultPlan]:
-    """The cluster of ``seed`` with its fault plan installed, not yet started."""
-    cluster = SimCluster(seed, ClusterShape(hosts=hosts), keep_log=keep_log)
+          kinds: tuple[str, ...] = KINDS, reboot_share: float | None = None) -> tuple[SimCluster, FaultPlan]:
+    """The cluster of ``seed`` with its fault plan installed, not yet started.
+    ``reboot_share``: the share of seeds whose fences reboot (``ClusterShape.reboot_share``;
+    None: the shape's default). The draw has its own stream: a seed drawn "off" runs as
+    it would with no reboots at all."""
+    shape = ClusterShape(hosts=hosts) if reboot_share is None else ClusterShape(hosts=hosts, reboot_share=reboot_share)
+    cluster = SimCluster(seed, shape, keep_log=keep_log)
     # Before anything connects: every node publishes under its production identity's grants.
     cluster.net.publish_grants = publish_grants(cluster.config, {svc.node for svc in cluster.services})
     plan = draw_for_cluster(cluster, minutes * 60.0, kinds=kinds)
@@ -81,9 +86,9 @@ def build(seed: int, minutes: float = DEFAULT_MINUTES, hosts: int = 5, keep_log:
 
 
 def run_seed(seed: int, minutes: float = DEFAULT_MINUTES, hosts: int = 5, keep_log: bool = True,
-             kinds: tuple[str, ...] = KINDS) -> RunResult:
-    cluster, plan = build(seed, minutes, hosts, keep_log, kinds)
-    result = RunResult(seed, minutes, hosts, plan=plan.describe())
+             kinds: tuple[str, ...] = KINDS, reboot_share: float | None = None) -> RunResult:
+    cluster, plan = build(seed, minutes, hosts, keep_log, kinds, reboot_share)
+    result = RunResult(seed, minutes, hosts, plan=plan.describe(), reboot_share=reboot_share)
     result.faults = sum(1 for a in plan.actions if a.kind not in UNDO and not (a.kind == "device" and a.arg == "ok"))
     result.faults += 1 if plan.compromised else 0
     cluster.log("sim", f"seed {seed}: {plan.describe()}")
