@@ -404,20 +404,3 @@ def test_a_start_that_really_failed_on_a_host_is_not_forgotten_when_its_fence_en
     s.on_start_result("vm1", "h2", "failed")
     s.on_fence_result(result("h2", "confirmed_off", incident="i2"))
     assert s.failed_on["vm1"] == {"h2"}
-
-
-def test_a_report_of_a_boot_older_than_the_one_held_does_not_replace_it() -> None:
-    """Simulation seeds 151 and 187 (fences that reboot): a host cut from NATS flushed
-    reports buffered before a VM was started there after the one saying it ran; the
-    scheduler kept the oldest as the boot's last word, and the host's fence released
-    nothing: the VMs started there were never restarted (L1)."""
-    s = SchedulerState()
-    s.on_inventory(inv("h2", "c1"))
-    newer = msgspec.structs.replace(inv("h1", "b1", ("vm1", True)), sent_at=20.0)
-    older = msgspec.structs.replace(inv("h1", "b1"), sent_at=10.0)
-    s.on_inventory(newer)
-    s.on_inventory(older)  # delivered late
-    assert s.inventories["h1"] == newer
-    s.on_host_event(HostEvent(host="h1", kind="suspect", at=0.0, incident="i1", boot_id="b1"))
-    assert s.on_fence_result(result("h1", "confirmed_off"))
-    assert set(s.lost) == {"vm1"}

@@ -319,19 +319,6 @@ class SchedulerState:
         host = inv.host
         if inv.boot_id in self.fenced_boots.get(host, ()):
             return []  # a late report from a boot that was fenced: that boot is off
-        held = self.boots.get(host, {}).get(inv.boot_id)
-        if held is not None and inv.sent_at < held.sent_at:
-            # Older than the report of this boot already held, delivered late (a client
-            # flushing what it buffered while cut off): taken as the boot's last word it
-            # hid the VMs started there since, and the boot's fence released none of them
-            # (seeds 151, 187 with fences that reboot: L1). Its running VMs still count.
-            # The agent's wall clock dates it: a clock stepped back delays its new reports
-            # until it passes the held one's time.
-            for vm in inv.vms:
-                if vm.state == "running":
-                    self.lost.pop(vm.spec.name, None)
-                    self.reserved.pop((vm.spec.name, host), None)
-            return []
         boots = self.boots.setdefault(host, OrderedDict())
         boots[inv.boot_id] = inv
         boots.move_to_end(inv.boot_id)
