@@ -404,3 +404,17 @@ def test_a_start_that_really_failed_on_a_host_is_not_forgotten_when_its_fence_en
     s.on_start_result("vm1", "h2", "failed")
     s.on_fence_result(result("h2", "confirmed_off", incident="i2"))
     assert s.failed_on["vm1"] == {"h2"}
+
+
+def test_a_host_with_a_poison_pill_in_its_slot_is_no_placement_target() -> None:
+    """Simulation seed 127 (fences that reboot): hosts fenced through their pill were up
+    for the scheduler (and cleared as not quarantined by it), but their agents refuse
+    every start until an operator takes the pill out; the VMs tried there ran out of
+    attempts and stayed pending while a host with room was up (L1)."""
+    s = SchedulerState()
+    s.on_inventory(msgspec.structs.replace(inv("h1", "b1"), pill=True, quarantined=True))
+    s.on_inventory(inv("h2", "c1"))
+    assert s.phases["h1"] is Phase.UP
+    assert [c.name for c in s.candidates()] == ["h2"]
+    s.on_inventory(inv("h1", "b1"))  # the operator's `hafence host clear` took it out
+    assert sorted(c.name for c in s.candidates()) == ["h1", "h2"]

@@ -719,6 +719,11 @@ class SchedulerState:
         for host in self.hosts():
             if self.phases.get(host) != Phase.UP or host in self.maintenance or self.fence_pending(host):
                 continue
+            if self.inventories[host].pill:
+                # Fenced through its poison pill: its agent refuses every start until an
+                # operator's `hafence host clear` (seed 127 with fences that reboot: VMs
+                # tried there ran out of attempts while hosts with room waited).
+                continue
             candidate, _ = self._load(host)
             if host in reserved:
                 inv = self.inventories[host]
