@@ -614,3 +614,22 @@ def test_a_wave_of_starts_asked_again_on_the_same_host_places_nothing(
     h.answer("vm-a", error="timeout: nats: timeout")
     assert h.starts() == [("h2", "vm-a"), ("h2", "vm-a")]
     assert "wave" in walks.calls and "place" not in walks.calls
+
+
+def test_a_host_event_illegal_in_its_phase_is_logged_with_its_count(tmp_path: Path) -> None:
+    """The scheduler steps hafence.host_phase; what the table calls illegal keeps the
+    phase and is counted (state), and the core logs it, never drops it silently."""
+    from hafence.core.effects import Log
+    from hafence.core.events import TimerFired
+    from hafence.host_phase import EventKind, Phase
+
+    h = Harness(tmp_path)
+    h.core.state.phases["h1"] = Phase.FENCED
+    assert not h.core.state._step("h1", EventKind.FENCE_FAILED)
+    effects = h.core.handle(TimerFired("tick"), Now(h.mono, h.wall))
+    [log] = [e for e in effects if isinstance(e, Log) and "illegal" in e.message]
+    assert log.level == "warning" and log.fields["host"] == "h1" and log.fields["count"] == 1
+    assert log.fields["event"] == "fence_failed" and log.fields["phase"] == "fenced"
+    assert h.core.state.phases["h1"] == Phase.FENCED
+    assert not [e for e in h.core.handle(TimerFired("tick"), Now(h.mono, h.wall)) if isinstance(e, Log)
+                and "illegal" in e.message]  # logged once

@@ -255,6 +255,11 @@ class SchedulerCore:
             burst = ((isinstance(event, Returned) and event.tag.startswith(("start:", "placed:")))
                      or (isinstance(event, Delivered) and isinstance(event.message, VmEvent)))
             self._round(now, out, effects=not burst)
+        # What the host-phase table found illegal while folding this (the phase was kept).
+        for host, illegal in self.state.take_illegal():
+            out.append(Log("warning", "host event illegal in its phase; phase kept", {
+                "host": host, "event": str(illegal.event), "phase": str(illegal.phase), "why": illegal.why,
+                "count": self.state.illegal.get(f"{illegal.event} in {illegal.phase}", 0)}))
         return out
 
     def leader(self, now: Now) -> bool:
