@@ -104,6 +104,11 @@ class Inventory(Message, tag="inventory", kw_only=True):
     watchdog_armed: bool = False
     watchdog_timeout_s: Seconds = 0.0
     pill: bool = False
+    # The host's monotonic clock when the VMs were listed. It runs for the whole boot,
+    # across restarts of the agent, and no wall-clock step moves it: it orders one
+    # boot's reports however late one is delivered (a client flushing what it buffered
+    # while cut off). 0: not given (an agent of an older release): taken as it comes.
+    listed_at: Seconds = 0.0
 
 
 HostEventKind = Literal[

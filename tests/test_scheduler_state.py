@@ -418,3 +418,25 @@ def test_a_host_with_a_poison_pill_in_its_slot_is_no_placement_target() -> None:
     assert [c.name for c in s.candidates()] == ["h2"]
     s.on_inventory(inv("h1", "b1"))  # the operator's `hafence host clear` took it out
     assert sorted(c.name for c in s.candidates()) == ["h1", "h2"]
+
+
+def test_a_boots_report_listed_before_the_one_held_does_not_replace_it() -> None:
+    """A host cut from NATS flushes reports it buffered after the newer ones went out:
+    the boot's word is its latest listing (the host's monotonic clock), not the latest
+    delivered, or its fence releases none of the VMs started there since (seeds 151, 187)."""
+    s = SchedulerState()
+    s.on_inventory(inv("b", "b2"))
+    newer = msgspec.structs.replace(inv("a", "b1", ("vm1", True), ("vm2", True)), listed_at=50.0, sent_at=9.0)
+    older = msgspec.structs.replace(inv("a", "b1", ("vm1", True)), listed_at=40.0, sent_at=99.0)  # stepped wall clock
+    s.on_inventory(newer)
+    s.on_inventory(older)
+    assert s.inventories["a"] == newer
+    s.on_host_event(HostEvent(host="a", kind="suspect", at=0.0, incident="i1", term=5, boot_id="b1"))
+    assert s.on_fence_result(result("a", "confirmed_off"))
+    assert set(s.lost) == {"vm1", "vm2"}
+    # A report that says nothing of its listing (an older agent) is taken as it comes.
+    t = SchedulerState()
+    t.on_inventory(newer)
+    unordered = inv("a", "b1", ("vm1", True))
+    t.on_inventory(unordered)
+    assert t.inventories["a"] == unordered

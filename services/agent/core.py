@@ -463,7 +463,7 @@ class AgentCore:
             host=self.host, boot_id=self.boot_id, memory_mb=c.memory_mb, vcpus=c.vcpus, labels=c.labels,
             vms=vms, sent_at=now.wall, quarantined=self.quarantined or self.wd.pill,
             watchdog_armed=self.wd.armed, watchdog_timeout_s=self.wd.timeout_s if self.wd.armed else 0.0,
-            pill=self.wd.pill,
+            pill=self.wd.pill, listed_at=now.mono,  # one listing at a time: listed by now, after the last
         )
 
     # --- quarantine and the watchdog ---------------------------------------------

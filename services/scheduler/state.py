@@ -319,6 +319,14 @@ class SchedulerState:
         host = inv.host
         if inv.boot_id in self.fenced_boots.get(host, ()):
             return []  # a late report from a boot that was fenced: that boot is off
+        held = self.boots.get(host, {}).get(inv.boot_id)
+        if held is not None and 0 < inv.listed_at < held.listed_at:
+            # Listed before the report of this boot already held, delivered after it (a
+            # client flushing what it buffered while cut off): taken as the boot's word, it
+            # hid the VMs started there since, and the boot's fence released none of them
+            # (simulation seeds 151, 187 with fences that reboot: L1). The host's own
+            # monotonic clock orders them; the wall clock could not (a stepped clock).
+            return []
         boots = self.boots.setdefault(host, OrderedDict())
         boots[inv.boot_id] = inv
         boots.move_to_end(inv.boot_id)

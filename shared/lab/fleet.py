@@ -193,7 +193,7 @@ class Fleet:
         cfg = self._host_configs[host]
         return Inventory(host=host, boot_id=self.boot[host], memory_mb=cfg.memory_mb, vcpus=cfg.vcpus,
                          labels=cfg.labels, vms=[VmInfo(spec=s, state="running") for s in self.vms[host].values()],
-                         sent_at=time.time())
+                         sent_at=time.time(), listed_at=time.monotonic())
 
     async def inventories(self) -> None:
         assert self.nc is not None
