@@ -432,6 +432,40 @@ def test_a_leader_that_missed_another_ones_placement_sends_no_start_and_follows_
     assert h.starts() == [("h3", "vm-b"), ("h2", "vm-a")]
 
 
+def test_a_placement_read_before_the_refusal_of_its_own_placed_arrives_is_followed(tmp_path: Path) -> None:
+    """Seed 100 with fences that reboot: the other leader's ``placed`` of vm-a (on h2)
+    is stored, then this leader's ``placed`` (expecting none) is refused, and the replay
+    brings the other one while the refusal is on its way. The VM waits for a ``placed``
+    newer than the one its own expected, which it has read already: asked of h2. Before:
+    it waited for one newer than the one read at the refusal, which never came, and the
+    VM was never placed again, in this incident or a later one (L1)."""
+    h = failover_ready(tmp_path)
+    held: list[Effect] = []
+    carry_out = h._carry_out
+
+    def hold_placed(effects: list[Effect]) -> None:
+        held.extend(e for e in effects if isinstance(e, Publish) and e.tag.startswith("placed:"))
+        carry_out([e for e in effects if not (isinstance(e, Publish) and e.tag.startswith("placed:"))])
+
+    h._carry_out = hold_placed  # type: ignore[method-assign]
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    assert h.starts() == [] and len(held) == 2
+    h._carry_out = carry_out  # type: ignore[method-assign]
+    # The other leader's placed is stored, and read here, before this one's placed is answered.
+    other = VmEvent(vm="vm-a", kind="placed", at=h.wall, incident="h1-b1-1", from_host="h1", target="h2")
+    h.seq = 7
+    h.last_seq["hafence.vm.vm-a.placed"] = 7
+    h.msg_ids.add("other leader's placed")
+    h.feed(Delivered("events", "hafence.vm.vm-a.placed", other, sequence=7))
+    h._carry_out(held)
+    h.feed(TimerFired("none"))
+    assert ("conflict", "hafence.vm.vm-a.placed") in h.trace
+    assert [vm for _, vm in h.starts()] == ["vm-b"]
+    h.answer("vm-b")
+    h.tick()
+    assert h.starts() == [("h3", "vm-b"), ("h2", "vm-a")]
+
+
 def test_a_start_goes_out_only_once_its_placed_is_stored(tmp_path: Path) -> None:
     h = failover_ready(tmp_path)
     acks: list[Publish] = []

@@ -74,6 +74,11 @@ REBOOT_SEEDS = {
     # takes the pill out; VMs tried there ran out of attempts and stayed pending. Fixed:
     # a host reporting a pill is no placement target.
     (127, 0.75): "L1: vm2-1, vm2-2, vm3-1 (last on h2: powered, boot 4) run nowhere; 'start failed on h1, h3, h5'",
+    # L1: vm4-1's placed lost the compare-and-set to another leader's, whose placed the
+    # replay brought before the refusal; the VM then waited for a placed newer than that
+    # one, which never came: when its next host (h3) was fenced, vm4-1 was never placed
+    # again. Fixed: it waits for a placed newer than the one its own placed expected.
+    (100, 0.75): "L1: vm4-1 (last on h3: powered, boot 4) runs nowhere; blocked by a conflict at t=310",
 }
 
 # The planted-bug tests' unplanted runs (5 simulated minutes, these fault kinds only).

@@ -135,6 +135,8 @@ class _Wave:
     sent: set[str] = field(default_factory=set)
     # Start tags that ask a host again: an earlier start of that VM there is in doubt.
     again: set[str] = field(default_factory=set)
+    # Start tag -> the last ``placed`` sequence its ``placed`` expected (compare-and-set).
+    expected: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,10 +481,12 @@ class SchedulerCore:
                 "hafence.targets": [target for _, target in jobs]}))
             for lost, target in jobs:
                 vm = lost.spec.name
-                wave.waiting[f"start:{wave.id}:{vm}"] = (lost, target)
+                tag = f"start:{wave.id}:{vm}"
+                wave.waiting[tag] = (lost, target)
+                wave.expected[tag] = self.placed_seq.get(vm, 0)
                 placed = self._vm_event(lost, "placed", now, target)
                 out.append(Publish(placed.subject, placed.message, placed.msg_id, tag=f"placed:{wave.id}:{vm}",
-                                   expect_last_subject_seq=self.placed_seq.get(vm, 0)))
+                                   expect_last_subject_seq=wave.expected[tag]))
 
     def _placed_result(self, wave: _Wave, event: Returned, now: Now, out: list[Effect]) -> None:
         """A wave's ``placed`` was stored (its start goes out), or lost the compare-and-set
@@ -504,7 +508,12 @@ class SchedulerCore:
         if event.error.startswith("conflict"):
             # No command went there: its "sending" record is withdrawn, so neither this
             # process nor a later leader asks that host on its account.
-            self.conflicted[vm] = self.placed_seq.get(vm, 0)
+            # Blocked until the replay brings a ``placed`` newer than the one this one
+            # expected, which it may have brought already while the refusal was on its
+            # way (simulation seed 100 with fences that reboot, L1: blocked on the
+            # sequence read at the refusal, that newer one itself, the VM waited for one
+            # more ``placed`` that never came, through that incident and the next).
+            self.conflicted[vm] = wave.expected.get(tag, 0)
             self._note(lost, target, "withdrawn")
             out.append(Call("store", "record", ([(vm, lost.incident, target, "withdrawn", event.error, now.wall)],
                                                 True)))
