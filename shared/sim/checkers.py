@@ -129,6 +129,8 @@ class Checkers:
     # (host, boot) -> a confirmed_off whose run the truth shows turned that boot off, the
     # result naming no boot: a later suspect of that boot is about a boot already gone
     _gone_boots: dict[tuple[str, str], str] = field(default_factory=dict)
+    # (host, boot) -> a confirmed_off naming a forged boot id whose run took this boot down
+    _forged_gone: dict[tuple[str, str], str] = field(default_factory=dict)
     _admitted_by: str = ""
     _tally: dict[str, _Tally] = field(default_factory=dict)
     _reported: set[tuple[str, str]] = field(default_factory=set)
@@ -296,9 +298,12 @@ class Checkers:
         # The boot the truth shows gone when the level read back off: a result naming no
         # boot (a restarted monitor's "never seen" incident) still proved that one off,
         # and a replica may suspect it again later under its own name (seed 571).
+        forged = bool(result.boot_id) and (result.host, result.boot_id) not in self.world.real_boots
         for run in good:
             if run.off_boot:
                 self._gone_boots.setdefault((result.host, run.off_boot), result.request_id)
+                if forged:
+                    self._forged_gone.setdefault((result.host, run.off_boot), result.request_id)
         for incident in self._open(result.host):
             # Its own incident's result, or any confirmed_off of the boot it is about: two
             # monitor replicas may name one outage twice (a restarted agent's sequence).
@@ -315,7 +320,10 @@ class Checkers:
             boot = self.world.last_boot.get(vm, "")
             # The boot it ran in was confirmed off: no later incident of the host (one
             # naming no boot: a restarted monitor's "never seen", sim seed 80) can hold it.
-            proven_off = bool(boot) and (home, boot) in self._off_boots
+            # Confirmed off by a result naming it, or by one naming a boot the host never
+            # had (a boot id a compromised agent forged on its own heartbeats) whose run the
+            # truth shows took this very boot down (its pill reset the real boot, seed 541).
+            proven_off = bool(boot) and ((home, boot) in self._off_boots or (home, boot) in self._forged_gone)
             for incident in [] if proven_off else self._open(home):
                 if incident.boot and boot and incident.boot != boot:
                     continue  # an incident of a later boot, which never ran it

@@ -218,6 +218,8 @@ class World:
         # or hung NFS); absent: a few milliseconds, done in the same step.
         self.slot_delay: dict[str, tuple[float, float]] = {}
         self.watchdog_resets = 0
+        # Every (host, boot id) a host really booted with: a boot id outside it was forged.
+        self.real_boots: set[tuple[str, str]] = set()
         self.reset_boot_s = (30.0, 120.0)  # how long a host takes to boot after a watchdog reset
         self.power = WorldPower(self)
         self.storage = WorldStorage(self)
@@ -329,6 +331,7 @@ class World:
         host.booted_at = self.scheduler.now
         host.wd_armed = False  # a reset does not pass through "off" here: every boot starts unarmed
         host.boot_id = str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+        self.real_boots.add((host.name, host.boot_id))
         host.running = set(host.autostart & set(host.defined))
         for vm in host.running:
             host.stop_reasons.pop(vm, None)
