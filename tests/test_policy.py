@@ -381,3 +381,29 @@ def test_an_illegal_event_keeps_the_phase_and_is_counted_and_kept_for_the_log() 
     [(host, illegal)] = p.take_illegal()
     assert host == "a" and (illegal.phase, illegal.event) == ("fenced", "fence_failed")
     assert p.take_illegal() == []  # taken once
+
+
+def test_a_fence_requested_read_after_its_result_does_not_put_the_host_back_in_flight() -> None:
+    """Seed 527 with fences that reboot: the arbiter's fence request lost its ack, so its
+    fence_requested was stored (publish retried) after the fencer's confirmed_off, the
+    new boot's reports and the scheduler's cleared. Folded last, it made the host
+    ``fencing`` again under the finished request: the fencer answers that request id
+    from its journal under the same message id, the stream drops it, so no result came;
+    every new leader re-sent it, and at the deadline its retry powered off a healthy
+    later boot (its VMs lost at the end of the heal). A finished request stays finished."""
+    p = make()
+    p.suspect("a", "a-1", 10.0, boot_id="boot-1")
+    [d] = p.decide(10.6)
+    # As replayed from the stream: the result before the request's own event.
+    p.fence_result("a", d.request_id, "confirmed_off", "ok", 11.0, boot_id="boot-1", incident="a-1")
+    p.inventory("a", "boot-2")
+    p.cleared("a")
+    p.alive("a")
+    assert p.views["a"].phase == "up"
+    p.fence_requested("a", "a-1", d.request_id, 15.0)
+    assert p.views["a"].phase == "up" and p.in_flight() == []
+    assert p.decide(1000.0) == []  # never overdue, never retried
+    # The later boot going silent is its own incident, fenced under its own request.
+    p.suspect("a", "a-2", 1100.0, boot_id="boot-2")
+    [d2] = p.decide(1100.6)
+    assert isinstance(d2, RequestFence) and d2.request_id == "fence-a-2"

@@ -79,6 +79,13 @@ REBOOT_SEEDS = {
     # one, which never came: when its next host (h3) was fenced, vm4-1 was never placed
     # again. Fixed: it waits for a placed newer than the one its own placed expected.
     (100, 0.75): "L1: vm4-1 (last on h3: powered, boot 4) runs nowhere; blocked by a conflict at t=310",
+    # L1 (fixed in the arbiter): the fence request of h3's boot 2 lost its ack, so its
+    # fence_requested was stored after the confirmed_off, the new boot's reports and the
+    # cleared; folded last, it put h3 back "fencing" under a request the fencer answers
+    # only as a dropped duplicate. Every leader re-sent it; at the deadline its retry
+    # powered off boot 4, which ran vm1-1, vm1-2, at t=599.7. Fixed: a request whose
+    # result was read is finished; its late fence_requested is ignored.
+    (527, 0.75): "L1: vm1-1, vm1-2 (last on h3: powered, boot 5) run nowhere; a stale fence at t=599.5",
 }
 
 # The planted-bug tests' unplanted runs (5 simulated minutes, these fault kinds only).

@@ -151,6 +151,16 @@ class HostView:
     # A later boot's suspicion kept while a fence of an earlier boot runs (host_phase:
     # a fence covers one boot); dropped when the host is heard again.
     later: LaterSuspect | None = None
+    # Requests whose result (confirmed off or failed) was folded, newest last: the fencer
+    # never runs one request id twice and answers it again under the same message id,
+    # which the stream drops, so no result of them can come any more. A fence_requested
+    # of one, read after its result (its publish retried after a lost ack, seed 527),
+    # does not put the host back in flight.
+    finished: list[str] = field(default_factory=list)
+
+
+# Finished request ids kept per host (a few incidents' attempts).
+FINISHED_KEPT = 8
 
 
 @dataclass
@@ -297,6 +307,8 @@ class Policy:
 
     def fence_requested(self, host: str, incident: str, request: str, now: float, attempt: int = 1) -> None:
         view = self.views[host]
+        if request in view.finished:
+            return  # its result was read already: nothing more will come of it
         if view.request_id == request and view.phase in (Phase.FENCING, Phase.FENCE_FAILED, *OFF_PHASES):
             if view.phase == Phase.FENCING:
                 # Sent again (a new leader's re-issue): its deadline counts from the last send.
@@ -320,6 +332,9 @@ class Policy:
                 view.held_by, view.attempt = "", max(0, view.attempt - 1)
                 view.refusals += 1
             return
+        if request not in view.finished:
+            view.finished.append(request)
+            del view.finished[:-FINISHED_KEPT]
         if view.request_id and view.request_id != request:
             return
         if outcome == "confirmed_off":
