@@ -501,6 +501,15 @@ class World:
                 hv.notify()
 
 
+
+def _evidence(device: PowerDevice, action: str, last: str, reads: int, elapsed: float,
+              error: str = "") -> DeviceEvidence:
+    """What ``Executor._operate`` reports for one device: confirmed when it read the
+    wanted state (no error), else the last reading and why not."""
+    return DeviceEvidence(device=device.name, driver=device.driver, level=device.level, action_sent=action,
+                          power_read=last, confirmed=not error, status_reads=reads,  # type: ignore[arg-type]
+                          elapsed_s=round(elapsed, 4), error=error)
+
 class WorldPower:
     """The fencer's ``power`` port on the world's devices."""
 
@@ -590,15 +599,11 @@ class WorldPower:
                 except Exception as err:
                     last, error = "unknown", describe(err)
                 if last == action:
-                    return DeviceEvidence(device=device.name, driver=device.driver, level=device.level,
-                                          action_sent=action, power_read=last, confirmed=True,  # type: ignore[arg-type]
-                                          status_reads=reads, elapsed_s=round(s.now - started, 4))
+                    return _evidence(device, action, last, reads, s.now - started)
                 await s.sleep(min(next(schedule), max(0.0, deadline - s.now)))
             if last != "unknown":
                 error = f"power still {last} after {settings.power_timeout_s:g}s"
-        return DeviceEvidence(device=device.name, driver=device.driver, level=device.level, action_sent=action,
-                              power_read=last, confirmed=False, status_reads=reads,  # type: ignore[arg-type]
-                              elapsed_s=round(s.now - started, 4), error=error or "no answer")
+        return _evidence(device, action, last, reads, s.now - started, error or "no answer")
 
     async def _check_watchdog(self, device: PowerDevice) -> tuple[str, str]:
         """``Executor.check`` with the watchdog driver (a failed check drops the driver)."""
@@ -646,15 +651,11 @@ class WorldPower:
                 else:
                     last, error = "unknown", f"unreachable: {device.name} did not answer"
                 if last == action:
-                    return DeviceEvidence(device=device.name, driver=device.driver, level=device.level,
-                                          action_sent=action, power_read=last, confirmed=True,  # type: ignore[arg-type]
-                                          status_reads=reads, elapsed_s=round(s.now - started, 4))
+                    return _evidence(device, action, last, reads, s.now - started)
                 await s.sleep(min(next(schedule), max(0.0, deadline - s.now)))
             if last != "unknown":
                 error = f"power still {last} after {device.power_timeout_s:g}s"
-        return DeviceEvidence(device=device.name, driver=device.driver, level=device.level, action_sent=action,
-                              power_read=last, confirmed=False, status_reads=reads,  # type: ignore[arg-type]
-                              elapsed_s=round(s.now - started, 4), error=error or "no answer")
+        return _evidence(device, action, last, reads, s.now - started, error or "no answer")
 
     def _latency(self, device: PowerDevice) -> float:
         if device.behaviour == "slow":
