@@ -6,6 +6,7 @@ move rules of a start, a takeover's use of its predecessor's starts)."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -156,6 +157,23 @@ class Harness:
         else:
             self.feed(Returned(tag, value=encode(AgentReply(host=host, vm=vm, ok=ok, state="running",
                                                             error="" if ok else "refused"))))
+
+
+def holding_placed(h: Harness) -> tuple[list[Effect], Callable[[list[Effect]], None]]:
+    """Keep every ``placed`` publish the core makes from here on unanswered: returns
+    the list they are kept in and the harness's own carry-out (put it back to answer)."""
+    held: list[Effect] = []
+    carry_out = h._carry_out
+
+    def hold(effects: list[Effect]) -> None:
+        def placed(e: Effect) -> bool:
+            return isinstance(e, Publish) and e.tag.startswith("placed:")
+
+        held.extend(e for e in effects if placed(e))
+        carry_out([e for e in effects if not placed(e)])
+
+    h._carry_out = hold  # type: ignore[method-assign]
+    return held, carry_out
 
 
 def failover_ready(tmp_path: Path, store: MemoryStartHistory | None = None) -> Harness:
@@ -440,14 +458,7 @@ def test_a_placement_read_before_the_refusal_of_its_own_placed_arrives_is_follow
     it waited for one newer than the one read at the refusal, which never came, and the
     VM was never placed again, in this incident or a later one (L1)."""
     h = failover_ready(tmp_path)
-    held: list[Effect] = []
-    carry_out = h._carry_out
-
-    def hold_placed(effects: list[Effect]) -> None:
-        held.extend(e for e in effects if isinstance(e, Publish) and e.tag.startswith("placed:"))
-        carry_out([e for e in effects if not (isinstance(e, Publish) and e.tag.startswith("placed:"))])
-
-    h._carry_out = hold_placed  # type: ignore[method-assign]
+    held, carry_out = holding_placed(h)
     h.fence("h1", "h1-b1-1", "h1-b1")
     assert h.starts() == [] and len(held) == 2
     h._carry_out = carry_out  # type: ignore[method-assign]
@@ -468,14 +479,7 @@ def test_a_placement_read_before_the_refusal_of_its_own_placed_arrives_is_follow
 
 def test_a_start_goes_out_only_once_its_placed_is_stored(tmp_path: Path) -> None:
     h = failover_ready(tmp_path)
-    acks: list[Publish] = []
-    carry_out = h._carry_out
-
-    def hold_placed_acks(effects: list[Effect]) -> None:
-        acks.extend(e for e in effects if isinstance(e, Publish) and e.tag.startswith("placed:"))
-        carry_out([e for e in effects if not (isinstance(e, Publish) and e.tag.startswith("placed:"))])
-
-    h._carry_out = hold_placed_acks  # type: ignore[method-assign]
+    acks, carry_out = holding_placed(h)
     h.fence("h1", "h1-b1-1", "h1-b1")
     assert h.starts() == [] and len(acks) == 2
     assert all(a.expect_last_subject_seq == 0 for a in acks)  # no placed of these VMs read yet
