@@ -466,15 +466,22 @@ def test_a_later_boot_that_goes_silent_after_an_old_incidents_fence_is_fenced(tm
     assert host_events(out, "fence_requested")[0].boot_id == "b2"
 
 
+def b1_fenced_while_b2_reports() -> list[HostEvent | Inventory]:
+    """h1's boot b1 suspected and its fence requested, then a report of its new boot b2."""
+    return [
+        boot_suspect("h1", WALL0 - 60, "h1-b1", "b1"),
+        HostEvent(host="h1", kind="fence_requested", at=WALL0 - 50, incident="h1-b1", request_id="fence-h1-b1",
+                  term=3, boot_id="b1"),
+        inventory("h1", "b2", WALL0 - 10),
+    ]
+
+
 def test_a_later_boots_suspicion_during_a_fence_is_fenced_once_that_fence_is_confirmed(tmp_path: Path) -> None:
     """The other order: b1's fence is in flight when b2 reports and goes silent. The fence
     is finished first (it powers the host off, b2 too); then b2's incident is fenced."""
     core = Harness(make_core(tmp_path))
     core.start(replay=[
-        boot_suspect("h1", WALL0 - 60, "h1-b1", "b1"),
-        HostEvent(host="h1", kind="fence_requested", at=WALL0 - 50, incident="h1-b1", request_id="fence-h1-b1",
-                  term=3, boot_id="b1"),
-        inventory("h1", "b2", WALL0 - 10),
+        *b1_fenced_while_b2_reports(),
     ])
     # b2's suspicion while b1's fence runs: nothing new is sent yet (the re-issue of b1's is).
     out = core.settle(core.feed(delivered(boot_suspect("h1", WALL0 + 1, "h1-b2", "b2")), at(1)), at(1))
@@ -495,10 +502,7 @@ def test_a_later_boots_suspicion_during_a_fence_is_fenced_once_that_fence_is_con
 def test_a_later_boots_suspicion_is_dropped_when_the_host_is_heard_again(tmp_path: Path) -> None:
     core = Harness(make_core(tmp_path))
     core.start(replay=[
-        boot_suspect("h1", WALL0 - 60, "h1-b1", "b1"),
-        HostEvent(host="h1", kind="fence_requested", at=WALL0 - 50, incident="h1-b1", request_id="fence-h1-b1",
-                  term=3, boot_id="b1"),
-        inventory("h1", "b2", WALL0 - 10),
+        *b1_fenced_while_b2_reports(),
         boot_suspect("h1", WALL0 - 5, "h1-b2", "b2"),
         HostEvent(host="h1", kind="alive", at=WALL0 - 4),
     ])
