@@ -4,7 +4,6 @@ written from, and a service needing more than its identity grants is found."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,13 @@ from hafence.sim.clock import Scheduler
 from hafence.sim.permissions import identity_of, publish_grants
 from hafence.sim.run import build
 from hafence.sim.streams import StreamConfig
-from hafence.sim.transport import CoreMsg, EventLog, SimNats
+from hafence.sim.transport import CoreMsg, SimNats
 from tests.conftest import cluster_toml
+from tests.test_sim_transport import make as make_net
 
 
 def make() -> tuple[Scheduler, SimNats]:
-    s = Scheduler()
-    net = SimNats(s, random.Random(1), log=EventLog(s))
+    s, net = make_net()
     net.add_stream(StreamConfig("EVENTS", ("ev.>",)))
     net.publish_grants = {"h1": ("hb.h1", "ev.inventory.h1")}
     return s, net
