@@ -117,3 +117,16 @@ def test_without_the_permissions_the_compromised_agents_forbidden_lies_are_belie
     again = run_seed(found.seed, minutes=5.0, keep_log=False, kinds=kinds)
     assert again.ok, f"{again.rule}: {again.what[:300]}"
     assert plan.compromised
+
+
+def test_a_service_denied_what_it_publishes_fails_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A permission table too tight for a service breaks a failover only in production:
+    the simulation fails the run (E1) at the first refusal that is not the liar's."""
+    import hafence.sim.run as sim_run
+    from hafence.sim.run import run_seed
+
+    real = sim_run.publish_grants
+    monkeypatch.setattr(sim_run, "publish_grants", lambda config, nodes: {
+        **real(config, nodes), "ctl-heartbeat-1": (), "ctl-heartbeat-2": ()})
+    result = run_seed(3, minutes=2.0, keep_log=False)
+    assert result.rule == "E1" and "ctl-heartbeat-" in result.what and "natsconf" in result.what

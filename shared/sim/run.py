@@ -99,16 +99,19 @@ def run_seed(seed: int, minutes: float = DEFAULT_MINUTES, hosts: int = 5, keep_l
 
     violations = checkers.violations
     denied = cluster.net.denied
+    denials_seen = [0]  # the liar's refusals pile up: each step reads only the new ones
 
     def check() -> None:
         after_step()
-        if denied and any(node != plan.compromised for _, node, _ in denied):
-            # Production's nats.conf would refuse a service what the simulation saw it
-            # need: a permission table too tight for the services is a failover that
-            # breaks only in production.
-            at, node, subject = next(d for d in denied if d[1] != plan.compromised)
-            raise SafetyViolation(Violation("E1", s.steps, at, f"{node} may not publish on {subject} "
-                                                               "(hafence.natsconf permissions)"))
+        if len(denied) > denials_seen[0]:
+            new, denials_seen[0] = denied[denials_seen[0]:], len(denied)
+            for at, node, subject in new:
+                if node != plan.compromised:
+                    # Production's nats.conf would refuse a service what the simulation saw
+                    # it need: a permission table too tight for the services is a failover
+                    # that breaks only in production.
+                    raise SafetyViolation(Violation("E1", s.steps, at, f"{node} may not publish on {subject} "
+                                                                       "(hafence.natsconf permissions)"))
         if violations:
             # Raised inside a callback that caught it (a task's step, a port's outcome): the
             # checkers kept it all the same.
