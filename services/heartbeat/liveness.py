@@ -24,6 +24,30 @@ by the stream:
   Without a nonce every lifetime named its silent hosts alike, the stream
   dropped the second suspicion as a duplicate, and the fencer answered the next
   incident from its journal.
+
+Lost heartbeats (L4, read by the load guard through the core): within one boot
+an agent numbers its heartbeats 1 by 1 (``seq``), so a heartbeat of the same
+boot whose ``seq`` is more than one past the last one processed means that
+``seq - last - 1`` heartbeats were sent and never processed: dropped on the way
+(a NATS server closing the monitor as a slow consumer, a route doing the same)
+or by the monitor's own subscription. They are counted (``lost``, and the hosts
+they came from in ``lost_from``; nothing is kept per heartbeat) only when the
+gap can be the monitor's loss rather than the host's own silence:
+
+* same boot: a new boot starts its numbering again (and a boot id that changes
+  hides a gap: no loss is ever counted across two boots);
+* the host was ``alive``: a host back from suspicion was silent for a whole
+  detection window, and one never heard from (``unknown``) has no number yet;
+* it was last heard at most one detection window ago: a longer silence (a
+  partition, a host cut from NATS, an agent that could not publish: its
+  numbers are skipped too, see the agent's core) is the host's own. Shorter
+  gaps are counted whatever their cause; the load guard reads them as the
+  monitor's loss only when they are more than half of what was sent, from
+  several senders, over an interval (``load.py``).
+
+A replayed or reordered heartbeat (same boot, ``seq`` not past the last) is
+ignored and counts nothing, so a burst of old heartbeats cannot make the next
+gap look bigger or smaller.
 """
 
 from __future__ import annotations
@@ -98,14 +122,23 @@ class Liveness:
         self.started_at = now
         self.nonce = _token(nonce, 16)
         self._hosts = {h: _Host(state="unknown", last_seen=now) for h in hosts}
+        # Heartbeats sent and never processed since the reader last took them, and
+        # the hosts they were lost from (see the module's docstring).
+        self.lost = 0
+        self.lost_from: set[str] = set()
 
     def heartbeat(self, host: str, boot_id: str, seq: int, now: float) -> list[Transition]:
         entry = self._hosts.get(host)
         if entry is None:
             raise UnknownHost(host)
-        if boot_id == entry.boot_id and seq <= entry.seq:
-            return []  # replayed or reordered: not news of life, and the last one heard must not go back
         was = entry.state
+        if boot_id == entry.boot_id:
+            last = entry.seq
+            if seq <= last:
+                return []  # replayed or reordered: not news of life, and the last one heard must not go back
+            if seq - last > 1 and was == "alive" and now - entry.last_seen <= self.window:
+                self.lost += seq - last - 1
+                self.lost_from.add(host)
         entry.state, entry.last_seen, entry.boot_id, entry.seq = "alive", now, boot_id, seq
         if was == "alive":
             return []

@@ -2,7 +2,7 @@
 
 A monitor that falls behind hears heartbeats late (or never: NATS drops what a
 slow consumer cannot take) and would turn its own slowness into suspicions. It
-watches four signs of its own lag, fed in every tick by the service:
+watches five signs of its own lag, fed in every tick by the service:
 
 * loop lag: the tick woke up later than it asked to (the event loop was busy,
   the process was stopped or starved of CPU);
@@ -20,6 +20,17 @@ watches four signs of its own lag, fed in every tick by the service:
   than its baseline follows, is never read as the monitor's lag (seeds 242 and
   128: the only host left heard had a stepped clock, and the monitor suspected
   nobody while another host lost its power).
+* loss: the share of heartbeats, over one heartbeat interval, that were sent
+  and never processed: gaps in each sender's ``seq`` within a boot, counted by
+  ``Liveness`` only for hosts alive and heard within the last detection window
+  (a gap after a longer silence is the host's own, not the monitor's loss; see
+  ``liveness.py``). A sign when more were lost than processed (more than half
+  of what was sent) and from at least ``MIN_LATE_SENDERS`` different senders:
+  one host's flaky link or stuck agent loses only its own. What arrives after a
+  drop is fresh, so none of the other signs sees it (nats-server closing the
+  monitor as a slow consumer between two ticks, a route between NATS nodes
+  dropping what the monitor's node should have had); at one heartbeat a host an
+  interval, such drops would make live hosts look silent.
 
 Any sign above ``lag_limit_s`` makes the monitor *overloaded*: it declares no
 one suspect and raises an alert, repeated every ``alert_repeat_s`` while it
@@ -82,6 +93,10 @@ class Sample:
     pending: int = 0  # received, not yet processed (the subscription's queue)
     connected: bool = True  # the heartbeat subscription is up
     late_senders: int = MIN_LATE_SENDERS  # how many different senders the late ones came from
+    # Sent and never processed (gaps in their senders' seq), and how many different
+    # senders they were lost from.
+    lost: int = 0
+    lost_senders: int = MIN_LATE_SENDERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +139,11 @@ class LoadGuard:
         self._processed = 0
         self._late = 0
         self._late_senders = 0
+        self._lost = 0
+        self._lost_senders = 0
+        # True when the last sample closed an interval of the shares: whoever counts
+        # senders across samples starts a new count.
+        self.interval_closed = False
 
     @property
     def overloaded(self) -> bool:
@@ -154,15 +174,26 @@ class LoadGuard:
         limit = self.lag_limit_s
         self._processed += s.processed
         self._late += s.late
-        # Senders may repeat across samples: the largest count is a lower bound of the distinct ones.
+        self._lost += s.lost
+        # A sample's sender counts may be per sample or since the interval began (the
+        # core counts them until ``interval_closed``): the largest is a lower bound of
+        # the distinct ones either way.
         self._late_senders = max(self._late_senders, s.late_senders if s.late else 0)
-        age = ""
-        if s.at - self._age_from >= self.interval_s:
+        self._lost_senders = max(self._lost_senders, s.lost_senders if s.lost else 0)
+        age = lost = ""
+        self.interval_closed = s.at - self._age_from >= self.interval_s
+        if self.interval_closed:
             processed, late, senders = self._processed, self._late, self._late_senders
+            dropped, dropped_from = self._lost, self._lost_senders
+            span = s.at - self._age_from
             self._age_from, self._processed, self._late, self._late_senders = s.at, 0, 0, 0
+            self._lost, self._lost_senders = 0, 0
             if late * 2 > processed and senders >= MIN_LATE_SENDERS:
                 age = (f"{late} of {processed} heartbeats, from {senders} senders, later than "
                        f"{limit:.2f}s when processed (the monitor lags)")
+            if dropped > processed and dropped_from >= MIN_LATE_SENDERS:
+                lost = (f"{dropped} of {dropped + processed} heartbeats lost in {span:.2f}s, from {dropped_from} "
+                        f"senders: sent and never processed (the monitor cannot take what it is sent)")
         if not s.connected:
             return "not connected to NATS: hearing no heartbeat is no news of anyone"
         if s.loop_lag_s > limit:
@@ -173,4 +204,4 @@ class LoadGuard:
             if backlog > limit:
                 return (f"{s.pending} heartbeats waiting, {backlog:.2f}s of work at {rate:,.0f}/s "
                         f"(limit {limit:.2f}s)")
-        return age
+        return age or lost
