@@ -214,8 +214,7 @@ class HeartbeatCore:
         self.late = 0
         self.age_limit_s = float("inf")
         # Lateness is judged against each sender's own clock (L4: one sender's clock
-        # fault is not the monitor's lag); the senders of the late ones in the load
-        # guard's current interval.
+        # fault is not the monitor's lag); the senders of this tick's late ones.
         self.clocks = SenderClocks(BASELINE_WINDOWS * self.window, 0.0)
         self.late_from: set[str] = set()
         self.per_host: dict[str, int] = {}
@@ -356,20 +355,21 @@ class HeartbeatCore:
         lag = max(0.0, mono - self.due)
         self.due = mono + s.tick_s
         processed, late, self.processed, self.late = self.processed, self.late, 0, 0
+        late_senders = len(self.late_from)
+        self.late_from.clear()
         lost, live.lost = live.lost, 0
         self.clocks.roll(mono)
         metrics.MONITOR_LAG.set(lag)
         out: list[Effect] = [SetTimer(TICK, s.tick_s)]
-        # The senders are counted over the guard's whole interval, not per tick: at one
-        # heartbeat a host an interval, two hosts' late or lost heartbeats rarely fall
-        # in the same quarter of it.
-        for change in guard.observe(Sample(mono, lag, processed, late, late_senders=len(self.late_from),
+        # Lost senders are counted over the guard's whole interval, not per tick: at one
+        # heartbeat a host an interval, two hosts' gaps rarely fall in the same quarter
+        # of it. (Late senders are still counted per tick, the guard keeping the largest.)
+        for change in guard.observe(Sample(mono, lag, processed, late, late_senders=late_senders,
                                            pending=self.feed.pending(), connected=self.feed.connected(),
                                            lost=lost, lost_senders=len(live.lost_from))):
             metrics.MONITOR_OVERLOADED.set(1 if guard.overloaded else 0)
             out += self.alert(change, now)
         if guard.interval_closed:
-            self.late_from.clear()
             live.lost_from.clear()
         if self.held(mono) and not self.announced:
             # The lease came back without a LeaseChanged since (its validity had run
