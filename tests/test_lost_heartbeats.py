@@ -242,3 +242,23 @@ def test_reordered_and_replayed_heartbeats_are_not_a_loss() -> None:
         t += INTERVAL / 4
     assert alerts(out) == [] and events(out, "suspect") == []
     assert MISSED * INTERVAL < 10.0  # long enough for a wrong suspicion to show
+
+
+def test_a_heartbeat_connection_lost_and_restored_between_two_ticks_is_deafness() -> None:
+    """Measured: nats-server closes the monitor's connection as a slow consumer and
+    drops what it held for it; the monitor is reconnected ~0.1 s later, within one
+    tick at a 1 s interval, and looked connected at every tick."""
+    from hafence.heartbeat.service import FirehoseFeed
+
+    class Sub:
+        connected = True
+        disconnects = 0
+
+    sub = Sub()
+    feed = FirehoseFeed(sub)  # type: ignore[arg-type]
+    assert feed.connected()
+    sub.disconnects = 1  # closed and back between two looks
+    assert not feed.connected()
+    assert feed.connected()  # said once
+    sub.connected = False
+    assert not feed.connected()

@@ -138,9 +138,14 @@ class Ingest:
 @dataclass
 class FirehoseFeed:
     sub: FirehoseSubscription
+    disconnects: int = 0  # the subscription's count at the last look
 
     def connected(self) -> bool:
-        return self.sub.connected
+        """False also when the connection was lost and restored since the last look
+        (L4: nats-server closes a slow consumer and drops what it held; the
+        monitor is back within a tick, and would not have looked deaf)."""
+        lost, self.disconnects = self.sub.disconnects != self.disconnects, self.sub.disconnects
+        return self.sub.connected and not lost
 
     def pending(self) -> int:
         return 0  # unread heartbeats wait in the socket: their age at processing tells

@@ -39,6 +39,10 @@ class FirehoseSubscription:
         self.handle = handle
         self.user, self.password, self.tls, self.name = user, password, tls, name
         self.connected = False
+        # Connections lost so far: one lost and restored between two looks at
+        # ``connected`` (a slow consumer closed by the server reconnects in ~0.1 s)
+        # still dropped what the server held for it.
+        self.disconnects = 0
         self.frames = 0
         self.errors: list[str] = []
 
@@ -60,6 +64,8 @@ class FirehoseSubscription:
                 self.errors.append(str(err) or type(err).__name__)
                 del self.errors[:-10]
             finally:
+                if self.connected:
+                    self.disconnects += 1
                 self.connected = False
                 if writer is not None:
                     writer.close()
