@@ -7,6 +7,8 @@ stopped on the survivors, the victim is powered on and boots with them again.
 
 ``HAFENCE_BENCH_INVENTORY_COALESCE_S`` sets the agents' ``[agent]
 inventory_coalesce_s`` (A/B runs: 0 is one inventory per start); unset, the default.
+``HAFENCE_BENCH_NATS_SYNC`` sets nats-server's JetStream ``sync_interval`` (``always``
+is what a deployment's generated nats.conf sets); unset, the server's default.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from hafence.bus.names import StreamNames
 from hafence.contracts import AgentReply, FenceResult, HostEvent, Inventory, VmEvent, VmStart, VmStop, encode
 from hafence.lab import cluster
 from hafence.lab.cluster import Lab, LabSpec
+from hafence.lab.natsserver import NatsServer
 from hafence.lab.power import SimPowerSwitch
 
 VMS = 50
 EVENTS = StreamNames.for_prefix("hafence").events
 COALESCE_ENV = "HAFENCE_BENCH_INVENTORY_COALESCE_S"
+SYNC_ENV = "HAFENCE_BENCH_NATS_SYNC"
 
 
 def cpu_ms(lab: Lab) -> dict[str, float]:
@@ -71,6 +75,20 @@ def agent_setting() -> Iterator[str]:
         cluster.render_config = render
 
 
+def nats_sync_setting(lab: Lab) -> str:
+    """``HAFENCE_BENCH_NATS_SYNC`` (e.g. ``always``, the generated nats.conf's setting):
+    the lab's nats-server runs with that JetStream ``sync_interval``; unset, the
+    server's default (flush every 2 minutes)."""
+    value = os.environ.get(SYNC_ENV, "")
+    if not value:
+        return "default"
+    conf = lab.dir / "nats.conf"
+    lab.nats = NatsServer(lab.dir / "nats", config_file=str(conf))
+    conf.write_text("\n".join([f"port: {lab.nats.port}", "jetstream {", f'  store_dir: "{lab.dir / "nats" / "js"}"',
+                               f"  sync_interval: {value}", "}", ""]))
+    return value
+
+
 async def pipeline_overhead(table: Table, quick: bool = False) -> None:
     incidents = 3 if quick else 20
     spec = LabSpec(
@@ -79,6 +97,7 @@ async def pipeline_overhead(table: Table, quick: bool = False) -> None:
     )
     victim = "lab-1"
     lab = Lab(spec)
+    sync = nats_sync_setting(lab)
     overheads: list[float] = []
     # Each incident's stages, in ms (what the observer saw: its receive times).
     stages: dict[str, list[float]] = {}
@@ -167,7 +186,7 @@ async def pipeline_overhead(table: Table, quick: bool = False) -> None:
     finally:
         stack.close()
         await lab.stop()
-    note = f"{VMS} HA VMs, 4 hosts, services as processes; inventory_coalesce_s {coalesce}"
+    note = f"{VMS} HA VMs, 4 hosts, services as processes; inventory_coalesce_s {coalesce}; nats sync {sync}"
     table.add_distribution("pipeline overhead (suspect -> last VmStart ack, minus device)", overheads, "ms", note)
     table.add_distribution("  the same, from the stream's store times", stages["stored"], "ms",
                            "suspect stored -> last started stored, minus device")
