@@ -175,9 +175,9 @@ class LoadGuard:
         self._processed += s.processed
         self._late += s.late
         self._lost += s.lost
-        # A sample's sender counts may be per sample or since the interval began (the
-        # core counts them until ``interval_closed``): the largest is a lower bound of
-        # the distinct ones either way.
+        # A sample's sender counts may be per sample (the core's late ones) or since the
+        # interval began (its lost ones, kept until ``interval_closed``): the largest is
+        # a lower bound of the distinct ones either way.
         self._late_senders = max(self._late_senders, s.late_senders if s.late else 0)
         self._lost_senders = max(self._lost_senders, s.lost_senders if s.lost else 0)
         age = lost = ""
