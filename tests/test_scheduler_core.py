@@ -636,6 +636,25 @@ def test_while_every_lost_vm_is_being_started_events_run_no_failover_pass(
     assert len(h.starts()) == 2
 
 
+def test_a_start_asked_again_holds_its_room_when_the_same_wave_places_others(tmp_path: Path) -> None:
+    """Simulation seed 14 (a host left with -2048 MiB): a start asked again on h2 (its
+    first ask unanswered: the VM may be running there) and a VM placed afresh went out
+    in one wave, and placement did not count the one asked again, so both went to h2,
+    which had room for one."""
+    h = Harness(tmp_path)
+    h.inventory("h1", ["vm-a", "vm-b"])
+    h.inventory("h2", [], memory_mb=1536)  # room for one 1024 MiB VM
+    h.inventory("h3", [], memory_mb=1024)
+    h.lead()
+    h.suspect("h1", "h1-b1-1", "h1-b1")
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    assert sorted(h.starts()) == [("h2", "vm-a"), ("h3", "vm-b")]
+    h.answer("vm-b", ok=False)  # refused on h3: vm-b waits, h2 is taken by vm-a's start
+    assert len(h.starts()) == 2
+    h.answer("vm-a", error="timeout: nats: timeout")  # in doubt: asked again on h2, never elsewhere
+    assert h.starts()[2:] == [("h2", "vm-a")], "vm-b must not take the room of vm-a's start asked again"
+
+
 def test_a_wave_of_starts_asked_again_on_the_same_host_places_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
