@@ -153,6 +153,28 @@ def test_the_hypervisor_starts_and_stops_and_a_dead_or_hung_host_does_not_answer
     assert not hv.is_running("vm1").done()
 
 
+def test_two_starts_at_once_must_fit_together_and_a_repeated_ask_is_not_counted_twice() -> None:
+    """Seed 14: two starts in flight each passed the memory check alone and the host ran
+    2048 MiB more than it had. A start takes its memory when it begins."""
+    s, w, _ = world()
+    w.add_host("h1", memory_mb=2048)
+    hv = w.hypervisor("h1")
+    first = hv.start(VmSpec(name="vm1", memory_mb=1536))
+    again = hv.start(VmSpec(name="vm1", memory_mb=1536))  # the same start asked again: no second share
+    second = hv.start(VmSpec(name="vm2", memory_mb=1024))
+    assert second.done() and isinstance(second.exception(), HypervisorError)
+    s.run(until=10)
+    assert first.done() and again.done() and first.exception() is None and again.exception() is None
+    assert w.running_on("vm1") == ["h1"] and w.hosts["h1"].used_memory() == 1536
+    w.lose_power("h1")
+    w.restore_power("h1")
+    cut = hv.start(VmSpec(name="vm3", memory_mb=1024))
+    w.lose_power("h1")  # a start cut off by the power frees its share
+    w.restore_power("h1")
+    s.run_until_complete(hv.start(VmSpec(name="vm2", memory_mb=2048)))
+    assert w.running_on("vm2") == ["h1"] and not cut.done()
+
+
 def test_a_start_on_a_host_that_dies_meanwhile_never_answers_and_runs_nothing() -> None:
     s, w, _ = world()
     w.add_host("h1")

@@ -110,6 +110,9 @@ class Host:
     running: set[str] = field(default_factory=set)
     autostart: set[str] = field(default_factory=set)
     stop_reasons: dict[str, str] = field(default_factory=dict)
+    # VMs being started (their memory is taken at the start, as with locked memory):
+    # two starts at once must both fit, not each alone (sim seed 14).
+    starting: dict[str, int] = field(default_factory=dict)
     devices: list[PowerDevice] = field(default_factory=list)
     # The hardware watchdog: present (its agent may arm it), armed this boot, the
     # timeout it runs with, when it was last fed (simulated time: the hardware counts
@@ -131,7 +134,7 @@ class Host:
         return [[d for d in self.devices if d.level == n] for n in range(1, count + 1)]
 
     def used_memory(self) -> int:
-        return sum(self.defined[v].memory_mb for v in self.running)
+        return sum(self.defined[v].memory_mb for v in self.running) + sum(self.starting.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +324,7 @@ class World:
         if not powered:
             lost = sorted(host.running)
             host.running.clear()
+            host.starting.clear()
             host.stop_reasons.update((v, "other") for v in lost)
             host.hung = host.crashed = False
             host.wd_armed = False  # the watchdog restarts with the machine, unarmed
@@ -421,6 +425,7 @@ class World:
         h.hung = h.crashed = h.wd_armed = False
         lost = sorted(h.running)
         h.running.clear()  # the VMs die with the reset, whenever the host boots again
+        h.starting.clear()
         h.stop_reasons.update((v, "other") for v in lost)
         self.version += 1
         self.log(f"{host} resets itself")
@@ -767,14 +772,18 @@ class WorldHypervisor:
         if spec.name in h.running:
             fut.set_result(None)
             return fut
-        if h.used_memory() + spec.memory_mb > h.memory_mb:
+        if spec.name not in h.starting and h.used_memory() + spec.memory_mb > h.memory_mb:
             fut.set_exception(HypervisorError(f"{h.name}: not enough memory for {spec.name}"))
             return fut
         boot = h.boots
+        h.starting[spec.name] = spec.memory_mb
 
         def started() -> None:
-            if not h.answers or h.boots != boot:
-                return  # died while starting: no answer ever
+            if h.boots != boot:
+                return  # died while starting: no answer ever (the boot cleared ``starting``)
+            h.starting.pop(spec.name, None)
+            if not h.answers:
+                return
             h.defined.setdefault(spec.name, spec)
             h.running.add(spec.name)
             h.stop_reasons.pop(spec.name, None)
