@@ -7,6 +7,9 @@ the other at every tick. Each test fails if the sign is removed or loosened."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -150,24 +153,37 @@ def alerts(out: list[Effect]) -> list[Alert]:
     return [e.message for e in out if isinstance(e, Publish) and isinstance(e.message, Alert)]
 
 
-def normal_rate(hosts: list[str], until: float, step: dict[str, int] | None = None,
-                stop: dict[str, float] | None = None) -> tuple[list[Effect], list[str]]:
-    """Every host heartbeats once an interval; ``step[h]``: h's seq moves by that much
-    each time (``step - 1`` lost on the way); ``stop[h]``: h falls silent then."""
+def ticking(hosts: list[str], until: float,
+            each_second: Callable[[Any, int, float], list[Effect] | None]) -> list[Effect]:
+    """A leading monitor of ``hosts`` ticking four times an interval up to ``until``;
+    ``each_second(core, second, t)`` delivers what arrives at each whole second (and
+    may return the effects of those deliveries, to be kept with the ticks')."""
     core = make(hosts)
     lead(core, 0.0)
-    step, stop = step or {}, stop or {}
-    seq = dict.fromkeys(hosts, 0)
     out: list[Effect] = []
     t = 0.25
     while t <= until + 1e-9:
         if abs(t - round(t)) < 1e-9:
-            for h in hosts:
-                if t < stop.get(h, float("inf")):
-                    seq[h] += step.get(h, 1)
-                    beat(core, h, seq[h], t)
+            out += each_second(core, int(t), t) or []
         out += tick(core, t)
         t += INTERVAL / 4
+    return out
+
+
+def normal_rate(hosts: list[str], until: float, step: dict[str, int] | None = None,
+                stop: dict[str, float] | None = None) -> tuple[list[Effect], list[str]]:
+    """Every host heartbeats once an interval; ``step[h]``: h's seq moves by that much
+    each time (``step - 1`` lost on the way); ``stop[h]``: h falls silent then."""
+    step, stop = step or {}, stop or {}
+    seq = dict.fromkeys(hosts, 0)
+
+    def second(core: Any, _: int, t: float) -> None:
+        for h in hosts:
+            if t < stop.get(h, float("inf")):
+                seq[h] += step.get(h, 1)
+                beat(core, h, seq[h], t)
+
+    out = ticking(hosts, until, second)
     return out, [e.host for e in events(out, "suspect")]
 
 
@@ -191,20 +207,16 @@ def test_one_sender_losing_most_of_its_heartbeats_is_not_the_monitors_overload()
 def test_hosts_back_from_a_partition_longer_than_the_window_are_not_a_loss() -> None:
     """a and b cut off from 2 to 7 (their agents' numbers run on): suspected, back
     with a gap of five. Their silence was their own; c dies at 9 and is suspected."""
-    core = make(["a", "b", "c"])
-    lead(core, 0.0)
-    out: list[Effect] = []
-    t = 0.25
-    while t <= 16.0 + 1e-9:
-        if abs(t - round(t)) < 1e-9:
-            seq = int(t)
-            for h in ("a", "b"):
-                if not 2.0 <= t < 7.0:
-                    out += beat(core, h, seq, t)
-            if t < 9.0:
-                out += beat(core, "c", seq, t)
-        out += tick(core, t)
-        t += INTERVAL / 4
+    def second(core: Any, seq: int, t: float) -> list[Effect]:
+        out: list[Effect] = []
+        for h in ("a", "b"):
+            if not 2.0 <= t < 7.0:
+                out += beat(core, h, seq, t)
+        if t < 9.0:
+            out += beat(core, "c", seq, t)
+        return out
+
+    out = ticking(["a", "b", "c"], 16.0, second)
     assert alerts(out) == []
     assert [e.host for e in events(out, "suspect")] == ["a", "b", "c"]
     assert [e.host for e in events(out, "alive") if "after suspicion" in e.reason] == ["a", "b"]
@@ -212,34 +224,24 @@ def test_hosts_back_from_a_partition_longer_than_the_window_are_not_a_loss() -> 
 
 def test_every_host_rebooting_is_not_a_loss() -> None:
     """Every host reboots at once (a power cut and back): seq starts again at 0 on a new boot."""
-    core = make(["a", "b", "c"])
-    lead(core, 0.0)
-    out: list[Effect] = []
-    t = 0.25
-    while t <= 10.0 + 1e-9:
-        if abs(t - round(t)) < 1e-9:
-            for h in ("a", "b", "c"):
-                boot, seq = ("boot1", 1000 + int(t)) if t < 5.0 else ("boot2", int(t) - 5)
-                beat(core, h, seq, t, boot=boot)
-        out += tick(core, t)
-        t += INTERVAL / 4
+    def second(core: Any, s: int, t: float) -> None:
+        for h in ("a", "b", "c"):
+            boot, seq = ("boot1", 1000 + s) if t < 5.0 else ("boot2", s - 5)
+            beat(core, h, seq, t, boot=boot)
+
+    out = ticking(["a", "b", "c"], 10.0, second)
     assert alerts(out) == [] and events(out, "suspect") == []
 
 
 def test_reordered_and_replayed_heartbeats_are_not_a_loss() -> None:
-    core = make(["a", "b", "c"])
-    lead(core, 0.0)
-    out: list[Effect] = []
-    t, seq = 0.25, 0
-    while t <= 10.0 + 1e-9:
-        if abs(t - round(t)) < 1e-9:
-            seq += 2
-            for h in ("a", "b", "c"):
-                beat(core, h, seq, t)  # the newer first
-                beat(core, h, seq - 1, t + 0.01)  # the older one overtaken
-                beat(core, h, seq - 5, t + 0.02)  # an old one replayed
-        out += tick(core, t)
-        t += INTERVAL / 4
+    def second(core: Any, s: int, t: float) -> None:
+        seq = 2 * s
+        for h in ("a", "b", "c"):
+            beat(core, h, seq, t)  # the newer first
+            beat(core, h, seq - 1, t + 0.01)  # the older one overtaken
+            beat(core, h, seq - 5, t + 0.02)  # an old one replayed
+
+    out = ticking(["a", "b", "c"], 10.0, second)
     assert alerts(out) == [] and events(out, "suspect") == []
     assert MISSED * INTERVAL < 10.0  # long enough for a wrong suspicion to show
 
