@@ -174,6 +174,9 @@ async def test_each_identity_can_do_its_job(secure: Secure) -> None:
         assert (await kv.get(service)).value == b'{"term": 1}'
     # Agents answer their commands; the scheduler reads the reply in its own inbox.
     agent_sub = await idents["agent-h1"].nc.subscribe(subj.agent_cmd("h1"))
+    # The subscription is the server's before anyone asks: a request published first
+    # finds no one (it failed so in CI, on a quiet machine).
+    await idents["agent-h1"].nc.flush()
     asking = asyncio.create_task(idents["scheduler"].nc.request(subj.agent_cmd("h1"), b"ping", timeout=5))
     cmd = await agent_sub.next_msg(timeout=5)
     assert cmd.reply.startswith("_INBOX_scheduler.")
@@ -213,6 +216,7 @@ async def test_an_agent_cannot_publish_for_others_nor_read_their_inboxes(secure:
         seen.append(msg.subject)
 
     await watcher.nc.subscribe("hafence.>", cb=saw)
+    await watcher.nc.flush()  # watching before the agent publishes anything
     forbidden = ["hafence.fence.request.h2", "hafence.fence.result.h2", "hafence.hb.h2", "hafence.inventory.h2",
                  "hafence.host.h2.confirmed_fenced", "hafence.host.h1.cleared", "hafence.host.h2.suspect",
                  "hafence.vm.x.started", "hafence.alert.x", "hafence.dlq.fencer",
