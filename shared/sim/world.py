@@ -134,7 +134,11 @@ class Host:
         return [[d for d in self.devices if d.level == n] for n in range(1, count + 1)]
 
     def used_memory(self) -> int:
-        return sum(self.defined[v].memory_mb for v in self.running) + sum(self.starting.values())
+        return sum(self.defined[v].memory_mb for v in self.running)
+
+    def committed_memory(self) -> int:
+        """What a start must fit beside: the running VMs and the starts under way."""
+        return self.used_memory() + sum(self.starting.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -772,7 +776,7 @@ class WorldHypervisor:
         if spec.name in h.running:
             fut.set_result(None)
             return fut
-        if spec.name not in h.starting and h.used_memory() + spec.memory_mb > h.memory_mb:
+        if spec.name not in h.starting and h.committed_memory() + spec.memory_mb > h.memory_mb:
             fut.set_exception(HypervisorError(f"{h.name}: not enough memory for {spec.name}"))
             return fut
         boot = h.boots
