@@ -448,7 +448,7 @@ class SchedulerCore:
         jobs = [(by_name[p.vm.name], p.host) for p in placements] + resend
         if not jobs:
             return 0
-        for lost, target in jobs:
+        for lost, target in jobs[:len(placements)]:  # the starts asked again hold theirs already
             state.reserved[(lost.spec.name, target)] = lost.spec
         self.waves += 1
         self.wave = _Wave(self.waves, priority, jobs)
