@@ -287,7 +287,8 @@ def test_nothing_is_sent_when_the_starts_could_not_be_recorded(tmp_path: Path) -
 # -- a start's reply: asked again, or moved on ---------------------------------------
 
 
-def test_an_unanswered_start_is_asked_again_on_the_same_host_until_that_host_is_fenced(tmp_path: Path) -> None:
+def vm_a_fenced_off_h1(tmp_path: Path) -> Harness:
+    """h1 (running vm-a) suspected and fenced; h2 has the most room, h3 some."""
     h = Harness(tmp_path)
     h.inventory("h1", ["vm-a"])
     h.inventory("h2", [], memory_mb=32768)
@@ -295,6 +296,11 @@ def test_an_unanswered_start_is_asked_again_on_the_same_host_until_that_host_is_
     h.lead()
     h.suspect("h1", "h1-b1-1", "h1-b1")
     h.fence("h1", "h1-b1-1", "h1-b1")
+    return h
+
+
+def test_an_unanswered_start_is_asked_again_on_the_same_host_until_that_host_is_fenced(tmp_path: Path) -> None:
+    h = vm_a_fenced_off_h1(tmp_path)
     assert h.starts() == [("h2", "vm-a")]
     # No answer in time: h2 may be starting it, so h2 is asked again, never h3 (S0).
     h.answer("vm-a", error="timeout: nats: timeout")
@@ -660,13 +666,7 @@ def test_a_wave_of_starts_asked_again_on_the_same_host_places_nothing(
 ) -> None:
     """A start asked again (unanswered before) goes to the host asked before: nothing
     is placed, so the candidates (every host's load and the reservations) are not built."""
-    h = Harness(tmp_path)
-    h.inventory("h1", ["vm-a"])
-    h.inventory("h2", [], memory_mb=32768)
-    h.inventory("h3", [], memory_mb=8192)
-    h.lead()
-    h.suspect("h1", "h1-b1-1", "h1-b1")
-    h.fence("h1", "h1-b1-1", "h1-b1")
+    h = vm_a_fenced_off_h1(tmp_path)
     walks = Walks(h, monkeypatch)
     h.answer("vm-a", error="timeout: nats: timeout")
     assert h.starts() == [("h2", "vm-a"), ("h2", "vm-a")]
