@@ -36,15 +36,22 @@ async def nats_sync(table: Table, quick: bool = False) -> None:
                   "")
 
 
+def synced_server(nats_dir: Path, store_dir: Path, sync: str, http_port: int | None = None) -> NatsServer:
+    """A nats-server (not started) whose config file sets JetStream's ``sync_interval``
+    (empty: the server's default)."""
+    conf = nats_dir.parent / "nats.conf"
+    server = NatsServer(nats_dir, config_file=str(conf))
+    conf.write_text("\n".join([
+        f"port: {server.port}", *([f"http_port: {http_port}"] if http_port else []),
+        "jetstream {", f'  store_dir: "{store_dir}"', *([f"  sync_interval: {sync}"] if sync else []), "}", "",
+    ]))
+    return server
+
+
 async def _measure(n: int, sync: str) -> tuple[list[float], float, float]:
     with tempfile.TemporaryDirectory(prefix="hafence-bench-sync-") as tmp:
         d = Path(tmp)
-        conf = d / "nats.conf"
-        server = NatsServer(d / "nats", config_file=str(conf))
-        conf.write_text("\n".join([
-            f"port: {server.port}", f"http_port: {free_port()}",
-            "jetstream {", f'  store_dir: "{d / "js"}"', *([f"  sync_interval: {sync}"] if sync else []), "}", "",
-        ]))
+        server = synced_server(d / "nats", d / "js", sync, http_port=free_port())
         server.start()
         try:
             nc = await nats.connect(server.url)

@@ -25,12 +25,12 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from bench.nats_sync import synced_server
 from bench.report import Table, percentile
 from hafence.bus.names import StreamNames
 from hafence.contracts import AgentReply, FenceResult, HostEvent, Inventory, VmEvent, VmStart, VmStop, encode
 from hafence.lab import cluster
 from hafence.lab.cluster import Lab, LabSpec
-from hafence.lab.natsserver import NatsServer
 from hafence.lab.power import SimPowerSwitch
 
 VMS = 50
@@ -82,10 +82,7 @@ def nats_sync_setting(lab: Lab) -> str:
     value = os.environ.get(SYNC_ENV, "")
     if not value:
         return "default"
-    conf = lab.dir / "nats.conf"
-    lab.nats = NatsServer(lab.dir / "nats", config_file=str(conf))
-    conf.write_text("\n".join([f"port: {lab.nats.port}", "jetstream {", f'  store_dir: "{lab.dir / "nats" / "js"}"',
-                               f"  sync_interval: {value}", "}", ""]))
+    lab.nats = synced_server(lab.dir / "nats", lab.dir / "nats" / "js", value)
     return value
 
 
