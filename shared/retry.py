@@ -49,7 +49,7 @@ MAX_DELAY_S = 2.0
 
 class Publisher(Protocol):
     async def publish(self, subject: str, msg: msgspec.Struct, msg_id: str = "",
-                      expect_last_subject_seq: int | None = None) -> None: ...
+                      expect_last_subject_seq: int | None = None, expect_last_of: str = "") -> int | None: ...
 
 
 class NotPublished(Exception):
@@ -61,18 +61,22 @@ async def publish_retrying(
     attempts: int = ATTEMPTS, first_delay_s: float = FIRST_DELAY_S, max_delay_s: float = MAX_DELAY_S,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     expect_last_subject_seq: int | None = None,
-) -> None:
+    expect_last_of: str = "",
+) -> int | None:
     """Publish, retrying transient failures ``attempts`` times in all, the delay
     doubling from ``first_delay_s`` up to ``max_delay_s``; raises ``NotPublished``
-    (naming the subject and the last error) when all of them failed."""
+    (naming the subject and the last error) when all of them failed. Returns the
+    stream sequence the message is stored at (a duplicate's: the first copy's), or
+    None from a publisher that does not say."""
     delay = first_delay_s
     for attempt in range(1, attempts + 1):
         try:
             if expect_last_subject_seq is None:
-                await bus.publish(subject, msg, msg_id=msg_id)
-            else:
-                await bus.publish(subject, msg, msg_id=msg_id, expect_last_subject_seq=expect_last_subject_seq)
-            return
+                return await bus.publish(subject, msg, msg_id=msg_id)
+            if not expect_last_of:
+                return await bus.publish(subject, msg, msg_id=msg_id, expect_last_subject_seq=expect_last_subject_seq)
+            return await bus.publish(subject, msg, msg_id=msg_id, expect_last_subject_seq=expect_last_subject_seq,
+                                     expect_last_of=expect_last_of)
         except TRANSIENT as err:
             what = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
             if attempt == attempts:

@@ -54,14 +54,14 @@ def started_ack_lost_once(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]
     calls: list[str] = []
 
     async def flaky(self: Publishing, subject: str, msg: msgspec.Struct, msg_id: str = "",
-                    expect_last_subject_seq: int | None = None) -> None:
+                    expect_last_subject_seq: int | None = None, expect_last_of: str = "") -> int:
         if subject.endswith(".started"):
             calls.append(msg_id)
-            await real(self, subject, msg, msg_id)
+            seq = await real(self, subject, msg, msg_id)
             if len(calls) == 1:
                 raise nats.errors.TimeoutError
-            return
-        await real(self, subject, msg, msg_id, expect_last_subject_seq)
+            return seq
+        return await real(self, subject, msg, msg_id, expect_last_subject_seq, expect_last_of)
 
     monkeypatch.setattr(Publishing, "publish", flaky)
     yield calls

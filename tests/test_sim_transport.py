@@ -644,3 +644,29 @@ def test_no_real_time_is_read_during_a_run(monkeypatch: pytest.MonkeyPatch) -> N
     assert log.count("\n") > 100  # the run did happen, on virtual time only
 
 
+
+
+def test_a_compare_and_set_over_a_subject_filter_reads_the_last_message_of_every_subject_it_matches() -> None:
+    """nats-server 2.11's ``Nats-Expected-Last-Subject-Sequence-Subject``, as real
+    nats-server 2.15 answers it (tests/test_core_driver.py): each placement record on
+    a subject of its own, one compare-and-set over them all; other subjects of the
+    stream do not count, and a duplicate is acked before any check."""
+    s, net = make()
+    net.add_stream(StreamConfig("EV", ("ev.>",), duplicate_window=60.0))
+    conn = net.connect("scheduler")
+    of = {"Nats-Expected-Last-Subject-Sequence-Subject": "ev.rec.*"}
+
+    def record(name: str, expect: int, msg_id: str = "") -> int:
+        return wait(s, conn.js_publish(f"ev.rec.{name}", b"r", headers=of, msg_id=msg_id or name,
+                                       expected_last_subject_seq=expect)).seq
+
+    wait(s, conn.js_publish("ev.other", b"x"))
+    first = record("a", 0)
+    with pytest.raises(WrongLastSequence, match=r"ev\.rec\.\*"):
+        record("b", 0)
+    wait(s, conn.js_publish("ev.other", b"x"))
+    second = record("b", first)
+    assert record("a", 0) == first  # the same record again: its first copy's sequence
+    with pytest.raises(WrongLastSequence):
+        record("c", first)
+    assert record("c", second) > second

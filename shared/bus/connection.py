@@ -23,6 +23,27 @@ from hafence.subjects import check_name
 
 log = logging.getLogger("hafence.bus")
 
+# The oldest nats-server hafence runs on: 2.11 reads the subject filter of a
+# compare-and-set (``Nats-Expected-Last-Subject-Sequence-Subject``) the scheduler's
+# placement records rely on. An older one ignores that header and refuses every
+# record but the first (nothing unsafe, but no VM would be restarted).
+MIN_SERVER_VERSION = (2, 11)
+
+
+def too_old(nc: NatsClient) -> str:
+    """Why the nats-server ``nc`` is connected to cannot carry hafence, or ''."""
+    try:
+        server = nc.connected_server_version
+        major, minor = server.major, server.minor
+        version = f"{major}.{minor}.{server.patch}"
+    except ValueError as err:  # not a semantic version
+        return f"the nats-server version cannot be read ({err})"
+    if (major, minor) < MIN_SERVER_VERSION:
+        want = ".".join(map(str, MIN_SERVER_VERSION))
+        return (f"nats-server {version} is too old: hafence needs {want} or later "
+                "(the scheduler's placement records: a compare-and-set over a subject filter)")
+    return ""
+
 
 def inbox_prefix(identity: str) -> str:
     """The reply-subject prefix of one identity; its permissions allow ``<prefix>.>`` only."""
@@ -83,4 +104,8 @@ async def open_connection(config: ClusterConfig, service: str, connect_timeout: 
     except (OSError, nats.errors.Error, TimeoutError) as err:
         reason = errors[-1] if errors else (str(err) or type(err).__name__)
         raise ConnectionError(f"cannot connect to NATS at {url}: {reason}") from None
+    old = too_old(nc)
+    if old:
+        await nc.close()
+        raise ConnectionError(f"cannot use NATS at {url}: {old}")
     return nc

@@ -302,14 +302,15 @@ class Driver:
 
     async def _publish(self, effect: Publish) -> None:
         try:
-            await publish_retrying(self.bus, effect.subject, effect.message, effect.msg_id,
-                                   expect_last_subject_seq=effect.expect_last_subject_seq)
+            seq = await publish_retrying(self.bus, effect.subject, effect.message, effect.msg_id,
+                                         expect_last_subject_seq=effect.expect_last_subject_seq,
+                                         expect_last_of=effect.expect_last_of)
         except (NotPublished, Exception) as err:
             kind = "conflict" if is_conflict(err) else "error"
             self._returned(effect.tag, error=f"{kind}: {err}", what=f"publish to {effect.subject}")
             return
         if effect.tag:
-            self.feed(Returned(effect.tag))
+            self.feed(Returned(effect.tag, value=seq))  # where the stream stored it
 
     def _returned(self, tag: str, error: str, what: str) -> None:
         if tag:

@@ -30,6 +30,10 @@ class Publish:
     # this sequence (0: none yet), else ``Returned(tag, error="conflict: ...")``. Two
     # replicas that both believe they lead cannot both claim the same thing.
     expect_last_subject_seq: int | None = None
+    # The subjects (a filter, e.g. ``a.b.*``) whose last message that sequence must be,
+    # when not ``subject`` alone: each placement record has a subject of its own (the
+    # stream keeps a bounded number per subject), and one compare-and-set orders them all.
+    expect_last_of: str = ""
 
 
 @dataclass(frozen=True, slots=True)

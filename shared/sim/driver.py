@@ -64,7 +64,7 @@ from hafence.lease import LeaderLease
 from hafence.retry import ATTEMPTS, FIRST_DELAY_S, MAX_DELAY_S
 from hafence.sim.clock import NodeClock, SimFuture, Task, Timer
 from hafence.sim.lease import SimLease
-from hafence.sim.streams import NoStream, WrongLastSequence
+from hafence.sim.streams import EXPECTED_LAST_OF, NoStream, WrongLastSequence
 from hafence.sim.subjects import subject_matches
 from hafence.sim.transport import (
     AlreadyAcked,
@@ -634,8 +634,11 @@ class SimService:
                 if conn is None or incarnation != self.incarnation:
                     return
                 try:
-                    await conn.js_publish(effect.subject, data, msg_id=effect.msg_id, timeout=PUBLISH_TIMEOUT_S,
-                                          expected_last_subject_seq=effect.expect_last_subject_seq)
+                    ack = await conn.js_publish(effect.subject, data, msg_id=effect.msg_id,
+                                                timeout=PUBLISH_TIMEOUT_S, headers=(
+                                                    {EXPECTED_LAST_OF: effect.expect_last_of}
+                                                    if effect.expect_last_of else None),
+                                                expected_last_subject_seq=effect.expect_last_subject_seq)
                 except (TimeoutError, NoStream, NotConnected) as err:
                     error = (f"error: publish to {effect.subject} (msg id {effect.msg_id or 'none'}) failed "
                              f"{attempt} times; last: {error_text(err)}")
@@ -649,7 +652,7 @@ class SimService:
                 except Exception as err:
                     error = f"error: {err}"
                     break
-                self._returned(incarnation, effect.tag)
+                self._returned(incarnation, effect.tag, ack.seq)
                 return
             self._returned(incarnation, effect.tag, error=error or "error: not published")
         finally:

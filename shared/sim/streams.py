@@ -30,6 +30,8 @@ from typing import Literal
 from hafence.sim.subjects import matches_any, subject_matches
 
 MSG_ID = "Nats-Msg-Id"
+# nats-server 2.11: the compare-and-set reads the last message of these subjects (a filter).
+EXPECTED_LAST_OF = "Nats-Expected-Last-Subject-Sequence-Subject"
 KV_OPERATION = "KV-Operation"
 
 
@@ -123,10 +125,12 @@ class Stream:
             if seen is not None and now - seen[1] < self.config.duplicate_window:
                 return PubAck(self.config.name, seen[0], duplicate=True)
         if expected_last_subject_seq is not None:
-            last = self._last_by_subject.get(subject, 0)
+            of = headers.get(EXPECTED_LAST_OF, "")
+            last = (max((seq for subj, seq in self._last_by_subject.items() if subject_matches(of, subj)), default=0)
+                    if of else self._last_by_subject.get(subject, 0))
             if last != expected_last_subject_seq:
                 raise WrongLastSequence(
-                    f"wrong last sequence for {subject} in {self.config.name}: "
+                    f"wrong last sequence for {of or subject} in {self.config.name}: "
                     f"{last}, expected {expected_last_subject_seq}"
                 )
         self.last_seq += 1
