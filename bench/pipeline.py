@@ -28,7 +28,17 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from bench.nats_sync import synced_server
 from bench.report import Table, percentile
 from hafence.bus.names import StreamNames
-from hafence.contracts import AgentReply, FenceResult, HostEvent, Inventory, VmEvent, VmStart, VmStop, encode
+from hafence.contracts import (
+    AgentReply,
+    FenceResult,
+    HostEvent,
+    Inventory,
+    Placements,
+    VmEvent,
+    VmStart,
+    VmStop,
+    encode,
+)
 from hafence.lab import cluster
 from hafence.lab.cluster import Lab, LabSpec
 from hafence.lab.power import SimPowerSwitch
@@ -148,7 +158,8 @@ async def pipeline_overhead(table: Table, quick: bool = False) -> None:
             t_request = next(t for t, m in recs if isinstance(m, HostEvent) and m.kind == "fence_requested")
             t_result, result = next((t, m) for t, m in recs if isinstance(m, FenceResult))
             t_last = max(t for t, m in recs if isinstance(m, VmEvent) and m.kind == "started")
-            placed = [t for t, m in recs if isinstance(m, VmEvent) and m.kind == "placed" and t >= t_result]
+            # The wave's placement records (one per batch of commands in flight).
+            placed = [t for t, m in recs if isinstance(m, Placements) and t >= t_result]
             commands = [t for t, m in recs if isinstance(m, VmStart) and t >= t_result]
             power = max(e.elapsed_s for e in result.evidence if e.level == result.level)
             # The survivors' reports from the fence result to the last ack (the agents'
@@ -202,8 +213,8 @@ STAGES = (
     ("decide", "of which suspect -> fence requested (arbiter)"),
     ("fencer", "of which fence requested -> confirmed off, minus device (fencer)"),
     ("restart", "of which confirmed off -> last VmStart ack (scheduler, agents)"),
-    ("first_placed", "  confirmed off -> first VM placed (scheduler)"),
-    ("last_placed", "  confirmed off -> last VM placed"),
+    ("first_placed", "  confirmed off -> first placement record (scheduler)"),
+    ("last_placed", "  confirmed off -> last placement record"),
     ("first_start", "  confirmed off -> first VmStart sent"),
     ("last_start", "  confirmed off -> last VmStart sent"),
     ("acks", "  last VmStart sent -> last VmStart ack (agents, scheduler)"),

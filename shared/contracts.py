@@ -256,6 +256,32 @@ class VmEvent(Message, tag="vm_event", kw_only=True):
     reason: str = ""
 
 
+# Placements of one record at most: a wave sends at most its commands in flight at
+# once (hafence.scheduler.core.COMMANDS_IN_FLIGHT), and a record of this many fits
+# the largest body a subject may carry (hafence.routes.MAX_MESSAGE_BYTES) with room.
+MAX_PLACEMENTS = 1024
+
+
+class Placements(Message, tag="placements", kw_only=True):
+    """The scheduler's record of where it is about to start VMs (a failover wave's
+    batch, or one VM-level restart), stored before any of their ``VmStart`` leaves.
+
+    Every record is a compare-and-set on the last sequence of all schedulers' records
+    (``vm.placements.record.*``; the last one its writer read or wrote): a record is
+    stored only if its writer had read every placement stored before it, so of two
+    processes that both believe they lead only one starts anything (S0/S1).
+    ``placed`` are ``VmEvent``s of kind ``placed``: what a per-VM ``placed`` event
+    said before one record carried a whole batch (docs/scale.md)."""
+
+    at: float
+    placed: Annotated[list[VmEvent], msgspec.Meta(min_length=1, max_length=MAX_PLACEMENTS)]
+
+    def __post_init__(self) -> None:
+        for event in self.placed:
+            if event.kind != "placed":
+                raise ValueError(f"a placements record carries only 'placed' VM events, not {event.kind!r}")
+
+
 class Alert(Message, tag="alert", kw_only=True):
     """Something a person must look at that is not one host's or VM's event
     (an overloaded monitor, a refused term, a fence past its deadline)."""
@@ -301,6 +327,7 @@ class Decoders:
     agent_command = msgspec.json.Decoder(AgentCommand)
     agent_reply = msgspec.json.Decoder(AgentReply)
     vm_event = msgspec.json.Decoder(VmEvent)
+    placements = msgspec.json.Decoder(Placements)
     alert = msgspec.json.Decoder(Alert)
     monitor_view = msgspec.json.Decoder(MonitorView)
     dead_letter = msgspec.json.Decoder(DeadLetter)
@@ -308,5 +335,5 @@ class Decoders:
     arbiter_input = msgspec.json.Decoder(HostEvent | FenceResult)
     any = msgspec.json.Decoder(
         Heartbeat | Inventory | HostEvent | FenceRequest | FenceResult | VmStart | VmStop
-        | AgentReply | VmEvent | Alert | DeadLetter | MonitorView
+        | AgentReply | VmEvent | Placements | Alert | DeadLetter | MonitorView
     )

@@ -137,7 +137,8 @@ def permissions(config: ClusterConfig) -> dict[str, dict[str, list[str]]]:
             # The watchdog level follows the monitor's views (docs/watchdog.md).
             (views_subject(s),)),
         "scheduler": service("scheduler", [
-            s.vm_events(), s.host_events("ha_reservation_ok"), s.host_events("ha_reservation_lost"),
+            s.vm_events(), s.placement_records(),
+            s.host_events("ha_reservation_ok"), s.host_events("ha_reservation_lost"),
             # The automatic rule clears a host that reports clean (S6).
             s.host_events("cleared"),
             f"{s.prefix}.agent.*.cmd", *events, *_kv_writer(n.leases)]),

@@ -87,6 +87,17 @@ class Subjects:
     def vm_events(self) -> str:
         return f"{self.prefix}.vm.*.*"
 
+    def placement_record(self, record: str) -> str:
+        """One placement record (``Placements``): a subject each, since the events stream
+        keeps a bounded number of messages per subject and a takeover must read every
+        record of a failover still under way. Four tokens after the prefix, so no VM's
+        events (``vm.<vm>.<kind>``) can be mistaken for one."""
+        return f"{self.prefix}.vm.placements.record.{check_name('placement record', record)}"
+
+    def placement_records(self) -> str:
+        """Every scheduler's placement records: the filter of their compare-and-set."""
+        return f"{self.prefix}.vm.placements.record.*"
+
     def agent_cmd(self, host: str) -> str:
         return f"{self.prefix}.agent.{check_name('host', host)}.cmd"
 

@@ -171,3 +171,14 @@ def test_unknown_host_and_bad_config_are_usage_errors(tmp_path: Path) -> None:
     assert checked.returncode == 0 and "hosts without fence levels" in checked.stdout
     missing = hafence("fence", "off", "nope", "--config", str(good))
     assert missing.returncode == 2 and "host 'nope' is not in the configuration" in missing.stderr
+
+
+def test_hafence_events_shows_a_placement_record_as_one_line_per_vm() -> None:
+    """A record carries a wave's placements; ``hafence events`` reads as it did with a
+    ``placed`` event per VM."""
+    from hafence.cli.view import describe_event
+    from hafence.contracts import Placements, VmEvent
+
+    record = Placements(at=1.0, placed=[VmEvent(vm=vm, kind="placed", at=1.0, target=target)
+                                        for vm, target in (("vm-a", "h2"), ("vm-b", "h3"))])
+    assert describe_event(record).splitlines() == ["vm   vm-a       placed on h2", "vm   vm-b       placed on h3"]

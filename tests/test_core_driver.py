@@ -13,7 +13,7 @@ import msgspec
 from nats.aio.client import Client as NatsClient
 
 from hafence.config import ClusterConfig
-from hafence.contracts import AgentReply, Decoders, FenceRequest, HostEvent, VmStop, encode
+from hafence.contracts import AgentReply, Decoders, FenceRequest, HostEvent, Placements, VmEvent, VmStop, encode
 from hafence.core import (
     Ack,
     Asked,
@@ -192,6 +192,54 @@ async def test_a_compare_and_set_publish_loses_to_a_newer_message_on_its_subject
         first, second = holder["core"].outcomes
         assert first.ok
         assert second.error.startswith("conflict:"), second.error
+
+
+async def test_a_compare_and_set_over_a_filter_loses_to_a_newer_message_on_any_subject_it_matches(
+    nc: NatsClient, make_config: Any
+) -> None:
+    """Placement records: each on a subject of its own, one compare-and-set over all of
+    them (nats-server's ``Nats-Expected-Last-Subject-Sequence-Subject``). A record
+    expecting none loses to one stored on another record subject; the ack says where
+    the stored one is, and a record expecting that sequence is stored."""
+    config: ClusterConfig = make_config()
+    subjects = Subjects(config.cluster.subject_prefix)
+    holder: dict[str, FilterCasCore] = {}
+
+    async def body(rt: Runtime) -> None:
+        core = holder["core"] = FilterCasCore(subjects)
+        await drive(core, rt)
+
+    async with running("cas", config, body):
+        await eventually(lambda: "core" in holder and len(holder["core"].outcomes) == 3)
+    first, second, third = sorted(holder["core"].outcomes, key=lambda r: r.tag)
+    assert first.ok and isinstance(first.value, int) and first.value > 0
+    assert second.error.startswith("conflict:"), second.error
+    assert third.ok and third.value > first.value
+
+
+@dataclass
+class FilterCasCore:
+    subjects: Subjects
+    name: str = "cas"
+    outcomes: list[Returned] = field(default_factory=list)
+
+    def inputs(self) -> Inputs:
+        return Inputs()
+
+    def record(self, tag: str, expect: int) -> Publish:
+        placed = [VmEvent(vm="vm-a", kind="placed", at=1.0, target="h2")]
+        return Publish(self.subjects.placement_record(f"r-{tag}"), Placements(at=1.0, placed=placed),
+                       msg_id=tag, tag=tag, expect_last_subject_seq=expect,
+                       expect_last_of=self.subjects.placement_records())
+
+    def handle(self, event: Event, now: Now) -> list[Effect]:
+        if isinstance(event, Started):
+            return [self.record("p1", 0), self.record("p2", 0)]
+        if isinstance(event, Returned):
+            self.outcomes.append(event)
+            if event.tag == "p1" and event.ok:
+                return [self.record("p3", event.value)]
+        return []
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from hafence.contracts import FenceResult, HostEvent, VmEvent
+from hafence.contracts import FenceResult, HostEvent, Placements, VmEvent
 from hafence.lab.cluster import Lab, LabSpec
 from hafence.lab.demo import failover_done
 from hafence.telemetry import trace_id_of
@@ -42,11 +42,11 @@ async def test_a_hung_host_is_fenced_then_its_ha_vms_restart_elsewhere_in_one_tr
         assert all(m.target != victim and m.from_host == victim for m in started)
 
         # S1, from the recorded order of events: the confirmed fence came before any start
-        # command reached an agent, and before any placement.
+        # command reached an agent, and before any placement (the placement record first).
         fence_at = next(i for i, (_, m) in enumerate(decoded)
                         if isinstance(m, FenceResult) and m.host == victim and m.outcome == "confirmed_off")
         first_cmd = next(i for i, (r, _) in enumerate(decoded) if r.subject.endswith(".cmd"))
-        first_vm_event = next(i for i, (_, m) in enumerate(decoded) if isinstance(m, VmEvent))
+        first_vm_event = next(i for i, (_, m) in enumerate(decoded) if isinstance(m, VmEvent | Placements))
         assert fence_at < first_vm_event < first_cmd
         [result] = [m for _, m in decoded if isinstance(m, FenceResult)]
         assert result.evidence and all(e.power_read == "off" for e in result.evidence)
@@ -56,7 +56,7 @@ async def test_a_hung_host_is_fenced_then_its_ha_vms_restart_elsewhere_in_one_tr
         trace_id = trace_id_of(suspect.headers)
         assert trace_id
         for r, m in decoded:
-            if isinstance(m, FenceResult | VmEvent) or r.subject.endswith(".cmd"):
+            if isinstance(m, FenceResult | VmEvent | Placements) or r.subject.endswith(".cmd"):
                 assert trace_id_of(r.headers) == trace_id, r.subject
         five = {"hafence-heartbeat", "hafence-arbiter", "hafence-fencer", "hafence-scheduler", "hafence-agent"}
 

@@ -157,6 +157,7 @@ async def test_each_identity_can_do_its_job(secure: Secure) -> None:
     await js["scheduler"].publish(subj.host_event("h1", "ha_reservation_lost"), event)
     await js["scheduler"].publish(subj.host_event("h1", "ha_reservation_ok"), event)
     await js["scheduler"].publish(subj.vm_event("vm-a", "started"), event)
+    await js["scheduler"].publish(subj.placement_record("r0-00000001"), event)
     for service in SERVICES:
         await js[service].publish(subj.alert("test"), event)
         await js[service].publish(subj.dlq(service), event)
@@ -219,7 +220,8 @@ async def test_an_agent_cannot_publish_for_others_nor_read_their_inboxes(secure:
     await watcher.nc.flush()  # watching before the agent publishes anything
     forbidden = ["hafence.fence.request.h2", "hafence.fence.result.h2", "hafence.hb.h2", "hafence.inventory.h2",
                  "hafence.host.h2.confirmed_fenced", "hafence.host.h1.cleared", "hafence.host.h2.suspect",
-                 "hafence.vm.x.started", "hafence.alert.x", "hafence.dlq.fencer",
+                 "hafence.vm.x.started", "hafence.vm.placements.record.r0-1", "hafence.alert.x",
+                 "hafence.dlq.fencer",
                  "hafence.dlq.agent-h2", "hafence.dlq.agent", "hafence.agent.h2.cmd",
                  "$KV.HAFENCE_leases.arbiter", "$JS.API.STREAM.INFO.HAFENCE_EVENTS"]
     for subject in forbidden:

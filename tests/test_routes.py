@@ -11,6 +11,7 @@ import pytest
 
 from hafence.bus.dead_letters import kept_headers
 from hafence.contracts import (
+    MAX_PLACEMENTS,
     Alert,
     DeadLetter,
     Decoders,
@@ -21,6 +22,7 @@ from hafence.contracts import (
     Inventory,
     Message,
     MonitorView,
+    Placements,
     VmEvent,
     VmInfo,
     VmSpec,
@@ -150,6 +152,7 @@ def test_every_subject_the_project_builds_has_a_route_for_its_message() -> None:
         (S.alert("overload"), Alert(kind="overload", at=1.0, service="heartbeat", reason="r")),
         (S.dlq("fencer"), DeadLetter(service="fencer", subject="x", error="e", raw=b"\0", at=1.0)),
         (view_subject(S, "h1"), MonitorView(host="h1", term=1, at=1.0)),
+        (S.placement_record("r0-1a2b3c4d"), Placements(at=1.0, placed=[VmEvent(vm="vm-a", kind="placed", at=1.0)])),
     ]
     built += [(S.host_event("h1", k), HostEvent(host="h1", kind=k, at=1.0)) for k in HOST_EVENT_KINDS]  # type: ignore[arg-type]
     built += [(S.vm_event("vm-a", k), VmEvent(vm="vm-a", kind=k, at=1.0)) for k in VM_EVENT_KINDS]  # type: ignore[arg-type]
@@ -229,3 +232,35 @@ def test_a_dead_letter_never_carries_headers_that_steer_the_dlq() -> None:
     kept = kept_headers(headers)
     assert set(kept) == {"traceparent", "X-Long"}
     assert kept["X-Long"].isascii() and len(kept["X-Long"]) <= 256
+
+
+def placements(count: int, kind: str = "placed") -> bytes:
+    placed = [VmEvent(vm=f"vm-{i}", kind="placed", at=1.0, target="h2") for i in range(count)]
+    raw = encode(Placements(at=1.0, placed=placed))
+    return raw if kind == "placed" else raw.replace(b'"kind":"placed"', f'"kind":"{kind}"'.encode(), 1)
+
+
+def test_a_placement_record_carries_placed_vm_events_only_and_a_bounded_number() -> None:
+    """A record is what a takeover reads as "asked there" (S0): nothing else may ride in
+    it, and not so many that it misses the body limit."""
+    subject = S.placement_record("r7-0000beef")
+    assert len(decode(subject, placements(3), (*SCHEDULER, Placements)).placed) == 3  # type: ignore[attr-defined]
+    with pytest.raises(Violation, match="carries only 'placed' VM events, not 'started'"):
+        decode(subject, placements(3, kind="started"))
+    with pytest.raises(Violation, match="undecodable message"):
+        decode(subject, placements(0))
+    with pytest.raises(Violation, match="undecodable message"):
+        decode(subject, placements(MAX_PLACEMENTS + 1))
+    assert len(placements(MAX_PLACEMENTS)) < MAX_MESSAGE_BYTES  # the largest record fits
+
+
+def test_a_placement_record_subject_is_not_a_vms_and_a_vm_event_is_not_a_record() -> None:
+    """Four tokens after the prefix: a VM named ``placements`` has its events on
+    ``vm.placements.<kind>``, which the records' filter does not match."""
+    assert S.placement_records() == "hafence.vm.placements.record.*"
+    event = VmEvent(vm="placements", kind="started", at=1.0)
+    assert decode(S.vm_event("placements", "started"), event) == event
+    with pytest.raises(Violation, match="carries only Placements"):
+        decode(S.placement_record("r1-00000001"), event)
+    with pytest.raises(InvalidName):
+        S.placement_record("r1.x")

@@ -20,6 +20,7 @@ from hafence.contracts import (
     HostEvent,
     Inventory,
     Message,
+    Placements,
     VmEvent,
     VmInfo,
     VmSpec,
@@ -42,6 +43,7 @@ from hafence.core import (
 )
 from hafence.scheduler.core import COMMANDS_IN_FLIGHT, TICK, SchedulerCore
 from hafence.scheduler.ports import MemoryStartHistory
+from hafence.sim.subjects import subject_matches
 from tests.conftest import cluster_toml
 
 
@@ -57,15 +59,17 @@ class Harness:
         # Everything the core did, in order: ("record", rows) / ("request", target, vm) / ("publish", subject).
         self.trace: list[tuple[str, object, ...]] = []  # type: ignore[misc]
         self.open: dict[str, Request] = {}
+        self.published: list[Publish] = []
         self.queue: deque[Event] = deque()
         # While set, records wait in ``held`` (a slow disk) until ``release_store``.
         self.hold_store = False
-        # The stream as far as ``placed`` goes: each subject's last sequence (another
+        # The stream as far as placement records go: each subject's last sequence (another
         # process may have stored one the core has not read yet), the message ids stored
-        # (a duplicate is acked, not checked), and whether a stored one is read back.
+        # and where (a duplicate is acked with its first copy's sequence, not checked),
+        # and whether a stored one is read back.
         self.seq = 0
         self.last_seq: dict[str, int] = {}
-        self.msg_ids: set[str] = set()
+        self.msg_ids: dict[str, int] = {}
         self.echo = True
         self.held: list[Call] = []
         self.feed(Started())
@@ -95,20 +99,37 @@ class Harness:
                     self.open[tag] = effect
                     vm = message.vm.name if isinstance(message, VmStart) else message.vm  # type: ignore[union-attr]
                     self.trace.append(("request", subject.split(".")[2], vm))
-                case Publish(subject=subject, tag=tag, expect_last_subject_seq=expect, msg_id=msg_id):
-                    if expect is not None and msg_id not in self.msg_ids and self.last_seq.get(subject, 0) != expect:
-                        self.trace.append(("conflict", subject))
-                        self.queue.append(Returned(tag, error=f"conflict: wrong last sequence for {subject}"))
+                case Publish(subject=subject, tag=tag, expect_last_subject_seq=expect, msg_id=msg_id,
+                             expect_last_of=of, message=message):
+                    self.published.append(effect)
+                    stored = self.msg_ids.get(msg_id) if msg_id else None
+                    if stored is None and expect is not None and self.last_of(of or subject) != expect:
+                        self.trace.append(("conflict", of or subject))
+                        self.queue.append(Returned(tag, error=f"conflict: wrong last sequence for {of or subject}"))
                         continue
                     self.trace.append(("publish", subject))
-                    if tag:
-                        self.queue.append(Returned(tag))  # the ack, then the replay reads it
-                    if subject.endswith(".placed") and msg_id not in self.msg_ids:
+                    new = stored is None and isinstance(message, Placements)
+                    if new:
                         self.seq += 1
-                        self.last_seq[subject] = self.seq
-                        self.msg_ids.add(msg_id)
-                        if self.echo:
-                            self.queue.append(Delivered("events", subject, effect.message, sequence=self.seq))
+                        self.last_seq[subject] = stored = self.seq
+                        self.msg_ids[msg_id] = self.seq
+                        self.trace.extend(("placed", p.vm) for p in message.placed)  # type: ignore[union-attr]
+                    if tag:
+                        self.queue.append(Returned(tag, value=stored))  # the ack, then the replay reads it
+                    if new and self.echo:
+                        self.queue.append(Delivered("events", subject, message, sequence=self.seq))
+
+    def last_of(self, subjects: str) -> int:
+        return max((seq for subject, seq in self.last_seq.items() if subject_matches(subjects, subject)), default=0)
+
+    def stored_elsewhere(self, placed: list[VmEvent], seq: int, read: bool = True) -> None:
+        """Another scheduler's placement record, stored at ``seq``; read back here too if ``read``."""
+        subject = f"hafence.vm.placements.record.other-{seq}"
+        self.seq = max(self.seq, seq)
+        self.last_seq[subject] = seq
+        self.msg_ids[f"other-{seq}"] = seq
+        if read:
+            self.feed(Delivered("events", subject, Placements(at=self.wall, placed=placed), sequence=seq))
 
     def release_store(self) -> None:
         self.hold_store = False
@@ -160,14 +181,14 @@ class Harness:
 
 
 def holding_placed(h: Harness) -> tuple[list[Effect], Callable[[list[Effect]], None]]:
-    """Keep every ``placed`` publish the core makes from here on unanswered: returns
+    """Keep every placement record the core publishes from here on unanswered: returns
     the list they are kept in and the harness's own carry-out (put it back to answer)."""
     held: list[Effect] = []
     carry_out = h._carry_out
 
     def hold(effects: list[Effect]) -> None:
         def placed(e: Effect) -> bool:
-            return isinstance(e, Publish) and e.tag.startswith("placed:")
+            return isinstance(e, Publish) and e.tag.startswith("placements:")
 
         held.extend(e for e in effects if placed(e))
         carry_out([e for e in effects if not placed(e)])
@@ -262,8 +283,11 @@ def test_every_start_of_a_wave_is_recorded_before_any_request_and_placed_before_
     assert records and records[0][0] < first_request
     assert sorted(records[0][1][1]) == ["vm-a", "vm-b"] and records[0][1][2] is True  # durable, both VMs
     for target, vm in h.starts():
-        placed = h.trace.index(("publish", f"hafence.vm.{vm}.placed"))
+        placed = h.trace.index(("placed", vm))
         assert placed < h.trace.index(("request", target, vm))
+    # One record for the wave, not one per VM.
+    assert [t[1].rsplit(".", 1)[0] for t in h.trace if t[0] == "publish" and ".placements." in t[1]] == [
+        "hafence.vm.placements.record"]
     # The results: written once the wave is answered, not durable.
     h.answer("vm-a")
     h.answer("vm-b")
@@ -281,7 +305,7 @@ def test_nothing_is_sent_when_the_starts_could_not_be_recorded(tmp_path: Path) -
     h.tick()
     assert [t[0] for t in h.trace if t[0] == "record"] and h.starts() == []
     assert not h.core.state.reserved  # free to be placed again once the store works
-    assert all(not t[1].endswith(".placed") for t in h.trace if t[0] == "publish")
+    assert not [t for t in h.trace if t[0] == "placed"]
 
 
 # -- a start's reply: asked again, or moved on ---------------------------------------
@@ -372,20 +396,28 @@ def test_a_restarted_scheduler_asks_the_host_its_store_says_it_chose(tmp_path: P
     assert dict((vm, target) for target, vm in second.starts()) == chosen
 
 
+@pytest.mark.parametrize("record", [True, False], ids=["placement record", "placed event of before records"])
 def test_a_standby_taking_over_mid_failover_asks_the_host_its_predecessor_placed_the_vm_on(
-    tmp_path: Path,
+    tmp_path: Path, record: bool,
 ) -> None:
     """The standby's own store knows nothing; the stream has the predecessor's
-    ``placed``. Before: the standby placed the VM afresh (on h3, the most room)
-    while h2 might be booting it (S0)."""
+    placement (in a record, or a per-VM ``placed`` written before records). Before:
+    the standby placed the VM afresh (on h3, the most room) while h2 might be
+    booting it (S0)."""
     h = Harness(tmp_path)
-    h.inventory("h1", ["vm-a"])
+    h.inventory("h1", ["vm-a", "vm-b"])
     h.inventory("h2", [], memory_mb=8192)
     h.inventory("h3", [], memory_mb=65536)
     h.fence("h1", "h1-b1-1", "h1-b1")
-    h.deliver(VmEvent(vm="vm-a", kind="placed", at=h.wall, incident="h1-b1-1", from_host="h1", target="h2"))
+    placed = VmEvent(vm="vm-a", kind="placed", at=h.wall, incident="h1-b1-1", from_host="h1", target="h2")
+    if record:
+        h.stored_elsewhere([placed], seq=3)
+    else:
+        h.deliver(placed)
     h.lead()
-    assert h.starts() == [("h2", "vm-a")]
+    assert ("h2", "vm-a") in h.starts() and ("h2", "vm-b") not in h.starts()
+    # Its own record follows the predecessor's: stored, not refused.
+    assert not [t for t in h.trace if t[0] == "conflict"] and ("placed", "vm-a") in h.trace
 
 
 def test_no_start_is_sent_once_the_lease_has_run_out(tmp_path: Path) -> None:
@@ -437,58 +469,96 @@ def test_a_wave_recorded_after_the_lease_ran_out_is_not_sent(tmp_path: Path) -> 
 def test_a_leader_that_missed_another_ones_placement_sends_no_start_and_follows_it(tmp_path: Path) -> None:
     """Seed 71: a leader suspended past its lease (its monotonic clock missed it)
     wakes and places vm-a on h3, while the leader of the meantime placed it on h2
-    (stored, not yet read here). Its ``placed`` loses the compare-and-set: no
-    ``VmStart`` to h3, its record withdrawn; once the replay brings the other
-    ``placed``, the VM is asked of h2 only. Before: started on h3 as well (S0)."""
+    (stored, not yet read here). Its record loses the compare-and-set: no
+    ``VmStart`` at all, its records withdrawn; once the replay brings the other
+    record, vm-a is asked of h2 only. Before: started on h3 as well (S0)."""
     h = failover_ready(tmp_path)
-    h.seq = 7
-    h.last_seq["hafence.vm.vm-a.placed"] = 7  # the other leader's placed, unread
+    other = VmEvent(vm="vm-a", kind="placed", at=h.wall, incident="h1-b1-1", from_host="h1", target="h2")
+    h.stored_elsewhere([other], seq=7, read=False)
     h.fence("h1", "h1-b1-1", "h1-b1")
-    assert ("conflict", "hafence.vm.vm-a.placed") in h.trace
-    assert [vm for _, vm in h.starts()] == ["vm-b"]
-    assert h.store.rows[("vm-a", "h1-b1-1", "h3")][3] == "withdrawn"
-    h.answer("vm-b")
+    assert ("conflict", "hafence.vm.placements.record.*") in h.trace
+    assert h.starts() == []
+    assert {row[3] for row in h.store.rows.values()} == {"withdrawn"}
     h.tick()
-    assert [vm for _, vm in h.starts()] == ["vm-b"]  # nothing until the replay says where
-    h.feed(Delivered("events", "hafence.vm.vm-a.placed", VmEvent(
-        vm="vm-a", kind="placed", at=h.wall, incident="h1-b1-1", from_host="h1", target="h2"), sequence=7))
+    h.inventory("h2", [], memory_mb=8192)
+    assert h.starts() == []  # nothing until the replay brings the record it missed
+    h.feed(Delivered("events", "hafence.vm.placements.record.other-7",
+                     Placements(at=h.wall, placed=[other]), sequence=7))
     h.tick()
-    assert h.starts() == [("h3", "vm-b"), ("h2", "vm-a")]
+    assert sorted(h.starts()) == [("h2", "vm-a"), ("h3", "vm-b")]
 
 
-def test_a_placement_read_before_the_refusal_of_its_own_placed_arrives_is_followed(tmp_path: Path) -> None:
-    """Seed 100 with fences that reboot: the other leader's ``placed`` of vm-a (on h2)
-    is stored, then this leader's ``placed`` (expecting none) is refused, and the replay
-    brings the other one while the refusal is on its way. The VM waits for a ``placed``
-    newer than the one its own expected, which it has read already: asked of h2. Before:
+def test_any_record_stored_since_the_last_one_read_refuses_the_next_whatever_vms_it_placed(
+    tmp_path: Path,
+) -> None:
+    """One compare-and-set over every scheduler's records: another leader's record of
+    a VM this wave does not hold (vm-z, another incident) refuses it all the same. So
+    a record is stored only by a process that has read every placement before it."""
+    h = failover_ready(tmp_path)
+    h.stored_elsewhere([VmEvent(vm="vm-z", kind="placed", at=h.wall, incident="h9-b1-1", target="h2")], seq=4,
+                       read=False)
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    assert h.starts() == [] and [t[0] for t in h.trace].count("conflict") == 1
+    h.feed(Delivered("events", "hafence.vm.placements.record.other-4", Placements(at=h.wall, placed=[
+        VmEvent(vm="vm-z", kind="placed", at=h.wall, incident="h9-b1-1", target="h2")]), sequence=4))
+    h.tick()
+    assert sorted(vm for _, vm in h.starts()) == ["vm-a", "vm-b"]
+    [publish] = [e for e in h.published if isinstance(e.message, Placements)][-1:]
+    assert publish.expect_last_subject_seq == 4
+
+
+def test_a_record_read_after_a_wave_was_placed_and_before_its_record_went_withdraws_the_wave(
+    tmp_path: Path,
+) -> None:
+    """The compare-and-set proves nothing was stored between the record a process
+    expects and its own; the wave must also have been decided after that one. Here the
+    other leader's record (vm-a on h2) is read while the wave's starts are written to
+    disk: expecting it now would store a wave placed without it, and vm-a would start
+    on h2 and on h3 (S0). The wave is withdrawn and decided again."""
+    h = failover_ready(tmp_path)
+    h.hold_store = True
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    assert sorted(vm for vm, _ in h.core.state.reserved) == ["vm-a", "vm-b"]  # placed, being recorded
+    other = VmEvent(vm="vm-a", kind="placed", at=h.wall, incident="h1-b1-1", from_host="h1", target="h2")
+    h.stored_elsewhere([other], seq=7)
+    h.release_store()
+    assert not [r for r in records(h) if any(p.target == "h3" and p.vm == "vm-a" for p in r.message.placed)]  # type: ignore[attr-defined]
+    assert sorted(h.starts()) == [("h2", "vm-a"), ("h3", "vm-b")]
+    assert not [t for t in h.trace if t[0] == "conflict"]
+
+
+def test_a_placement_read_before_the_refusal_of_its_own_record_arrives_is_followed(tmp_path: Path) -> None:
+    """Seed 100 with fences that reboot: the other leader's record of vm-a (on h2) is
+    stored, then this leader's (expecting none) is refused, and the replay brings the
+    other one while the refusal is on its way. Placing waits for a record newer than
+    the one its own expected, which it has read already: vm-a is asked of h2. Before:
     it waited for one newer than the one read at the refusal, which never came, and the
     VM was never placed again, in this incident or a later one (L1)."""
     h = failover_ready(tmp_path)
     held, carry_out = holding_placed(h)
     h.fence("h1", "h1-b1-1", "h1-b1")
-    assert h.starts() == [] and len(held) == 2
+    assert h.starts() == [] and len(held) == 1
     h._carry_out = carry_out  # type: ignore[method-assign]
-    # The other leader's placed is stored, and read here, before this one's placed is answered.
+    # The other leader's record is stored, and read here, before this one's is answered.
     other = VmEvent(vm="vm-a", kind="placed", at=h.wall, incident="h1-b1-1", from_host="h1", target="h2")
-    h.seq = 7
-    h.last_seq["hafence.vm.vm-a.placed"] = 7
-    h.msg_ids.add("other leader's placed")
-    h.feed(Delivered("events", "hafence.vm.vm-a.placed", other, sequence=7))
+    h.stored_elsewhere([other], seq=7)
     h._carry_out(held)
     h.feed(TimerFired("none"))
-    assert ("conflict", "hafence.vm.vm-a.placed") in h.trace
-    assert [vm for _, vm in h.starts()] == ["vm-b"]
-    h.answer("vm-b")
-    h.tick()
-    assert h.starts() == [("h3", "vm-b"), ("h2", "vm-a")]
+    assert ("conflict", "hafence.vm.placements.record.*") in h.trace
+    # Decided again at once, from what it has read: no wait for a record newer still.
+    assert sorted(h.starts()) == [("h2", "vm-a"), ("h3", "vm-b")]
 
 
-def test_a_start_goes_out_only_once_its_placed_is_stored(tmp_path: Path) -> None:
+def test_a_start_goes_out_only_once_its_record_is_stored(tmp_path: Path) -> None:
     h = failover_ready(tmp_path)
     acks, carry_out = holding_placed(h)
     h.fence("h1", "h1-b1-1", "h1-b1")
-    assert h.starts() == [] and len(acks) == 2
-    assert all(a.expect_last_subject_seq == 0 for a in acks)  # no placed of these VMs read yet
+    assert h.starts() == [] and len(acks) == 1
+    [record] = acks
+    assert isinstance(record, Publish) and isinstance(record.message, Placements)
+    assert sorted(p.vm for p in record.message.placed) == ["vm-a", "vm-b"]
+    # No record read yet: it expects none over every scheduler's records.
+    assert (record.expect_last_subject_seq, record.expect_last_of) == (0, "hafence.vm.placements.record.*")
     h._carry_out = carry_out  # type: ignore[method-assign]
     h._carry_out(acks)
     h.feed(TimerFired("none"))
@@ -690,3 +760,84 @@ def test_a_host_event_illegal_in_its_phase_is_logged_with_its_count(tmp_path: Pa
     assert h.core.state.phases["h1"] == Phase.FENCED
     assert not [e for e in h.core.handle(TimerFired("tick"), Now(h.mono, h.wall)) if isinstance(e, Log)
                 and "illegal" in e.message]  # logged once
+
+
+# -- one placement record at a time ----------------------------------------------------
+
+
+def records(h: Harness) -> list[Publish]:
+    return [e for e in h.published if isinstance(e.message, Placements)]
+
+
+def test_a_wave_sends_one_record_for_its_commands_in_flight_and_one_for_those_replies_free_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """One record at a time, each expecting the one before (its own ack's sequence):
+    the replies that come while a record is on its way share the next one."""
+    h = Harness(tmp_path)
+    names = [f"vm-{i:03d}" for i in range(COMMANDS_IN_FLIGHT + 10)]
+    h.inventory("h1", names)
+    h.inventory("h2", [], memory_mb=1 << 20, vcpus=256)
+    h.lead()
+    h.echo = False  # its own records are not read back: the acks alone keep it in step
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    [first] = records(h)
+    assert len(first.message.placed) == COMMANDS_IN_FLIGHT  # type: ignore[attr-defined]
+    held, carry_out = holding_placed(h)
+    h.answer(h.starts()[0][1])  # one command done: a record of one
+    assert len(held) == 1 and len(held[0].message.placed) == 1  # type: ignore[attr-defined]
+    for _, vm in h.starts()[1:4]:
+        h.answer(vm)  # three more while it is on its way: no second record in flight
+    assert len(held) == 1
+    h._carry_out = carry_out  # type: ignore[method-assign]
+    h._carry_out(held)
+    h.feed(TimerFired("none"))
+    assert [len(r.message.placed) for r in records(h)] == [COMMANDS_IN_FLIGHT, 1, 3]  # type: ignore[attr-defined]
+    assert [r.expect_last_subject_seq for r in records(h)] == [0, 1, 2]
+    while h.open:
+        h.answer(next(iter(h.open.values())).message.vm.name)  # type: ignore[union-attr]
+    assert sorted(vm for _, vm in h.starts()) == names
+    assert not [t for t in h.trace if t[0] == "conflict"]
+
+
+def test_a_vm_restart_waits_for_the_wave_record_on_its_way_and_expects_it(tmp_path: Path) -> None:
+    """A wave and a VM-level restart of the same process: two records in flight
+    would both expect the same sequence and one would be refused."""
+    h = failover_ready(tmp_path)
+    h.inventory("h3", ["vm-c"], memory_mb=32768)
+    held, carry_out = holding_placed(h)
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    assert len(held) == 1
+    crashed = VmInfo(spec=VmSpec(name="vm-c", memory_mb=1024, ha=True), state="stopped", stop_reason="crashed",
+                     stopped_at=h.wall - 1)
+    h.deliver(Inventory(host="h3", boot_id="h3-b1", memory_mb=32768, vcpus=16, sent_at=h.wall, vms=[crashed]))
+    h.tick()
+    assert len(held) == 1 and h.core.restart_queue  # its record waits
+    h._carry_out = carry_out  # type: ignore[method-assign]
+    h._carry_out(held)
+    h.feed(TimerFired("none"))
+    _wave, restart = records(h)
+    assert [p.vm for p in restart.message.placed] == ["vm-c"]  # type: ignore[attr-defined]
+    assert restart.expect_last_subject_seq == 1 and ("h3", "vm-c") in h.starts()
+    assert not [t for t in h.trace if t[0] == "conflict"]
+
+
+def test_a_vm_restart_decided_before_another_schedulers_record_was_read_is_not_sent(tmp_path: Path) -> None:
+    """The restart of vm-c waits behind the wave's record; meanwhile another leader's
+    record is read. The restart was decided without it: not sent, decided again after
+    the back-off (``unconfirmed``)."""
+    h = failover_ready(tmp_path)
+    h.inventory("h3", ["vm-c"], memory_mb=32768)
+    held, carry_out = holding_placed(h)
+    h.fence("h1", "h1-b1-1", "h1-b1")
+    crashed = VmInfo(spec=VmSpec(name="vm-c", memory_mb=1024, ha=True), state="stopped", stop_reason="crashed",
+                     stopped_at=h.wall - 1)
+    h.deliver(Inventory(host="h3", boot_id="h3-b1", memory_mb=32768, vcpus=16, sent_at=h.wall, vms=[crashed]))
+    h.tick()
+    assert h.core.restart_queue
+    h.stored_elsewhere([VmEvent(vm="vm-z", kind="placed", at=h.wall, incident="h9-b1-1", target="h2")], seq=7)
+    h._carry_out = carry_out  # type: ignore[method-assign]
+    h._carry_out(held)
+    h.feed(TimerFired("none"))
+    assert not [r for r in records(h) if [p.vm for p in r.message.placed] == ["vm-c"]]  # type: ignore[attr-defined]
+    assert "vm-c" not in h.core.state.restarts.in_flight and ("h3", "vm-c") not in h.starts()

@@ -11,12 +11,14 @@ and its failed starts retried on other hosts (up to ``start_attempts`` rounds
 while failures move), before any medium one; then low. Each round is a *wave*:
 
 1. placement picks targets; a VM asked before for this incident (by this
-   scheduler, per its store, or by the leader before it, per the ``placed`` events
+   scheduler, per its store, or by the leader before it, per the placement records
    of the stream) is asked again on the same host, never placed afresh (S0);
 2. every start of the wave is written to the store in one durable transaction
    (``Call("store", "record")``) before any command leaves;
-3. when that is on disk: the wave's ``placed`` events, then all its ``VmStart``
-   requests at once (the driver writes them in that order);
+3. when that is on disk: one placement record (``Placements``) for the wave's
+   commands in flight, a compare-and-set on the last record of every scheduler;
+   once it is stored, their ``VmStart`` requests at once. A reply lets the next
+   command go: those freed while a record is on its way share the next record;
 4. each reply (``Returned``) is folded as it comes: started, failed (the VM moves
    on) or unanswered (the host may be starting it: it is asked again, and the VM
    moves only if that host is fenced); when the last is in, the results are
@@ -36,7 +38,18 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from hafence import metrics
-from hafence.contracts import Alert, Decoders, FenceResult, HostEvent, Inventory, VmEvent, VmStart, VmStop
+from hafence.contracts import (
+    MAX_PLACEMENTS,
+    Alert,
+    Decoders,
+    FenceResult,
+    HostEvent,
+    Inventory,
+    Placements,
+    VmEvent,
+    VmStart,
+    VmStop,
+)
 from hafence.core.effects import Call, Effect, Log, Publish, Request, SetTimer, Span
 from hafence.core.events import CaughtUp, Delivered, Event, LeaseChanged, Now, Returned, Started, TimerFired
 from hafence.core.inputs import Inputs, Lease, ReplayInput
@@ -130,13 +143,18 @@ class _Wave:
     results: list[StartRow] = field(default_factory=list)
     started: dict[str, str] = field(default_factory=dict)
     unsent: list[tuple[LostVm, str]] = field(default_factory=list)  # recorded, not asked yet (last first)
-    # Start tags whose ``placed`` was stored and whose ``VmStart`` went out (the others
-    # of ``waiting`` wait for their ``placed`` compare-and-set).
+    # Start tags whose placement record was stored and whose ``VmStart`` went out (the
+    # others of ``waiting`` are in the record on its way).
     sent: set[str] = field(default_factory=set)
     # Start tags that ask a host again: an earlier start of that VM there is in doubt.
     again: set[str] = field(default_factory=set)
-    # Start tag -> the last ``placed`` sequence its ``placed`` expected (compare-and-set).
-    expected: dict[str, int] = field(default_factory=dict)
+    # Commands that may go out once the record on its way is answered (replies free them).
+    credit: int = 0
+    records: int = 0
+    # Start tags of the record on its way.
+    recording: list[str] = field(default_factory=list)
+    # The other schedulers' records read when the wave was placed (``foreign_seq``).
+    seen: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,14 +205,26 @@ class SchedulerCore:
         # stream says was asked (``placed``/``started`` of any leader, S0 on a takeover).
         self.history: History = {}
         self.announced_starts: History = {}
-        # The stream sequence of each VM's last ``placed`` event (from the replay): a
-        # wave's ``placed`` is a compare-and-set on it, so of two processes that both
-        # believe they lead (one woke from a suspension its monotonic clock missed)
-        # only one places a VM; the other's start is not sent (S0/S1).
-        self.placed_seq: dict[str, int] = {}
-        # VMs whose ``placed`` lost the compare-and-set, with the sequence it expected:
-        # not placed again until the replay brings the newer ``placed`` (then decided again).
-        self.conflicted: dict[str, int] = {}
+        # The stream sequence of the last placement record (any scheduler's) this process
+        # read or wrote: its next record is a compare-and-set on it, so of two processes
+        # that both believe they lead (one woke from a suspension its monotonic clock
+        # missed) only one places anything; the other's starts are not sent (S0/S1).
+        self.placements_seq = 0
+        # After a refused record, the sequence it expected: nothing is placed until the
+        # replay brings a record newer than that (then every VM is decided again).
+        self.placements_blocked: int | None = None
+        # The tag of the record on its way (one at a time: each expects the one before),
+        # and the VM restarts whose record waits for it.
+        self.placing = ""
+        self.placing_expected = 0
+        self.restart_queue: list[RestartVm] = []
+        # The highest sequence of another scheduler's record read, and this process's own
+        # record ids (told apart in the replay). A record is sent only if no other
+        # scheduler's record was read since its placements were decided: the compare-and-
+        # set then proves no record was stored between that decision and this record.
+        self.foreign_seq = 0
+        self.own_records: set[str] = set()
+        self.restart_seen: dict[tuple[str, int], int] = {}
         self.loading = False
         self.want = False
         # After the store failed, no pass before this (monotonic): not a busy loop on a full disk.
@@ -229,8 +259,9 @@ class SchedulerCore:
             # What this scheduler (or the one before it) did: starts of failovers, VM-level HA.
             *(f"{s.prefix}.vm.*.{kind}" for kind in
               ("crashed", "placed", "started", "restarted", "failed", "restart_limit")),
+            s.placement_records(),
         ]
-        return Inputs(replays=[ReplayInput("events", filters, (Decoders.scheduler_input, VmEvent))],
+        return Inputs(replays=[ReplayInput("events", filters, (Decoders.scheduler_input, VmEvent, Placements))],
                       lease=Lease("scheduler", self.config.timings.lease_ttl_s, after="events"))
 
     def handle(self, event: Event, now: Now) -> list[Effect]:
@@ -238,7 +269,9 @@ class SchedulerCore:
         match event:
             case Started():
                 self.started_mono = now.mono
-            case Delivered(message=message, headers=headers, sequence=sequence):
+            case Delivered(subject=subject, message=message, headers=headers, sequence=sequence):
+                if isinstance(message, Placements) and subject.rsplit(".", 1)[-1] not in self.own_records:
+                    self.foreign_seq = max(self.foreign_seq, sequence)
                 self._fold(message, headers, now, sequence)
             case CaughtUp():
                 self.caught_up = True
@@ -254,8 +287,8 @@ class SchedulerCore:
             # The walk for duplicates, clears and VM restarts (over every host) is not
             # repeated for each reply of a wave, nor for each of its own VM events read
             # back: a failover's come in bursts; the next tick or other event walks.
-            burst = ((isinstance(event, Returned) and event.tag.startswith(("start:", "placed:")))
-                     or (isinstance(event, Delivered) and isinstance(event.message, VmEvent)))
+            burst = ((isinstance(event, Returned) and event.tag.startswith(("start:", "placements:wave:")))
+                     or (isinstance(event, Delivered) and isinstance(event.message, VmEvent | Placements)))
             self._round(now, out, effects=not burst)
         # What the host-phase table found illegal while folding this (the phase was kept).
         for host, illegal in self.state.take_illegal():
@@ -281,9 +314,12 @@ class SchedulerCore:
                     for host, incident in state.reboots:
                         self._released(host, incident, message.sent_at, trace)
                     state.reboots.clear()
-            case VmEvent():
-                if message.kind == "placed" and sequence > self.placed_seq.get(message.vm, 0):
-                    self.placed_seq[message.vm] = sequence
+            case Placements():
+                self.placements_seq = max(self.placements_seq, sequence)
+                for placed in message.placed:
+                    state.on_vm_event(placed)
+                    self._fold_start(placed)
+            case VmEvent():  # a ``placed`` of its own: written by a scheduler before records
                 state.on_vm_event(message)
                 self._fold_start(message)
             case HostEvent():
@@ -342,6 +378,8 @@ class SchedulerCore:
                     self._forget(set())
                 if not (self.want and state.lost and self.leader(now)) or now.mono < self.store_retry_at:
                     return
+                if self.blocked():
+                    return  # another scheduler placed since: its record first, then decide
                 self.want = False
                 incidents = {lost.incident for lost in state.lost.values()}
                 self._forget(incidents)
@@ -369,7 +407,7 @@ class SchedulerCore:
             if run.rounds and (run.rounds >= state.start_attempts or failures == run.failures):
                 run.index, run.rounds = run.index + 1, 0
                 continue
-            if not self.leader(now):
+            if not self.leader(now) or self.blocked():
                 self.run = None
                 return
             run.rounds += 1
@@ -406,11 +444,6 @@ class SchedulerCore:
                 continue
             if lost.spec.name in held:
                 continue  # S1: a suspect host reported it running; its fence decides
-            blocked = self.conflicted.get(lost.spec.name)
-            if blocked is not None:
-                if self.placed_seq.get(lost.spec.name, 0) <= blocked:
-                    continue  # another process placed it: wait for the replay to say where
-                del self.conflicted[lost.spec.name]
             step, target = state.next_step(lost, self._history_of(lost))
             if step == "resend":
                 resend.append((lost, target))
@@ -451,7 +484,7 @@ class SchedulerCore:
         for lost, target in jobs[:len(placements)]:  # the starts asked again hold theirs already
             state.reserved[(lost.spec.name, target)] = lost.spec
         self.waves += 1
-        self.wave = _Wave(self.waves, priority, jobs)
+        self.wave = _Wave(self.waves, priority, jobs, seen=self.foreign_seq)
         self.wave.again = {f"start:{self.waves}:{lost.spec.name}" for lost, _ in resend}
         # S0: every start is on disk before any command of the wave leaves, so a
         # scheduler restarted mid-failover asks the same host again, never another.
@@ -460,78 +493,136 @@ class SchedulerCore:
         return len(jobs)
 
     def _send_wave(self, wave: _Wave, now: Now, out: list[Effect]) -> None:
-        """The wave is on disk: its placed events, then its commands at once (up to
-        ``COMMANDS_IN_FLIGHT``; the rest one per reply). The driver writes them in
-        this order on one connection, so every subscriber sees a VM's ``placed``
-        before its command; nothing waits for the placed acks."""
+        """The wave is on disk: its first record (up to ``COMMANDS_IN_FLIGHT`` starts),
+        then, once that is stored, their commands at once."""
         for lost, target in wave.jobs:
             self._note(lost, target, "sending")
         wave.unsent = list(reversed(wave.jobs))
-        self._send_more(wave, COMMANDS_IN_FLIGHT, now, out)
+        wave.credit = COMMANDS_IN_FLIGHT
+        self._record_more(wave, now, out)
 
-    def _send_more(self, wave: _Wave, count: int, now: Now, out: list[Effect]) -> None:
-        """The next ``placed`` events of the wave, each a compare-and-set on the VM's
-        last ``placed`` sequence; a VM's ``VmStart`` goes out once its ``placed`` is stored."""
-        batch = [wave.unsent.pop() for _ in range(min(count, len(wave.unsent)))]
-        if not batch:
+    def _record_more(self, wave: _Wave, now: Now, out: list[Effect]) -> None:
+        """The next placement record of the wave: as many starts as replies have freed
+        (one record at a time; a VM's ``VmStart`` goes out once its record is stored)."""
+        if self.placing or not wave.unsent or wave.credit <= 0:
             return
+        if self.foreign_seq > wave.seen:
+            # Another scheduler's record was read since the wave was placed: the rest of
+            # it was decided without it. Withdrawn, and decided again (it has been read).
+            self._withdraw(wave, wave.unsent, "another scheduler placed VMs since this wave was placed", now, out)
+            wave.unsent = []
+            self._wave_step(wave, now, out, freed=0)
+            return
+        batch = [wave.unsent.pop() for _ in range(min(wave.credit, len(wave.unsent), MAX_PLACEMENTS))]
+        wave.credit -= len(batch)
+        wave.records += 1
         by_incident: dict[str, list[tuple[LostVm, str]]] = {}
         for lost, target in batch:
             by_incident.setdefault(lost.incident, []).append((lost, target))
         for incident, jobs in by_incident.items():
-            # One span per wave and incident carries its VMs (and its placed events the trace).
+            # One span per record and incident carries its VMs (and the record the trace).
             out.append(Span(f"start wave {wave.priority}", self.incident_trace.get(incident, {}), {
                 "hafence.incident": incident, "hafence.wave": wave.id, "hafence.priority": wave.priority,
                 "hafence.vms": [lost.spec.name for lost, _ in jobs],
                 "hafence.targets": [target for _, target in jobs]}))
-            for lost, target in jobs:
-                vm = lost.spec.name
-                tag = f"start:{wave.id}:{vm}"
-                wave.waiting[tag] = (lost, target)
-                wave.expected[tag] = self.placed_seq.get(vm, 0)
-                placed = self._vm_event(lost, "placed", now, target)
-                out.append(Publish(placed.subject, placed.message, placed.msg_id, tag=f"placed:{wave.id}:{vm}",
-                                   expect_last_subject_seq=wave.expected[tag]))
+        wave.recording = []
+        for lost, target in batch:
+            tag = f"start:{wave.id}:{lost.spec.name}"
+            wave.waiting[tag] = (lost, target)
+            wave.recording.append(tag)
+        placed = [self._placed(lost, now, target) for lost, target in batch]
+        self._publish_record(f"placements:wave:{wave.id}:{wave.records}", placed,
+                             [vm_event_id(p) for p in placed], now, out)
 
-    def _placed_result(self, wave: _Wave, event: Returned, now: Now, out: list[Effect]) -> None:
-        """A wave's ``placed`` was stored (its start goes out), or lost the compare-and-set
-        (another process placed the VM since the last one this one read: nothing is sent,
-        and the VM waits for the replay to bring that placement), or was not published."""
-        tag = "start:" + event.tag.split(":", 1)[1]
-        lost, target = wave.waiting[tag]
-        vm = lost.spec.name
-        if event.ok and self.leader(now):
-            wave.sent.add(tag)
-            out.append(Span(f"start vm {vm}", self.incident_trace.get(lost.incident, {}), {
-                "hafence.vm": vm, "hafence.target_host": target, "hafence.from_host": lost.from_host,
-                "hafence.incident": lost.incident, "hafence.vm.memory_mb": lost.spec.memory_mb}))
-            out.append(Request(self.subjects.agent_cmd(target), VmStart(vm=lost.spec, incident=lost.incident),
-                               self.timeout, tag))
+    def _placed(self, lost: LostVm, now: Now, target: str, reason: str = "") -> VmEvent:
+        _count(metrics.VM_EVENTS, "placed")
+        return VmEvent(vm=lost.spec.name, kind="placed", at=now.wall, incident=lost.incident,
+                       from_host=lost.from_host, target=target, reason=reason)
+
+    def _publish_record(self, tag: str, placed: list[VmEvent], ids: list[str], now: Now,
+                        out: list[Effect]) -> None:
+        """One placement record, a compare-and-set on the last record of every scheduler
+        this process knows of. Its id is the record's content and that sequence: sent
+        again (a retry whose ack was lost), it is one message in the stream."""
+        expected = self.placements_seq
+        record = f"r{expected}-{zlib.crc32(';'.join(ids).encode()):08x}"
+        self.placing, self.placing_expected = tag, expected
+        self.own_records.add(record)
+        out.append(Publish(self.subjects.placement_record(record), Placements(at=now.wall, placed=placed),
+                           f"placements:{record}", tag=tag, expect_last_subject_seq=expected,
+                           expect_last_of=self.subjects.placement_records()))
+
+    def blocked(self) -> bool:
+        """A record of this process was refused: another scheduler placed VMs since the
+        last record this one read. Nothing is placed until the replay brings it."""
+        if self.placements_blocked is None:
+            return False
+        if self.placements_seq > self.placements_blocked:
+            self.placements_blocked = None
+            return False
+        return True
+
+    def _recorded(self, event: Returned, now: Now, out: list[Effect]) -> None:
+        """The record on its way was stored, refused (another scheduler's came first), or
+        not published; then the next record may go (a queued restart's, or the wave's)."""
+        if event.tag != self.placing:
             return
-        del wave.waiting[tag]
-        self.state.reserved.pop((vm, target), None)
-        if event.error.startswith("conflict"):
-            # No command went there: its "sending" record is withdrawn, so neither this
-            # process nor a later leader asks that host on its account.
-            # Blocked until the replay brings a ``placed`` newer than the one this one
-            # expected, which it may have brought already while the refusal was on its
-            # way (simulation seed 100 with fences that reboot, L1: blocked on the
-            # sequence read at the refusal, that newer one itself, the VM waited for one
-            # more ``placed`` that never came, through that incident and the next).
-            self.conflicted[vm] = wave.expected.get(tag, 0)
-            self._note(lost, target, "withdrawn")
-            out.append(Call("store", "record", ([(vm, lost.incident, target, "withdrawn", event.error, now.wall)],
-                                                True)))
-            out.append(Log("warning", "VM placed by another scheduler: start not sent",
-                           {"vm": vm, "target": target, "error": event.error}))
-        elif event.error:
-            # Perhaps stored: the "sending" record stays, the same host is asked at a later pass.
-            self.store_retry_at = now.mono + TICK_S
-            out.append(Log("error", "placed not published: start not sent",
-                           {"vm": vm, "target": target, "error": event.error}))
+        self.placing = ""
+        if event.ok and isinstance(event.value, int):
+            self.placements_seq = max(self.placements_seq, event.value)
+        elif event.error.startswith("conflict"):
+            self.placements_blocked = max(self.placements_blocked or 0, self.placing_expected)
+        if event.tag.startswith("placements:wave:"):
+            if self.wave is not None and event.tag == f"placements:wave:{self.wave.id}:{self.wave.records}":
+                self._wave_recorded(self.wave, event, now, out)
         else:
-            out.append(Log("warning", "lease lost: start not sent", {"vm": vm, "target": target}))
-        self._wave_step(wave, now, out)
+            effect = self.restarts.pop(event.tag, None)
+            if effect is not None:
+                self._restart_recorded(effect, event, now, out)
+        while self.restart_queue and not self.placing:
+            self._restart_placed(self.restart_queue.pop(0), now, out)
+        wave = self.wave
+        if wave is not None and not self.placing:
+            if self.leader(now):
+                self._record_more(wave, now, out)
+            elif wave.unsent:
+                self._abandon(wave)
+
+    def _wave_recorded(self, wave: _Wave, event: Returned, now: Now, out: list[Effect]) -> None:
+        """The wave's record was stored (its starts go out), or refused (nothing of the
+        wave is sent: the replay brings the other scheduler's record, then every VM is
+        decided again), or not published."""
+        tags, wave.recording = wave.recording, []
+        if event.ok and self.leader(now):
+            for tag in tags:
+                lost, target = wave.waiting[tag]
+                vm = lost.spec.name
+                wave.sent.add(tag)
+                out.append(Span(f"start vm {vm}", self.incident_trace.get(lost.incident, {}), {
+                    "hafence.vm": vm, "hafence.target_host": target, "hafence.from_host": lost.from_host,
+                    "hafence.incident": lost.incident, "hafence.vm.memory_mb": lost.spec.memory_mb}))
+                out.append(Request(self.subjects.agent_cmd(target), VmStart(vm=lost.spec, incident=lost.incident),
+                                   self.timeout, tag))
+            return
+        dropped = [wave.waiting.pop(tag) for tag in tags]
+        vms = [lost.spec.name for lost, _ in dropped]
+        if event.error.startswith("conflict"):
+            # No command of the record went out, nor will any of the wave's.
+            self._withdraw(wave, dropped + wave.unsent, event.error, now, out)
+            wave.unsent = []
+        else:
+            for lost, target in dropped:
+                self.state.reserved.pop((lost.spec.name, target), None)
+            if event.error:
+                # Perhaps stored: the "sending" records stay, the same hosts are asked at a later pass.
+                self.store_retry_at = now.mono + TICK_S
+                out.append(Log("error", "placement record not published: starts not sent",
+                               {"vms": vms, "error": event.error}))
+            else:
+                out.append(Log("warning", "lease lost: starts not sent", {"vms": vms}))
+            if wave.unsent:
+                self._abandon(wave)
+        self._wave_step(wave, now, out, freed=0)
 
     def _start_result(self, wave: _Wave, event: Returned, now: Now, out: list[Effect]) -> None:
         lost, target = wave.waiting.pop(event.tag)
@@ -570,10 +661,26 @@ class SchedulerCore:
             out.append(self._vm_event(lost, "started", now, target, "already running" if reply.already else ""))
         self._wave_step(wave, now, out)
 
-    def _wave_step(self, wave: _Wave, now: Now, out: list[Effect]) -> None:
-        """One job of the wave is done: the next one goes out; after the last, its results."""
+    def _withdraw(self, wave: _Wave, jobs: list[tuple[LostVm, str]], why: str, now: Now,
+                  out: list[Effect]) -> None:
+        """Starts of the wave never sent: their "sending" records are withdrawn (durable),
+        so neither this process nor a later leader asks those hosts on their account."""
+        if not jobs:
+            return
+        rows = []
+        for lost, target in jobs:
+            self.state.reserved.pop((lost.spec.name, target), None)
+            self._note(lost, target, "withdrawn")
+            rows.append((lost.spec.name, lost.incident, target, "withdrawn", why, now.wall))
+        out.append(Call("store", "record", (rows, True)))
+        out.append(Log("warning", "VMs placed by another scheduler since: starts not sent",
+                       {"vms": [lost.spec.name for lost, _ in jobs], "wave": wave.id, "error": why}))
+
+    def _wave_step(self, wave: _Wave, now: Now, out: list[Effect], freed: int = 1) -> None:
+        """Jobs of the wave are done: as many more go out; after the last, its results."""
+        wave.credit += freed
         if self.leader(now):
-            self._send_more(wave, 1, now, out)
+            self._record_more(wave, now, out)
         elif wave.unsent:
             self._abandon(wave)
         if wave.waiting:
@@ -648,10 +755,8 @@ class SchedulerCore:
             if self.wave is not None and tag in self.wave.sent:
                 self.wave.sent.discard(tag)
                 self._start_result(self.wave, event, now, out)
-        elif tag.startswith("placed:"):
-            wave = self.wave
-            if wave is not None and "start:" + tag.split(":", 1)[1] in wave.waiting:
-                self._placed_result(wave, event, now, out)
+        elif tag.startswith("placements:"):
+            self._recorded(event, now, out)
         elif tag in self.stops:
             self._stopped(self.stops.pop(tag), event, now, out)
         elif tag in self.restarts:
@@ -736,6 +841,7 @@ class SchedulerCore:
 
     def _restart(self, effect: RestartVm, now: Now, out: list[Effect]) -> None:
         key = f"{effect.failure_id}:{effect.attempt}"
+        self.restart_seen[(effect.failure_id, effect.attempt)] = self.foreign_seq
         out.append(self._restart_span(effect))
         if effect.confirm_stop:
             # S0: it moves only once the host it failed on says it is not running there.
@@ -747,15 +853,46 @@ class SchedulerCore:
             self._restart_placed(effect, now, out)
 
     def _restart_placed(self, effect: RestartVm, now: Now, out: list[Effect]) -> None:
-        # Published (acked) before the start is sent: a scheduler taking over asks
-        # this host again. If it cannot be published, nothing is sent.
+        """Its placement record, stored before the start is sent: a scheduler taking over
+        asks this host again. If it cannot be stored, nothing is sent. It waits for a
+        wave's record on its way (one record at a time)."""
+        if self.placing and self.leader(now):
+            self.restart_queue.append(effect)
+            return
+        seen = self.restart_seen.pop((effect.failure_id, effect.attempt), self.foreign_seq)
+        if not self.leader(now) or self.blocked() or self.foreign_seq > seen:
+            # Not leading; or another scheduler placed VMs since (its record not read yet,
+            # or read after this restart was decided): decided again after the back-off.
+            why = "lease lost" if not self.leader(now) else "another scheduler placed VMs since"
+            out.append(Log("warning", f"{why}: restart not sent", {"vm": effect.spec.name, "target": effect.target}))
+            self.state.restarts.on_result(effect, "unconfirmed", now.wall, self.state)
+            return
         placed = VmEvent(vm=effect.spec.name, kind="placed", at=now.wall, incident=effect.failure_id,
                          from_host=effect.from_host, target=effect.target, reason=effect.reason)
-        tag = f"rplaced:{effect.failure_id}:{effect.attempt}"
+        _count(metrics.VM_EVENTS, "placed")
+        tag = f"placements:restart:{effect.failure_id}:{effect.attempt}"
         self.restarts[tag] = effect
-        out.append(Publish(self.subjects.vm_event(effect.spec.name, "placed"), placed,
-                           vm_event_id(placed, effect.attempt), tag=tag,
-                           expect_last_subject_seq=self.placed_seq.get(effect.spec.name, 0)))
+        self._publish_record(tag, [placed], [vm_event_id(placed, effect.attempt)], now, out)
+
+    def _restart_recorded(self, effect: RestartVm, event: Returned, now: Now, out: list[Effect]) -> None:
+        vm, target = effect.spec.name, effect.target
+        if event.error.startswith("conflict"):
+            # Another process placed VMs since the last record this one read: nothing is
+            # sent; the replay brings that record, and the restart is decided again.
+            out.append(Log("warning", "VM placed by another scheduler: restart not sent",
+                           {"vm": vm, "target": target, "error": event.error}))
+            self.state.restarts.on_result(effect, "unconfirmed", now.wall, self.state)
+            return
+        if event.error:  # NATS gone mid-way: the core asks again (the same host)
+            out.append(Log("error", "VM restart not completed", {"vm": vm, "target": target,
+                                                                 "error": event.error}))
+            self.state.restarts.on_result(effect, "unanswered", now.wall, self.state)
+            return
+        start = f"rstart:{effect.failure_id}:{effect.attempt}"
+        self.restarts[start] = effect
+        out.append(self._restart_span(effect))
+        out.append(Request(self.subjects.agent_cmd(target), VmStart(vm=effect.spec, incident=effect.failure_id),
+                           self.timeout, start))
 
     def _restart_step(self, tag: str, effect: RestartVm, event: Returned, now: Now, out: list[Effect]) -> None:
         vm, target = effect.spec.name, effect.target
@@ -763,30 +900,12 @@ class SchedulerCore:
         if kind == "rstop":
             reply = read_reply(event, effect.from_host, "stop")
             if reply.error:
+                self.restart_seen.pop((effect.failure_id, effect.attempt), None)
                 error = f"{effect.from_host} did not confirm the stop: {reply.error}"
                 self.state.restarts.on_result(effect, "unconfirmed", now.wall, self.state)
                 out.append(Log("warning", "VM not moved", {"vm": vm, "target": target, "error": error}))
                 return
             self._restart_placed(effect, now, out)
-            return
-        if kind == "rplaced":
-            if event.error.startswith("conflict"):
-                # Another process placed the VM since the last placed this one read: nothing
-                # is sent; the replay brings that placement, and the restart is decided again.
-                out.append(Log("warning", "VM placed by another scheduler: restart not sent",
-                               {"vm": vm, "target": target, "error": event.error}))
-                self.state.restarts.on_result(effect, "unconfirmed", now.wall, self.state)
-                return
-            if event.error:  # NATS gone mid-way: the core asks again (the same host)
-                out.append(Log("error", "VM restart not completed", {"vm": vm, "target": target,
-                                                                     "error": event.error}))
-                self.state.restarts.on_result(effect, "unanswered", now.wall, self.state)
-                return
-            start = f"rstart:{effect.failure_id}:{effect.attempt}"
-            self.restarts[start] = effect
-            out.append(self._restart_span(effect))
-            out.append(Request(self.subjects.agent_cmd(target), VmStart(vm=effect.spec, incident=effect.failure_id),
-                               self.timeout, start))
             return
         reply = read_reply(event, target)
         outcome: Outcome = "unanswered" if reply.unanswered else ("failed" if reply.error else "started")

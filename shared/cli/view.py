@@ -130,9 +130,12 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def describe_event(event: object) -> str:
-    from hafence.contracts import VmEvent
+    from hafence.contracts import Placements, VmEvent
 
     match event:
+        case Placements():
+            # One line per VM, as the per-VM ``placed`` events of before read.
+            return "\n".join(describe_event(placed) for placed in event.placed)
         case HostEvent():
             extra = f" [{event.rule}]" if event.rule else ""
             who = f" by {event.by}" if event.by else ""
@@ -164,7 +167,8 @@ def cmd_events(args: argparse.Namespace) -> int:
             print(json.dumps({"at": at, "event": msgspec.to_builtins(event)}), flush=True)
         else:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
-            print(f"{stamp}  {describe_event(event)}", flush=True)
+            for line in describe_event(event).splitlines():
+                print(f"{stamp}  {line}", flush=True)
 
     try:
         asyncio.run(_read_view(config, follow_events=args.follow, printer=printer))
