@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from hafence.contracts import FenceRequest, FenceResult, HostEvent, VmSpec, VmStart
+from hafence.contracts import FenceRequest, FenceResult, HostEvent, VmSpec, VmStart, encode
 from hafence.core.effects import Call, Publish, Request
 from hafence.fencer.admission import Answer, Refuse, Run
 from hafence.sim.checkers import Checkers, SafetyViolation
@@ -26,6 +26,12 @@ def setup(levels: list[list[str]] | None = None) -> tuple[Scheduler, World, Chec
 
 def suspect(host: str = "h1", incident: str = "i1") -> Publish:
     return Publish(f"hafence.host.{host}.suspect", HostEvent(host=host, kind="suspect", at=0.0, incident=incident))
+
+
+def announce(c: Checkers, effect: Publish) -> None:
+    """A monitor's suspect, published and stored in the events stream."""
+    c.on_effect("heartbeat", effect)
+    c.on_stored(effect.subject, encode(effect.message))
 
 
 def host_event(kind: str, host: str = "h1", incident: str = "i1", **kw: object) -> Publish:
@@ -82,13 +88,27 @@ def test_s0_counts_a_hung_host() -> None:
 def test_s1_fires_on_a_start_elsewhere_during_an_open_incident() -> None:
     _s, w, c = setup()
     w.lose_power("h1")  # it is off, but nobody confirmed it: the start is still premature
+    announce(c, suspect())
+    assert rule_of(lambda: c.on_effect("scheduler", start())) == "S1"
+
+
+def test_s1_an_incident_begins_when_its_suspect_is_stored_not_when_its_monitor_decided() -> None:
+    """Seed 219 with reboots: a monitor cut off from NATS decided h1 suspect; before its
+    suspect reached the stream, h1's new boot reported and the scheduler released the
+    old boot's VMs (a new boot proves the old one gone). No service could know of that
+    incident: no violation. Once stored, the same start is one."""
+    _s, w, c = setup()
+    w.lose_power("h1")
     c.on_effect("heartbeat", suspect())
+    c.on_effect("scheduler", start())  # decided, not stored: nobody can know
+    stored = suspect()
+    c.on_stored(stored.subject, encode(stored.message))
     assert rule_of(lambda: c.on_effect("scheduler", start())) == "S1"
 
 
 def test_s1_is_quiet_after_a_confirmed_off_of_the_fencer_for_that_incident() -> None:
     s, w, c = setup()
-    c.on_effect("heartbeat", suspect())
+    announce(c, suspect())
     report = s.run_until_complete(w.power.fence(fence_request()))
     assert report.verdict.outcome == "confirmed_off"
     c.after_step()
@@ -99,7 +119,7 @@ def test_s1_is_quiet_after_a_confirmed_off_of_the_fencer_for_that_incident() -> 
 
 def test_s1_is_not_released_by_a_result_from_anyone_but_the_fencer_or_for_another_incident() -> None:
     s, w, c = setup()
-    c.on_effect("heartbeat", suspect())
+    announce(c, suspect())
     s.run_until_complete(w.power.fence(fence_request(incident="old")))
     c.stop_at_first = False
     c.on_effect("agent-h2", result())  # forged, not counted
@@ -111,7 +131,7 @@ def test_s1_is_not_released_by_a_result_from_anyone_but_the_fencer_or_for_anothe
 def test_s1_is_released_by_an_operators_confirmation() -> None:
     _s, w, c = setup()
     w.lose_power("h1")
-    c.on_effect("heartbeat", suspect())
+    announce(c, suspect())
     c.on_effect("operator", host_event("confirmed_fenced", incident="", by="ops"))
     c.on_effect("scheduler", start())
     assert not c.violations
@@ -125,20 +145,20 @@ def test_s1_fires_on_a_start_elsewhere_while_the_vm_really_runs_even_without_an_
 def test_s1_does_not_judge_a_start_on_the_vms_own_host() -> None:
     _s, w, c = setup()
     w.crash_vm("vm1", "h1")
-    c.on_effect("heartbeat", suspect())
+    announce(c, suspect())
     c.on_effect("scheduler", start(target="h1"))
     assert not c.violations
 
 
 def test_an_alive_closes_the_incident_and_a_re_announce_does_not_reopen_a_released_one() -> None:
     s, w, c = setup()
-    c.on_effect("heartbeat", suspect())
+    announce(c, suspect())
     s.run_until_complete(w.power.fence(fence_request()))
     c.on_effect("fencer", result())
-    c.on_effect("heartbeat", suspect())  # a new monitor leader re-announces it
+    announce(c, suspect())  # a new monitor leader re-announces it
     c.on_effect("scheduler", start())
     assert not c.violations
-    c.on_effect("heartbeat", suspect("h2", "i2"))
+    announce(c, suspect("h2", "i2"))
     c.on_effect("heartbeat", host_event("alive", host="h2", incident="i2"))
     assert not c._open("h2")
 
@@ -287,11 +307,11 @@ def test_s1_does_not_hold_a_vm_to_an_incident_of_a_later_boot_that_never_ran_it(
     old_boot = w.hosts["h1"].boot_id
     w.lose_power("h1")
     w.restore_power("h1")  # a new boot, running nothing
-    c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+    announce(c, Publish("hafence.host.h1.suspect", HostEvent(
         host="h1", kind="suspect", at=0.0, incident="i2", boot_id=w.hosts["h1"].boot_id)))
     c.on_effect("scheduler", start())
     assert not c.violations
-    c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+    announce(c, Publish("hafence.host.h1.suspect", HostEvent(
         host="h1", kind="suspect", at=0.0, incident="i1", boot_id=old_boot)))
     assert rule_of(lambda: c.on_effect("scheduler", start())) == "S1"
     s.run()
@@ -301,7 +321,7 @@ def test_s1_a_confirmed_off_of_the_same_boot_releases_an_incident_named_twice() 
     s, w, c = setup()
     boot = w.hosts["h1"].boot_id
     for incident in ("i1", "i2"):  # two monitor replicas named one outage twice
-        c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+        announce(c, Publish("hafence.host.h1.suspect", HostEvent(
             host="h1", kind="suspect", at=0.0, incident=incident, boot_id=boot)))
     s.run_until_complete(w.power.fence(fence_request(incident="i2")))
     c.on_effect("fencer", Publish("hafence.fence.result.h1", FenceResult(
@@ -318,18 +338,18 @@ def test_s1_a_suspect_of_a_boot_already_confirmed_off_is_released_by_that_fence(
     s, w, c = setup()
     boot = w.hosts["h1"].boot_id
     s.run_until_complete(w.power.fence(fence_request(incident="i1")))
-    c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+    announce(c, Publish("hafence.host.h1.suspect", HostEvent(
         host="h1", kind="suspect", at=0.0, incident="i1", boot_id=boot)))
     c.on_effect("fencer", Publish("hafence.fence.result.h1", FenceResult(
         request_id="r1", incident="i1", host="h1", term=1, outcome="confirmed_off", level=1, started_at=0.0,
         finished_at=0.0, boot_id=boot)))
-    c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+    announce(c, Publish("hafence.host.h1.suspect", HostEvent(
         host="h1", kind="suspect", at=0.0, incident="i2", boot_id=boot)))
     c.on_effect("scheduler", start())
     assert not c.violations
     # Nor by one naming no boot (a restarted monitor's "never seen" incident, sim seed 80):
     # the boot the VM ran in is proven off.
-    c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+    announce(c, Publish("hafence.host.h1.suspect", HostEvent(
         host="h1", kind="suspect", at=0.0, incident="i3", boot_id="")))
     c.on_effect("scheduler", start(target="h2"))
     assert not c.violations
@@ -337,7 +357,7 @@ def test_s1_a_suspect_of_a_boot_already_confirmed_off_is_released_by_that_fence(
 
 def test_s1_an_incident_naming_no_boot_still_holds_a_vm_whose_boot_was_never_fenced() -> None:
     c = setup()[2]
-    c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+    announce(c, Publish("hafence.host.h1.suspect", HostEvent(
         host="h1", kind="suspect", at=0.0, incident="i3", boot_id="")))
     assert rule_of(lambda: c.on_effect("scheduler", start(target="h2"))) == "S1"
 
@@ -395,11 +415,11 @@ def test_s1_a_confirmed_off_naming_no_boot_releases_the_boot_the_truth_shows_gon
     # under its own name. The VM's restart is safe: that boot was off at read-back.
     s, w, c = setup()
     boot = w.hosts["h1"].boot_id
-    c.on_effect("heartbeat", suspect(incident="h1-never-seen"))
+    announce(c, suspect(incident="h1-never-seen"))
     s.run_until_complete(w.power.fence(fence_request(incident="h1-never-seen")))
     assert w.runs[0].off_boot == boot
     c.on_effect("fencer", result(incident="h1-never-seen"))  # boot_id: ""
-    c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+    announce(c, Publish("hafence.host.h1.suspect", HostEvent(
         host="h1", kind="suspect", at=0.0, incident="i2", boot_id=boot)))
     c.on_effect("scheduler", start())
     assert not c.violations
@@ -408,7 +428,7 @@ def test_s1_a_confirmed_off_naming_no_boot_releases_the_boot_the_truth_shows_gon
     w.set_behaviour("h1-bmc", "stuck_on")
     s.run_until_complete(w.power.fence(fence_request(incident="h1-never-seen")))
     assert w.runs[0].off_boot == ""
-    c.on_effect("heartbeat", Publish("hafence.host.h1.suspect", HostEvent(
+    announce(c, Publish("hafence.host.h1.suspect", HostEvent(
         host="h1", kind="suspect", at=0.0, incident="i2", boot_id=w.hosts["h1"].boot_id)))
     assert rule_of(lambda: c.on_effect("scheduler", start())) == "S1"
 

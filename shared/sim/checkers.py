@@ -14,7 +14,9 @@ The rules, as ../shared/SIMULATION.md states them:
   resume with it).
 * **S1** (messages + world): a ``VmStart`` sent to host T for a VM last started on
   host H (``World.last_host``, in boot B: ``World.last_boot``), H != T, is a violation
-  - while H has an open incident (a ``suspect`` HostEvent published) of boot B, or
+  - while H has an open incident (a ``suspect`` HostEvent published and stored in the
+    events stream: one its monitor decided but could not store yet is known to no
+    service) of boot B, or
     of an unnamed boot, that no ``confirmed_off`` FenceResult of the fencer for that
     incident or that boot (before or after the suspect), and no operator
     ``confirmed_fenced``, has released; an ``alive`` closes the incident (a start
@@ -55,7 +57,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hafence.contracts import FenceRequest, FenceResult, HostEvent, VmStart
+import msgspec
+
+from hafence.contracts import Decoders, FenceRequest, FenceResult, HostEvent, VmStart
 from hafence.core.effects import Call, Publish, Request
 from hafence.core.events import Started
 from hafence.fencer.admission import Refuse
@@ -87,6 +91,8 @@ class Incident:
     boot: str = ""  # the boot the suspicion is about (HostEvent.boot_id), when the monitor said
     released: str = ""  # how: "confirmed_off <request id>" / "operator"
     closed: bool = False  # the host was heard again
+    # Its suspect is in the events stream: from then on anyone can know of it (S1).
+    stored: bool = False
 
     @property
     def open(self) -> bool:
@@ -185,6 +191,18 @@ class Checkers:
         elif (isinstance(effect, Call) and effect.port == "journal" and effect.op == "admit"
               and service.startswith("fencer") and len(effect.args) >= 2):
             self._admitted(service, effect.args[0], effect.args[1])
+
+    def on_stored(self, subject: str, data: bytes) -> None:
+        """A message the events stream stored: a suspect begins its incident for S1."""
+        if not subject.endswith(".suspect") or ".host." not in subject:
+            return
+        try:
+            event = Decoders.host_event.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        incident = self.incidents.get((event.host, event.incident))
+        if incident is not None:
+            incident.stored = True
 
     def after_step(self) -> None:
         w = self.world
@@ -327,6 +345,11 @@ class Checkers:
             for incident in [] if proven_off else self._open(home):
                 if incident.boot and boot and incident.boot != boot:
                     continue  # an incident of a later boot, which never ran it
+                if not incident.stored:
+                    # Decided by a monitor, not yet in the stream (it is cut off, its ack
+                    # lost): no service can know of it. A new boot's report before it
+                    # released the old boot's VMs (seed 219 with reboots, 0.75).
+                    continue
                 self.violation("S1", f"{service} starts {vm} on {target} while {home}, where it ran, is in incident "
                                      f"{incident.incident!r} (suspect since t={incident.opened:.3f}) with no "
                                      f"confirmed_off or operator confirmation",

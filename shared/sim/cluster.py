@@ -209,6 +209,7 @@ class SimCluster:
         for vm in self.config.vms:
             self.world.add_vm(vm.name, vm.host, ha=vm.ha, memory_mb=vm.memory_mb)
         self.checkers = Checkers(self.world, log=self.log)
+        self.net.on_stored.append(self.checkers.on_stored)
         self.counts = {"events": 0, "effects": 0}
         self.observer = _Observe(self.checkers, self.counts)
         self.log_level = log_level

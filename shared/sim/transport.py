@@ -271,6 +271,8 @@ class SimNats:
         # node -> the subjects it may publish on; a node not in it may publish anywhere.
         self.publish_grants: dict[str, tuple[str, ...]] = {}
         self.denied: list[tuple[float, str, str]] = []  # (time, node, subject) refused
+        # Told of every message a stream stores (not of duplicates): subject, body.
+        self.on_stored: list[Callable[[str, bytes], None]] = []
         self._allowed: dict[tuple[str, str], bool] = {}
 
     def may_publish(self, sender: Connection | None, subject: str) -> bool:
@@ -472,6 +474,8 @@ class SimNats:
                 dup = " duplicate" if ack.duplicate else ""
                 self.log("nats", f"stored {stream.config.name}#{ack.seq}{dup} {subject} {_short(data)}")
                 if not ack.duplicate:
+                    for hook in self.on_stored:
+                        hook(subject, data)
                     for durable in stream.consumers:
                         self._pump(stream.config.name, durable)
                     self._push_feeds(stream)
