@@ -293,6 +293,7 @@ def test_every_start_of_a_wave_is_recorded_before_any_request_and_placed_before_
     h.answer("vm-b")
     assert [t for t in h.trace if t[0] == "record"][-1][2] is False
     assert {row[3] for row in h.store.rows.values()} == {"started"}
+    assert not h.core.own_records  # its record read back: nothing kept for it
 
 
 def test_nothing_is_sent_when_the_starts_could_not_be_recorded(tmp_path: Path) -> None:
@@ -477,7 +478,7 @@ def test_a_leader_that_missed_another_ones_placement_sends_no_start_and_follows_
     h.stored_elsewhere([other], seq=7, read=False)
     h.fence("h1", "h1-b1-1", "h1-b1")
     assert ("conflict", "hafence.vm.placements.record.*") in h.trace
-    assert h.starts() == []
+    assert h.starts() == [] and not h.core.own_records  # the refused record is never read back
     assert {row[3] for row in h.store.rows.values()} == {"withdrawn"}
     h.tick()
     h.inventory("h2", [], memory_mb=8192)

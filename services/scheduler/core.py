@@ -217,11 +217,13 @@ class SchedulerCore:
         # and the VM restarts whose record waits for it.
         self.placing = ""
         self.placing_expected = 0
+        self.placing_record = ""
         self.restart_queue: list[RestartVm] = []
-        # The highest sequence of another scheduler's record read, and this process's own
-        # record ids (told apart in the replay). A record is sent only if no other
-        # scheduler's record was read since its placements were decided: the compare-and-
-        # set then proves no record was stored between that decision and this record.
+        # The highest sequence of another scheduler's record read, and the ids of this
+        # process's records not read back yet (told apart in the replay; a refused one is
+        # forgotten at once). A record is sent only if no other scheduler's record was
+        # read since its placements were decided: the compare-and-set then proves no
+        # record was stored between that decision and this record.
         self.foreign_seq = 0
         self.own_records: set[str] = set()
         self.restart_seen: dict[tuple[str, int], int] = {}
@@ -270,8 +272,12 @@ class SchedulerCore:
             case Started():
                 self.started_mono = now.mono
             case Delivered(subject=subject, message=message, headers=headers, sequence=sequence):
-                if isinstance(message, Placements) and subject.rsplit(".", 1)[-1] not in self.own_records:
-                    self.foreign_seq = max(self.foreign_seq, sequence)
+                if isinstance(message, Placements):
+                    record = subject.rsplit(".", 1)[-1]
+                    if record in self.own_records:
+                        self.own_records.discard(record)  # read back: each is stored once
+                    else:
+                        self.foreign_seq = max(self.foreign_seq, sequence)
                 self._fold(message, headers, now, sequence)
             case CaughtUp():
                 self.caught_up = True
@@ -546,7 +552,7 @@ class SchedulerCore:
         again (a retry whose ack was lost), it is one message in the stream."""
         expected = self.placements_seq
         record = f"r{expected}-{zlib.crc32(';'.join(ids).encode()):08x}"
-        self.placing, self.placing_expected = tag, expected
+        self.placing, self.placing_expected, self.placing_record = tag, expected, record
         self.own_records.add(record)
         out.append(Publish(self.subjects.placement_record(record), Placements(at=now.wall, placed=placed),
                            f"placements:{record}", tag=tag, expect_last_subject_seq=expected,
@@ -572,6 +578,7 @@ class SchedulerCore:
             self.placements_seq = max(self.placements_seq, event.value)
         elif event.error.startswith("conflict"):
             self.placements_blocked = max(self.placements_blocked or 0, self.placing_expected)
+            self.own_records.discard(self.placing_record)  # never stored: never read back
         if event.tag.startswith("placements:wave:"):
             if self.wave is not None and event.tag == f"placements:wave:{self.wave.id}:{self.wave.records}":
                 self._wave_recorded(self.wave, event, now, out)
