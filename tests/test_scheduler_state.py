@@ -440,3 +440,29 @@ def test_a_boots_report_listed_before_the_one_held_does_not_replace_it() -> None
     unordered = inv("a", "b1", ("vm1", True))
     t.on_inventory(unordered)
     assert t.inventories["a"] == unordered
+
+
+def test_a_fenced_boots_report_runs_nothing_when_a_later_boot_that_never_reported_is_suspected() -> None:
+    """Simulation seed 869 with fences that reboot: a's boot b1 ran vm1 and was fenced;
+    vm1 was restarted on b. a came back as b2 and went silent before it reported, so a
+    is suspect again, its latest report still b1's. That report counted again: vm1
+    "ran" on a and on b (a duplicate, a stop sent to a quarantined host nobody listened
+    on), and when b was fenced, vm1 was released nowhere (it "ran" on a): L1."""
+    s = SchedulerState()
+    s.on_inventory(inv("a", "b1", ("vm1", True)))
+    s.on_inventory(inv("b", "b5"))
+    s.on_inventory(inv("c", "b7"))
+    s.on_fence_result(FenceResult(request_id="f1", incident="i1", host="a", term=5, outcome="confirmed_off",
+                                  started_at=0.0, finished_at=1.0, boot_id="b1"))
+    assert "vm1" in s.lost
+    s.on_inventory(inv("b", "b5", ("vm1", True)))
+    assert "vm1" not in s.lost
+    s.on_host_event(HostEvent(host="a", kind="suspect", at=3.0, incident="i2", boot_id="b2"))
+    assert s.phases["a"] != "fenced"  # the fenced phase no longer hides a's report
+    assert s.copies().get("vm1") == ["b"]
+    assert not [e for e in s.effects(4.0) if isinstance(e, Duplicate | StopCopy)]
+    s.on_host_event(HostEvent(host="b", kind="suspect", at=5.0, incident="i3", boot_id="b5"))
+    assert s.on_fence_result(FenceResult(request_id="f3", incident="i3", host="b", term=5,
+                                         outcome="confirmed_off", started_at=5.0, finished_at=6.0, boot_id="b5"))
+    assert "vm1" in s.lost
+

@@ -265,10 +265,16 @@ class SchedulerState:
 
     def _reindex(self, host: str) -> None:
         """Bring ``copies()`` up to date for one host: its latest report's running VMs,
-        none while it is fenced."""
+        none while it is fenced, and none from a boot that was fenced: that boot is off.
+        A later boot that went silent before it reported makes the host suspect again
+        (phase ``quarantined_suspect``), and its latest report is still the fenced boot's
+        (simulation seed 869 with fences that reboot: vm2-2, restarted elsewhere after
+        that fence, counted as running there too, so the next fence of its new host
+        released it nowhere: L1)."""
         inv = self.inventories.get(host)
-        now = (frozenset(vm.spec.name for vm in inv.vms if vm.state == "running")
-               if inv is not None and self.phases.get(host) not in FENCED_PHASES else frozenset())
+        counts = (inv is not None and self.phases.get(host) not in FENCED_PHASES
+                  and inv.boot_id not in self.fenced_boots.get(host, ()))
+        now = frozenset(vm.spec.name for vm in inv.vms if vm.state == "running") if counts and inv else frozenset()
         before = self._indexed.get(host, frozenset())
         if now == before:
             return
