@@ -11,7 +11,8 @@ from hafence.contracts import FenceRequest, FenceResult, HostEvent, VmSpec, VmSt
 from hafence.core.effects import Call, Publish, Request
 from hafence.fencer.admission import Answer, Refuse, Run
 from hafence.sim.checkers import Checkers, SafetyViolation
-from hafence.sim.clock import Scheduler
+from hafence.sim.clock import NodeClock, Scheduler
+from hafence.sim.watchdog import WorldSlots
 from hafence.sim.world import World
 
 
@@ -292,6 +293,21 @@ def test_l1_counts_no_room_on_a_fenced_host_that_came_back_until_it_is_cleared()
     w.power_on("h1")  # back after its fence, quarantined
     assert "no room" in c.check_recovery()[0]
     c.on_effect("operator", host_event("cleared", by="ops"))
+    assert rule_of(c.check_recovery) == "L1"
+
+
+def test_l1_counts_no_room_on_a_host_with_a_poison_pill_in_its_slot_until_it_is_cleared() -> None:
+    """Seed 1082 with fences that reboot: four hosts up and empty, each fenced through
+    its poison pill, the fifth full. Their agents start nothing until an operator takes
+    the pill out, and the simulation has none: no room, not an L1 violation. Once the
+    pill is out, the same cluster is judged."""
+    s, w, c = setup()
+    w.lose_power("h1")
+    slots = WorldSlots(w, "", NodeClock(s, "fencer"))
+    slots.write_pill("h2", by="fencer", reason="test")
+    excuses = c.check_recovery()
+    assert "no room" in excuses[0] and "h2 has a poison pill in its slot" in excuses[0]
+    slots.clear_pill("h2")
     assert rule_of(c.check_recovery) == "L1"
 
 
