@@ -272,13 +272,7 @@ class SchedulerCore:
             case Started():
                 self.started_mono = now.mono
             case Delivered(subject=subject, message=message, headers=headers, sequence=sequence):
-                if isinstance(message, Placements):
-                    record = subject.rsplit(".", 1)[-1]
-                    if record in self.own_records:
-                        self.own_records.discard(record)  # read back: each is stored once
-                    else:
-                        self.foreign_seq = max(self.foreign_seq, sequence)
-                self._fold(message, headers, now, sequence)
+                self._fold(message, headers, now, sequence, subject)
             case CaughtUp():
                 self.caught_up = True
                 out.append(SetTimer(TICK, TICK_S))
@@ -308,7 +302,8 @@ class SchedulerCore:
 
     # -- the fold ---------------------------------------------------------------------
 
-    def _fold(self, message: object, headers: dict[str, str], now: Now, sequence: int = 0) -> None:
+    def _fold(self, message: object, headers: dict[str, str], now: Now, sequence: int = 0,
+              subject: str = "") -> None:
         state = self.state
         trace = {k: v for k, v in headers.items() if k in TRACE_HEADERS}
         match message:
@@ -322,6 +317,11 @@ class SchedulerCore:
                     state.reboots.clear()
             case Placements():
                 self.placements_seq = max(self.placements_seq, sequence)
+                record = subject.rsplit(".", 1)[-1]
+                if record in self.own_records:
+                    self.own_records.discard(record)  # read back: each is stored once
+                else:
+                    self.foreign_seq = max(self.foreign_seq, sequence)
                 for placed in message.placed:
                     state.on_vm_event(placed)
                     self._fold_start(placed)
@@ -536,14 +536,16 @@ class SchedulerCore:
             tag = f"start:{wave.id}:{lost.spec.name}"
             wave.waiting[tag] = (lost, target)
             wave.recording.append(tag)
-        placed = [self._placed(lost, now, target) for lost, target in batch]
+        placed = [self._placed(lost.spec.name, lost.incident, lost.from_host, target, now)
+                  for lost, target in batch]
         self._publish_record(f"placements:wave:{wave.id}:{wave.records}", placed,
                              [vm_event_id(p) for p in placed], now, out)
 
-    def _placed(self, lost: LostVm, now: Now, target: str, reason: str = "") -> VmEvent:
+    def _placed(self, vm: str, incident: str, from_host: str, target: str, now: Now, reason: str = "") -> VmEvent:
+        """One VM's placement, as a record carries it (a failover's, or a VM restart's)."""
         _count(metrics.VM_EVENTS, "placed")
-        return VmEvent(vm=lost.spec.name, kind="placed", at=now.wall, incident=lost.incident,
-                       from_host=lost.from_host, target=target, reason=reason)
+        return VmEvent(vm=vm, kind="placed", at=now.wall, incident=incident, from_host=from_host, target=target,
+                       reason=reason)
 
     def _publish_record(self, tag: str, placed: list[VmEvent], ids: list[str], now: Now,
                         out: list[Effect]) -> None:
@@ -874,9 +876,8 @@ class SchedulerCore:
             out.append(Log("warning", f"{why}: restart not sent", {"vm": effect.spec.name, "target": effect.target}))
             self.state.restarts.on_result(effect, "unconfirmed", now.wall, self.state)
             return
-        placed = VmEvent(vm=effect.spec.name, kind="placed", at=now.wall, incident=effect.failure_id,
-                         from_host=effect.from_host, target=effect.target, reason=effect.reason)
-        _count(metrics.VM_EVENTS, "placed")
+        placed = self._placed(effect.spec.name, effect.failure_id, effect.from_host, effect.target, now,
+                              effect.reason)
         tag = f"placements:restart:{effect.failure_id}:{effect.attempt}"
         self.restarts[tag] = effect
         self._publish_record(tag, [placed], [vm_event_id(placed, effect.attempt)], now, out)
